@@ -1,0 +1,1 @@
+"""The schedule language: grammar, parser to AST, printer, resolver to a Pipeline."""

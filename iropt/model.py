@@ -1,0 +1,259 @@
+"""The Model that flows through iropt, and the only place models are read and written.
+
+A `Model` is an onnx-graphsurgeon graph plus what a graph alone does not carry: the model's
+metadata, its documentation and the folder its external data came from. Loading validates the
+file and refuses external-data locations that escape the model's folder; saving is atomic (a
+temporary file, then a rename), never writes over the model it was loaded from, and switches to
+external data when the tensors would not fit the 2 GB protobuf limit.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+
+from iropt.errors import ModelLoadError, ModelSaveError
+
+# Protobuf refuses messages of 2 GiB and more; leave headroom for the graph structure itself.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 64 * 2**20
+
+
+@dataclass
+class Model:
+    """An ONNX model as a graphsurgeon graph plus the model-level fields a graph does not keep."""
+
+    graph: gs.Graph
+    metadata: dict[str, str] = field(default_factory=dict)
+    doc_string: str = ""
+    domain: str = ""
+    model_version: int = 0
+    source_path: Path | None = None
+
+    @classmethod
+    def from_onnx(cls, proto: onnx.ModelProto, source_path: Path | None = None) -> Model:
+        graph = gs.import_onnx(proto)
+        return cls(
+            graph=graph,
+            metadata={p.key: p.value for p in proto.metadata_props},
+            doc_string=proto.doc_string,
+            domain=proto.domain,
+            model_version=proto.model_version,
+            source_path=source_path,
+        )
+
+    def to_onnx(self) -> onnx.ModelProto:
+        """Export to a ModelProto (the graph is not modified)."""
+        proto = gs.export_onnx(self.graph, do_type_check=False)
+        proto.doc_string = self.doc_string
+        proto.domain = self.domain
+        proto.model_version = self.model_version
+        onnx.helper.set_model_props(proto, self.metadata)
+        return proto
+
+    def copy(self) -> Model:
+        """A deep copy that shares nothing mutable with this model."""
+        return Model.from_onnx(self.to_onnx(), self.source_path)
+
+    @property
+    def opset(self) -> int:
+        """The default-domain opset version."""
+        return int(self.graph.opset)
+
+    def opset_of(self, domain: str) -> int | None:
+        """The imported version of `domain`, or None when the model does not import it."""
+        if domain in ("", "ai.onnx"):
+            return self.opset
+        for opset_id in self.graph.import_domains or []:
+            if opset_id.domain == domain:
+                return int(opset_id.version)
+        return None
+
+
+def load_model(path: str | os.PathLike[str]) -> Model:
+    """Read an ONNX model, with its external data, and explain what is wrong when it cannot."""
+    return Model.from_onnx(load_proto(path), Path(path).resolve())
+
+
+def load_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Read and validate a ModelProto, loading external data from inside the model's folder only."""
+    model_path = Path(path)
+    _check_readable(model_path)
+    try:
+        proto = onnx.load_model(str(model_path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
+        raise ModelLoadError(
+            f"{model_path}: not a readable ONNX model (the file is truncated or not ONNX protobuf: {exc})"
+        ) from exc
+    _check_looks_like_onnx(model_path, proto)
+    if _uses_external_data(proto):
+        _check_external_locations(model_path, proto)
+        onnx.external_data_helper.load_external_data_for_model(proto, str(model_path.parent))
+    return proto
+
+
+def _check_readable(model_path: Path) -> None:
+    if not model_path.exists():
+        raise ModelLoadError(f"{model_path}: no such file")
+    if model_path.is_dir():
+        raise ModelLoadError(f"{model_path}: is a directory, expected an .onnx file")
+    if model_path.stat().st_size == 0:
+        raise ModelLoadError(f"{model_path}: the file is empty")
+
+
+def _check_looks_like_onnx(model_path: Path, proto: onnx.ModelProto) -> None:
+    # Random bytes can decode as a protobuf message with a few unknown fields; a real model has
+    # an IR version, an opset and a graph with at least one output.
+    if proto.ir_version <= 0 or not proto.opset_import or not proto.graph.output:
+        raise ModelLoadError(
+            f"{model_path}: not an ONNX model (no IR version, opset import or graph outputs)"
+        )
+
+
+def _uses_external_data(proto: onnx.ModelProto) -> bool:
+    return any(
+        t.data_location == onnx.TensorProto.EXTERNAL
+        for t in onnx.external_data_helper._get_all_tensors(proto)
+    )
+
+
+def _check_external_locations(model_path: Path, proto: onnx.ModelProto) -> None:
+    base = model_path.parent.resolve()
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = onnx.external_data_helper.ExternalDataInfo(tensor)
+        target = (base / info.location).resolve()
+        if not target.is_relative_to(base):
+            raise ModelLoadError(
+                f"{model_path}: tensor '{tensor.name}' points at external data outside the model's "
+                f"folder ({info.location}); refusing to read it"
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"{model_path}: external data file '{info.location}' of tensor '{tensor.name}' is missing"
+            )
+
+
+def save_model(
+    model: Model,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+) -> Path:
+    """Write `model` atomically to `path`; returns the path written.
+
+    `external_data=None` chooses external data when the tensors would pass the protobuf limit.
+    Refuses to overwrite the file the model was loaded from.
+    """
+    return save_proto(model.to_onnx(), path, external_data=external_data, source=model.source_path)
+
+
+def save_proto(
+    proto: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    source: Path | None = None,
+) -> Path:
+    """Atomically write a ModelProto; see `save_model`."""
+    out = Path(path)
+    _check_writable(out, source)
+    if external_data is None:
+        external_data = tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        staged = Path(tmp) / out.name
+        data_name = out.name + ".data"
+        if external_data:
+            onnx.save_model(
+                proto,
+                str(staged),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+            os.replace(Path(tmp) / data_name, out.parent / data_name)
+        else:
+            onnx.save_model(proto, str(staged))
+        os.replace(staged, out)
+    return out
+
+
+def _check_writable(out: Path, source: Path | None) -> None:
+    if not out.parent.is_dir():
+        raise ModelSaveError(f"{out}: the output directory {out.parent} does not exist")
+    if out.is_dir():
+        raise ModelSaveError(f"{out}: is a directory, expected a file name")
+    if source is not None and out.resolve() == source.resolve():
+        raise ModelSaveError(
+            f"{out}: refusing to write over the input model; choose another output path with -o"
+        )
+
+
+def tensor_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of tensor data in the model (initializers, Constant attributes, subgraphs)."""
+    total = 0
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = onnx.external_data_helper.ExternalDataInfo(tensor)
+            total += int(info.length or 0)
+        else:
+            total += tensor.ByteSize()
+    return total
+
+
+@dataclass(frozen=True)
+class GraphStats:
+    """Size figures of a model: nodes (subgraphs included), parameters and their bytes."""
+
+    nodes: int
+    parameters: int
+    parameter_bytes: int
+
+
+def graph_stats(model: Model) -> GraphStats:
+    """Count nodes in the graph and all subgraphs, and the elements and bytes of its constants."""
+    nodes = 0
+    seen: set[int] = set()
+    params = 0
+    nbytes = 0
+    for graph in iter_graphs(model.graph):
+        nodes += len(graph.nodes)
+        for tensor in graph.tensors().values():
+            if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
+                seen.add(id(tensor))
+                shape = tensor.shape if tensor.shape is not None else ()
+                count = int(np.prod(shape)) if len(shape) else 1
+                params += count
+                nbytes += count * np.dtype(tensor.dtype).itemsize if _is_numpy_dtype(tensor.dtype) else 0
+    return GraphStats(nodes=nodes, parameters=params, parameter_bytes=nbytes)
+
+
+def _is_numpy_dtype(dtype: object) -> bool:
+    try:
+        np.dtype(dtype)  # type: ignore[call-overload]
+    except TypeError:
+        return False
+    return True
+
+
+def iter_graphs(graph: gs.Graph) -> list[gs.Graph]:
+    """The graph and every subgraph nested in its nodes' attributes (If/Loop/Scan bodies)."""
+    graphs = [graph]
+    index = 0
+    while index < len(graphs):
+        for node in graphs[index].nodes:
+            for value in node.attrs.values():
+                if isinstance(value, gs.Graph):
+                    graphs.append(value)
+                elif isinstance(value, list):
+                    graphs.extend(v for v in value if isinstance(v, gs.Graph))
+        index += 1
+    return graphs
