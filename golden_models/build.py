@@ -18,9 +18,11 @@ without torch or scikit-learn that one model fails with a message and the others
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import json
 import sys
+import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
@@ -63,7 +65,9 @@ class GraphBuilder:
         self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
-    def op(self, op_type: str, inputs: Sequence[str], name: str, out: str | None = None, **attrs: Any) -> str:
+    def op(
+        self, op_type: str, inputs: Sequence[str], name: str, out: str | None = None, **attrs: Any
+    ) -> str:
         """Add a single-output node and return its output (``NAME_out`` unless ``out`` is given)."""
         return self.op_multi(op_type, inputs, name, [out or f"{name}_out"], **attrs)[0]
 
@@ -71,7 +75,9 @@ class GraphBuilder:
         self, op_type: str, inputs: Sequence[str], name: str, outputs: Sequence[str], **attrs: Any
     ) -> list[str]:
         """Add a node with explicitly named outputs."""
-        self.nodes.append(helper.make_node(op_type, list(inputs), list(outputs), name=name, **attrs))
+        self.nodes.append(
+            helper.make_node(op_type, list(inputs), list(outputs), name=name, **attrs)
+        )
         return list(outputs)
 
     # -- random parameters -------------------------------------------------------------------
@@ -103,15 +109,25 @@ class GraphBuilder:
         inputs = [x, w] + ([self.small(f"{name}.bias", [c_out])] if bias else [])
         p = k // 2
         return self.op(
-            "Conv", inputs, name, kernel_shape=[k, k], strides=[stride, stride],
-            pads=[p, p, p, p], group=group, dilations=[1, 1],
+            "Conv",
+            inputs,
+            name,
+            kernel_shape=[k, k],
+            strides=[stride, stride],
+            pads=[p, p, p, p],
+            group=group,
+            dilations=[1, 1],
         )
 
-    def conv_transpose(self, x: str, name: str, c_in: int, c_out: int, k: int = 2, stride: int = 2) -> str:
+    def conv_transpose(
+        self, x: str, name: str, c_in: int, c_out: int, k: int = 2, stride: int = 2
+    ) -> str:
         """ConvTranspose (weight layout [C_in, C_out, k, k]) that upsamples by ``stride``."""
         w = self.he(f"{name}.weight", [c_in, c_out, k, k], fan_in=c_in * k * k // (stride * stride))
         b = self.small(f"{name}.bias", [c_out])
-        return self.op("ConvTranspose", [x, w, b], name, kernel_shape=[k, k], strides=[stride, stride])
+        return self.op(
+            "ConvTranspose", [x, w, b], name, kernel_shape=[k, k], strides=[stride, stride]
+        )
 
     def batch_norm(self, x: str, name: str, channels: int, out: str | None = None) -> str:
         """Inference-form BatchNormalization with non-trivial scale, bias, mean and variance."""
@@ -140,7 +156,9 @@ class GraphBuilder:
         y = self.op("MatMul", [x, w], f"{name}_matmul")
         return self.op("Add", [y, b], f"{name}_add")
 
-    def graph(self, name: str, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto]) -> onnx.GraphProto:
+    def graph(
+        self, name: str, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto]
+    ) -> onnx.GraphProto:
         """Assemble the collected nodes and initializers into a graph."""
         return helper.make_graph(self.nodes, name, inputs, outputs, initializer=self.initializers)
 
@@ -195,16 +213,28 @@ def build_conv_bn() -> Golden:
     return Golden(
         name="conv_bn",
         description="Conv/ConvTranspose/Gemm each followed by an unfused BatchNormalization (random stats).",
-        features=["Conv", "Conv without bias", "ConvTranspose", "Gemm transB", "BatchNormalization (unfused)",
-                  "BatchNormalization on 2-D input", "Relu", "Flatten"],
+        features=[
+            "Conv",
+            "Conv without bias",
+            "ConvTranspose",
+            "Gemm transB",
+            "BatchNormalization (unfused)",
+            "BatchNormalization on 2-D input",
+            "Relu",
+            "Flatten",
+        ],
         model=make_model(graph, "Golden model conv_bn: BN after Conv, ConvTranspose and Gemm."),
         inputs={"input": _normal(1, [2, 3, 8, 8])},
     )
 
 
-def _conv_bn_relu(b: GraphBuilder, x: str, name: str, c_in: int, c_out: int, stride: int = 1, relu: bool = True) -> str:
+def _conv_bn_relu(
+    b: GraphBuilder, x: str, name: str, c_in: int, c_out: int, stride: int = 1, relu: bool = True
+) -> str:
     """Conv (no bias) + BatchNormalization (+ Relu), the torchvision block."""
-    y = b.batch_norm(b.conv(x, f"{name}_conv", c_in, c_out, stride=stride, bias=False), f"{name}_bn", c_out)
+    y = b.batch_norm(
+        b.conv(x, f"{name}_conv", c_in, c_out, stride=stride, bias=False), f"{name}_bn", c_out
+    )
     return b.op("Relu", [y], f"{name}_relu") if relu else y
 
 
@@ -213,8 +243,11 @@ def _basic_block(b: GraphBuilder, x: str, name: str, c_in: int, c_out: int, stri
     y = _conv_bn_relu(b, x, f"{name}_a", c_in, c_out, stride)
     y = _conv_bn_relu(b, y, f"{name}_b", c_out, c_out, relu=False)
     if stride != 1 or c_in != c_out:
-        x = b.batch_norm(b.conv(x, f"{name}_down_conv", c_in, c_out, k=1, stride=stride, bias=False),
-                         f"{name}_down_bn", c_out)
+        x = b.batch_norm(
+            b.conv(x, f"{name}_down_conv", c_in, c_out, k=1, stride=stride, bias=False),
+            f"{name}_down_bn",
+            c_out,
+        )
     return b.op("Relu", [b.op("Add", [y, x], f"{name}_add")], f"{name}_relu")
 
 
@@ -228,13 +261,23 @@ def build_resnet() -> Golden:
     x = b.op("Flatten", [b.op("GlobalAveragePool", [x], "pool")], "flatten", axis=1)
     w, bias = b.he("fc.weight", [10, 64], 64), b.small("fc.bias", [10])
     b.op("Gemm", [x, w, bias], "fc", "logits", transB=1)
-    graph = b.graph("resnet", [tensor("input", [BATCH, 3, 32, 32])], [tensor("logits", [BATCH, 10])])
+    graph = b.graph(
+        "resnet", [tensor("input", [BATCH, 3, 32, 32])], [tensor("logits", [BATCH, 10])]
+    )
     return Golden(
         name="resnet",
         description="Small ResNet: Conv+BN+Relu basic blocks with Add joins and 1x1 strided shortcuts, "
-                    "GlobalAveragePool, Gemm head.",
-        features=["Conv", "strided Conv", "BatchNormalization (unfused)", "Relu", "residual Add",
-                  "GlobalAveragePool", "Flatten", "Gemm"],
+        "GlobalAveragePool, Gemm head.",
+        features=[
+            "Conv",
+            "strided Conv",
+            "BatchNormalization (unfused)",
+            "Relu",
+            "residual Add",
+            "GlobalAveragePool",
+            "Flatten",
+            "Gemm",
+        ],
         model=make_model(graph, "Golden model resnet."),
         inputs={"input": _normal(2, [2, 3, 32, 32])},
     )
@@ -243,7 +286,11 @@ def build_resnet() -> Golden:
 def _act(b: GraphBuilder, x: str, name: str, kind: str) -> str:
     """ReLU6 as Clip(0, 6) with constant min/max inputs, or HardSwish."""
     if kind == "relu6":
-        return b.op("Clip", [x, b.const(f"{name}.min", np.float32(0.0)), b.const(f"{name}.max", np.float32(6.0))], name)
+        return b.op(
+            "Clip",
+            [x, b.const(f"{name}.min", np.float32(0.0)), b.const(f"{name}.max", np.float32(6.0))],
+            name,
+        )
     return b.op("HardSwish", [x], name)
 
 
@@ -252,12 +299,23 @@ def _inverted_residual(
 ) -> str:
     """MobileNetV2 block: 1x1 expand, 3x3 depthwise (group == channels), 1x1 linear project."""
     hidden = c_in * expand
-    y = _act(b, b.batch_norm(b.conv(x, f"{name}_expand", c_in, hidden, k=1, bias=False), f"{name}_expand_bn", hidden),
-             f"{name}_expand_act", act)
-    y = b.batch_norm(b.conv(y, f"{name}_dw", hidden, hidden, k=3, stride=stride, group=hidden, bias=False),
-                     f"{name}_dw_bn", hidden)
+    y = _act(
+        b,
+        b.batch_norm(
+            b.conv(x, f"{name}_expand", c_in, hidden, k=1, bias=False), f"{name}_expand_bn", hidden
+        ),
+        f"{name}_expand_act",
+        act,
+    )
+    y = b.batch_norm(
+        b.conv(y, f"{name}_dw", hidden, hidden, k=3, stride=stride, group=hidden, bias=False),
+        f"{name}_dw_bn",
+        hidden,
+    )
     y = _act(b, y, f"{name}_dw_act", act)
-    y = b.batch_norm(b.conv(y, f"{name}_project", hidden, c_out, k=1, bias=False), f"{name}_project_bn", c_out)
+    y = b.batch_norm(
+        b.conv(y, f"{name}_project", hidden, c_out, k=1, bias=False), f"{name}_project_bn", c_out
+    )
     if stride == 1 and c_in == c_out:
         y = b.op("Add", [y, x], f"{name}_add")
     return y
@@ -277,13 +335,24 @@ def build_mobilenet() -> Golden:
     x = b.op("Flatten", [b.op("GlobalAveragePool", [x], "pool")], "flatten", axis=1)
     w, bias = b.he("fc.weight", [10, 64], 64), b.small("fc.bias", [10])
     b.op("Gemm", [x, w, bias], "fc", "logits", transB=1)
-    graph = b.graph("mobilenet", [tensor("input", [BATCH, 3, 32, 32])], [tensor("logits", [BATCH, 10])])
+    graph = b.graph(
+        "mobilenet", [tensor("input", [BATCH, 3, 32, 32])], [tensor("logits", [BATCH, 10])]
+    )
     return Golden(
         name="mobilenet",
         description="MobileNetV2-style inverted residuals (1x1 expand, depthwise 3x3 group==channels, "
-                    "1x1 project, residual Add), a depthwise-separable block, ReLU6 as Clip and HardSwish.",
-        features=["Conv", "depthwise Conv (group == channels)", "pointwise Conv", "BatchNormalization (unfused)",
-                  "Clip (ReLU6) with min/max inputs", "HardSwish", "residual Add", "GlobalAveragePool", "Gemm"],
+        "1x1 project, residual Add), a depthwise-separable block, ReLU6 as Clip and HardSwish.",
+        features=[
+            "Conv",
+            "depthwise Conv (group == channels)",
+            "pointwise Conv",
+            "BatchNormalization (unfused)",
+            "Clip (ReLU6) with min/max inputs",
+            "HardSwish",
+            "residual Add",
+            "GlobalAveragePool",
+            "Gemm",
+        ],
         model=make_model(graph, "Golden model mobilenet."),
         inputs={"input": _normal(3, [2, 3, 32, 32])},
     )
@@ -307,10 +376,17 @@ def build_mlp() -> Golden:
     )
 
 
-def _split_heads(b: GraphBuilder, x: str, name: str, heads: int, head_dim: int, perm: list[int]) -> str:
+def _split_heads(
+    b: GraphBuilder, x: str, name: str, heads: int, head_dim: int, perm: list[int]
+) -> str:
     """[B, S, D] -> [B, S, H, Dh] -> transpose by ``perm``."""
     shape = b.const(f"{name}.shape", np.array([0, 0, heads, head_dim], dtype=np.int64))
-    return b.op("Transpose", [b.op("Reshape", [x, shape], f"{name}_reshape")], f"{name}_transpose", perm=perm)
+    return b.op(
+        "Transpose",
+        [b.op("Reshape", [x, shape], f"{name}_reshape")],
+        f"{name}_transpose",
+        perm=perm,
+    )
 
 
 def _layer_norm(b: GraphBuilder, x: str, name: str, d: int) -> str:
@@ -323,7 +399,11 @@ def _layer_norm(b: GraphBuilder, x: str, name: str, d: int) -> str:
 def _gelu(b: GraphBuilder, x: str, name: str) -> str:
     """Exact GELU decomposed for opset 17: x * 0.5 * (1 + Erf(x / sqrt(2)))."""
     y = b.op("Div", [x, b.const(f"{name}.sqrt2", np.float32(np.sqrt(2.0)))], f"{name}_div")
-    y = b.op("Add", [b.op("Erf", [y], f"{name}_erf"), b.const(f"{name}.one", np.float32(1.0))], f"{name}_add")
+    y = b.op(
+        "Add",
+        [b.op("Erf", [y], f"{name}_erf"), b.const(f"{name}.one", np.float32(1.0))],
+        f"{name}_add",
+    )
     y = b.op("Mul", [x, y], f"{name}_mul")
     return b.op("Mul", [y, b.const(f"{name}.half", np.float32(0.5))], f"{name}_mul_half")
 
@@ -334,24 +414,52 @@ def build_transformer() -> Golden:
     head_dim = d // heads
     b = GraphBuilder(np.random.default_rng(1005))
     h = _layer_norm(b, "input", "ln1", d)
-    q = _split_heads(b, b.linear(h, "attn_q", d, d, gain=1.0), "attn_q", heads, head_dim, [0, 2, 1, 3])
-    k = _split_heads(b, b.linear(h, "attn_k", d, d, gain=1.0), "attn_k", heads, head_dim, [0, 2, 3, 1])
-    v = _split_heads(b, b.linear(h, "attn_v", d, d, gain=1.0), "attn_v", heads, head_dim, [0, 2, 1, 3])
+    q = _split_heads(
+        b, b.linear(h, "attn_q", d, d, gain=1.0), "attn_q", heads, head_dim, [0, 2, 1, 3]
+    )
+    k = _split_heads(
+        b, b.linear(h, "attn_k", d, d, gain=1.0), "attn_k", heads, head_dim, [0, 2, 3, 1]
+    )
+    v = _split_heads(
+        b, b.linear(h, "attn_v", d, d, gain=1.0), "attn_v", heads, head_dim, [0, 2, 1, 3]
+    )
     scores = b.op("MatMul", [q, k], "attn_scores")
-    scores = b.op("Div", [scores, b.const("attn_scale", np.float32(np.sqrt(head_dim)))], "attn_scale_div")
+    scores = b.op(
+        "Div", [scores, b.const("attn_scale", np.float32(np.sqrt(head_dim)))], "attn_scale_div"
+    )
     probs = b.op("Softmax", [scores], "attn_softmax", axis=-1)
-    ctx = b.op("Transpose", [b.op("MatMul", [probs, v], "attn_context")], "attn_merge_transpose", perm=[0, 2, 1, 3])
-    ctx = b.op("Reshape", [ctx, b.const("attn_merge.shape", np.array([0, 0, d], dtype=np.int64))], "attn_merge_reshape")
+    ctx = b.op(
+        "Transpose",
+        [b.op("MatMul", [probs, v], "attn_context")],
+        "attn_merge_transpose",
+        perm=[0, 2, 1, 3],
+    )
+    ctx = b.op(
+        "Reshape",
+        [ctx, b.const("attn_merge.shape", np.array([0, 0, d], dtype=np.int64))],
+        "attn_merge_reshape",
+    )
     x = b.op("Add", ["input", b.linear(ctx, "attn_out", d, d, gain=1.0)], "attn_residual")
     h = _gelu(b, b.linear(_layer_norm(b, x, "ln2", d), "mlp_fc1", d, ff, gain=1.0), "mlp_gelu")
     b.op("Add", [x, b.linear(h, "mlp_fc2", ff, d, gain=1.0)], "mlp_residual", "output")
-    graph = b.graph("transformer", [tensor("input", [BATCH, seq, d])], [tensor("output", [BATCH, seq, d])])
+    graph = b.graph(
+        "transformer", [tensor("input", [BATCH, seq, d])], [tensor("output", [BATCH, seq, d])]
+    )
     return Golden(
         name="transformer",
         description="Pre-norm transformer encoder block (d=64, 4 heads, seq=16): LayerNormalization, "
-                    "multi-head self-attention via Reshape/Transpose/MatMul/Softmax, exact GELU as Erf ops.",
-        features=["LayerNormalization", "MatMul", "Add", "Reshape (0 = copy dim)", "Transpose", "Softmax",
-                  "Div (attention scale)", "GELU decomposed (Div, Erf, Add, Mul)", "residual Add"],
+        "multi-head self-attention via Reshape/Transpose/MatMul/Softmax, exact GELU as Erf ops.",
+        features=[
+            "LayerNormalization",
+            "MatMul",
+            "Add",
+            "Reshape (0 = copy dim)",
+            "Transpose",
+            "Softmax",
+            "Div (attention scale)",
+            "GELU decomposed (Div, Erf, Add, Mul)",
+            "residual Add",
+        ],
         model=make_model(graph, "Golden model transformer."),
         inputs={"input": _normal(5, [2, seq, d])},
     )
@@ -364,22 +472,31 @@ def build_unet() -> Golden:
     def conv_relu(x: str, name: str, c_in: int, c_out: int, stride: int = 1) -> str:
         return b.op("Relu", [b.conv(x, name, c_in, c_out, stride=stride)], f"{name}_relu")
 
-    e1 = conv_relu("input", "enc1", 3, 8)                    # 32x32
-    e2 = conv_relu(e1, "down1", 8, 16, stride=2)             # 16x16
-    e3 = conv_relu(e2, "down2", 16, 32, stride=2)            # 8x8
+    e1 = conv_relu("input", "enc1", 3, 8)  # 32x32
+    e2 = conv_relu(e1, "down1", 8, 16, stride=2)  # 16x16
+    e3 = conv_relu(e2, "down2", 16, 32, stride=2)  # 8x8
     m = conv_relu(e3, "bottleneck", 32, 32)
-    u2 = b.conv_transpose(m, "up2", 32, 16)                  # 16x16
+    u2 = b.conv_transpose(m, "up2", 32, 16)  # 16x16
     d2 = conv_relu(b.op("Concat", [u2, e2], "skip2_concat", axis=1), "dec2", 32, 16)
-    u1 = b.conv_transpose(d2, "up1", 16, 8)                  # 32x32
+    u1 = b.conv_transpose(d2, "up1", 16, 8)  # 32x32
     d1 = conv_relu(b.op("Concat", [u1, e1], "skip1_concat", axis=1), "dec1", 16, 8)
     w, bias = b.he("head.weight", [2, 8, 1, 1], 8), b.small("head.bias", [2])
     b.op("Conv", [d1, w, bias], "head", "output", kernel_shape=[1, 1])
-    graph = b.graph("unet", [tensor("input", [BATCH, 3, 32, 32])], [tensor("output", [BATCH, 2, 32, 32])])
+    graph = b.graph(
+        "unet", [tensor("input", [BATCH, 3, 32, 32])], [tensor("output", [BATCH, 2, 32, 32])]
+    )
     return Golden(
         name="unet",
         description="Small U-Net: strided Conv downsampling, ConvTranspose upsampling, Concat skip "
-                    "connections, 1x1 Conv head producing 2-channel 32x32 logits.",
-        features=["Conv", "strided Conv", "ConvTranspose", "Concat (channel skip)", "Relu", "1x1 Conv"],
+        "connections, 1x1 Conv head producing 2-channel 32x32 logits.",
+        features=[
+            "Conv",
+            "strided Conv",
+            "ConvTranspose",
+            "Concat (channel skip)",
+            "Relu",
+            "1x1 Conv",
+        ],
         model=make_model(graph, "Golden model unet."),
         inputs={"input": _normal(6, [2, 3, 32, 32])},
     )
@@ -394,20 +511,30 @@ def build_control_flow() -> Golden:
     """If on sign(ReduceSum(x)) and a fixed-trip-count Loop; subgraphs read outer-scope weights."""
     b = GraphBuilder(np.random.default_rng(1007))
     w_then = b.he("then.weight", [8, 8], 8)
-    w_loop = b.const("loop.weight", (b.rng.standard_normal([8, 8]) / np.sqrt(8.0)).astype(np.float32))
+    w_loop = b.const(
+        "loop.weight", (b.rng.standard_normal([8, 8]) / np.sqrt(8.0)).astype(np.float32)
+    )
     b_loop = b.small("loop.bias", [8])
     step = b.const("loop.step", np.float32(0.1))
     total = b.op("ReduceSum", ["input"], "cond_reduce_sum", keepdims=0)
     cond = b.op("Greater", [total, b.const("cond.zero", np.float32(0.0))], "cond_greater")
 
-    then_g = _if_branch("then_branch", [
-        helper.make_node("MatMul", ["input", w_then], ["then_matmul_out"], name="then_matmul"),
-        helper.make_node("Relu", ["then_matmul_out"], ["then_out"], name="then_relu"),
-    ], "then_out")
-    else_g = _if_branch("else_branch", [
-        helper.make_node("Neg", ["input"], ["else_neg_out"], name="else_neg"),
-        helper.make_node("Sigmoid", ["else_neg_out"], ["else_out"], name="else_sigmoid"),
-    ], "else_out")
+    then_g = _if_branch(
+        "then_branch",
+        [
+            helper.make_node("MatMul", ["input", w_then], ["then_matmul_out"], name="then_matmul"),
+            helper.make_node("Relu", ["then_matmul_out"], ["then_out"], name="then_relu"),
+        ],
+        "then_out",
+    )
+    else_g = _if_branch(
+        "else_branch",
+        [
+            helper.make_node("Neg", ["input"], ["else_neg_out"], name="else_neg"),
+            helper.make_node("Sigmoid", ["else_neg_out"], ["else_out"], name="else_sigmoid"),
+        ],
+        "else_out",
+    )
     branch = b.op("If", [cond], "branch_if", then_branch=then_g, else_branch=else_g)
 
     body = helper.make_graph(
@@ -415,15 +542,31 @@ def build_control_flow() -> Golden:
             helper.make_node("MatMul", ["h_in", w_loop], ["body_matmul_out"], name="body_matmul"),
             helper.make_node("Add", ["body_matmul_out", b_loop], ["body_add_out"], name="body_add"),
             helper.make_node("Tanh", ["body_add_out"], ["body_tanh_out"], name="body_tanh"),
-            helper.make_node("Cast", ["iter"], ["body_iter_f_out"], name="body_iter_cast", to=TensorProto.FLOAT),
-            helper.make_node("Mul", ["body_iter_f_out", step], ["body_offset_out"], name="body_offset"),
-            helper.make_node("Add", ["body_tanh_out", "body_offset_out"], ["h_out"], name="body_carry"),
-            helper.make_node("ReduceMean", ["h_out"], ["scan_out"], name="body_trace_mean", axes=[1], keepdims=0),
+            helper.make_node(
+                "Cast", ["iter"], ["body_iter_f_out"], name="body_iter_cast", to=TensorProto.FLOAT
+            ),
+            helper.make_node(
+                "Mul", ["body_iter_f_out", step], ["body_offset_out"], name="body_offset"
+            ),
+            helper.make_node(
+                "Add", ["body_tanh_out", "body_offset_out"], ["h_out"], name="body_carry"
+            ),
+            helper.make_node(
+                "ReduceMean", ["h_out"], ["scan_out"], name="body_trace_mean", axes=[1], keepdims=0
+            ),
             helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond"),
         ],
         "loop_body",
-        [tensor("iter", [], TensorProto.INT64), tensor("cond_in", [], TensorProto.BOOL), tensor("h_in", [BATCH, 8])],
-        [tensor("cond_out", [], TensorProto.BOOL), tensor("h_out", [BATCH, 8]), tensor("scan_out", [BATCH])],
+        [
+            tensor("iter", [], TensorProto.INT64),
+            tensor("cond_in", [], TensorProto.BOOL),
+            tensor("h_in", [BATCH, 8]),
+        ],
+        [
+            tensor("cond_out", [], TensorProto.BOOL),
+            tensor("h_out", [BATCH, 8]),
+            tensor("scan_out", [BATCH]),
+        ],
     )
     trip = b.const("loop.trip_count", np.array(4, dtype=np.int64))
     keep_going = b.const("loop.cond", np.array(True))
@@ -436,10 +579,19 @@ def build_control_flow() -> Golden:
     return Golden(
         name="control_flow",
         description="If on ReduceSum(input) > 0 (then: MatMul+Relu, else: Neg+Sigmoid) feeding a Loop with "
-                    "trip count 4 (body: MatMul+Add+Tanh plus the cast iteration number, loop-carried value "
-                    "and a per-iteration ReduceMean scan output). Subgraphs read outer-scope initializers.",
-        features=["If", "Loop", "subgraph outer-scope references", "loop-carried value", "Loop scan output",
-                  "ReduceSum", "Greater", "Cast", "ReduceMean"],
+        "trip count 4 (body: MatMul+Add+Tanh plus the cast iteration number, loop-carried value "
+        "and a per-iteration ReduceMean scan output). Subgraphs read outer-scope initializers.",
+        features=[
+            "If",
+            "Loop",
+            "subgraph outer-scope references",
+            "loop-carried value",
+            "Loop scan output",
+            "ReduceSum",
+            "Greater",
+            "Cast",
+            "ReduceMean",
+        ],
         model=make_model(graph, "Golden model control_flow."),
         # Positive-sum inputs: the stored outputs take the then-branch.
         inputs={"input": (np.abs(_normal(7, [2, 8])) + 0.1).astype(np.float32)},
@@ -474,7 +626,9 @@ def _digits_net() -> Any:
     from torch import nn
 
     def block(c_in: int, c_out: int) -> nn.Sequential:
-        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+        return nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()
+        )
 
     class DigitsCNN(nn.Module):
         def __init__(self) -> None:
@@ -524,29 +678,50 @@ def _export_digits(net: Any) -> onnx.ModelProto:
     """TorchScript export (dynamo=False) keeping BatchNormalization unfused (TrainingMode.PRESERVE)."""
     import torch
 
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # The TorchScript exporter is deprecated in torch >= 2.9 but still works and needs no onnxscript.
         warnings.simplefilter("ignore", DeprecationWarning)
+        path = Path(tmp) / "digits_cnn.onnx"
         torch.onnx.export(
-            net, (torch.zeros(2, 1, 8, 8),), buf, dynamo=False, opset_version=OPSET,
-            training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
-            input_names=["input"], output_names=["logits"],
+            net,
+            (torch.zeros(2, 1, 8, 8),),
+            path,
+            dynamo=False,
+            opset_version=OPSET,
+            training=torch.onnx.TrainingMode.PRESERVE,
+            do_constant_folding=False,
+            input_names=["input"],
+            output_names=["logits"],
             dynamic_axes={"input": {0: BATCH}, "logits": {0: BATCH}},
         )
-    model = onnx.load_from_string(buf.getvalue())
+        model = onnx.load(str(path))
     model.graph.name = "digits_cnn"
-    model.doc_string = "Golden model digits_cnn: CNN trained on sklearn load_digits (inputs = pixels / 16)."
+    model.doc_string = (
+        "Golden model digits_cnn: CNN trained on sklearn load_digits (inputs = pixels / 16)."
+    )
     model.producer_name = "iropt-golden (torch " + model.producer_version + ")"
     model.producer_version = "1"
     return model
 
 
+def _check_export(net: Any, x: np.ndarray, ort_logits: np.ndarray) -> None:
+    """The exported graph must agree with the torch module it came from."""
+    import torch
+
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+    if not np.allclose(ort_logits, want, rtol=1e-4, atol=1e-4):
+        err = float(np.abs(ort_logits - want).max())
+        raise RuntimeError(
+            f"digits_cnn: ONNX Runtime and torch disagree after export (max abs error {err:.3g})"
+        )
+
+
 def build_digits_cnn() -> Golden:
     """Train the digits CNN, export it with BN unfused, and keep the test and calibration splits."""
     try:
-        import sklearn  # noqa: F401
-        import torch  # noqa: F401
+        for module in ("torch", "sklearn"):  # torch first: it is the one usually missing
+            importlib.import_module(module)
     except ImportError as exc:
         raise RuntimeError(
             f"digits_cnn needs torch and scikit-learn to rebuild ({exc}); install them "
@@ -556,22 +731,40 @@ def build_digits_cnn() -> Golden:
     net = _train_digits(x_tr, y_tr)
     model = _export_digits(net)
     ops = [n.op_type for n in model.graph.node]
-    if ops.count("BatchNormalization") != 3 or any(len(n.output) != 1 for n in model.graph.node
-                                                    if n.op_type == "BatchNormalization"):
-        raise RuntimeError(f"digits_cnn export lost its inference-form BatchNormalization nodes: {ops}")
+    if ops.count("BatchNormalization") != 3 or any(
+        len(n.output) != 1 for n in model.graph.node if n.op_type == "BatchNormalization"
+    ):
+        raise RuntimeError(
+            f"digits_cnn export lost its inference-form BatchNormalization nodes: {ops}"
+        )
+    logits = run_reference(model, {"input": x_te})["logits"]
+    _check_export(net, x_te, logits)
+    accuracy = float((logits.argmax(axis=1) == y_te).mean())
+    if accuracy < 0.95:
+        raise RuntimeError(f"digits_cnn reached only {accuracy:.4f} test accuracy (want >= 0.95)")
     return Golden(
         name="digits_cnn",
         description="CNN trained with torch on sklearn load_digits (8x8, 10 classes; pixels / 16): three "
-                    "Conv(no bias)+BatchNormalization+Relu blocks, MaxPool, Flatten, Linear head (logits). "
-                    "Exported with the TorchScript exporter, BatchNormalization kept unfused.",
-        features=["Conv", "BatchNormalization (unfused, trained stats)", "Relu", "MaxPool", "Flatten", "Gemm",
-                  "torch export", "real data: accuracy test split", "calibration split"],
+        "Conv(no bias)+BatchNormalization+Relu blocks, MaxPool, Flatten, Linear head (logits). "
+        "Exported with the TorchScript exporter, BatchNormalization kept unfused.",
+        features=[
+            "Conv",
+            "BatchNormalization (unfused, trained stats)",
+            "Relu",
+            "MaxPool",
+            "Flatten",
+            "Gemm",
+            "torch export",
+            "real data: accuracy test split",
+            "calibration split",
+        ],
         model=model,
         inputs={"input": x_te[:8]},
         extra_files={
             "test": {"input": x_te, "label": y_te},
             "calib": {"input": x_tr[:128]},
         },
+        notes={"test_accuracy": round(accuracy, 4), "test_samples": len(y_te)},
     )
 
 
@@ -621,8 +814,11 @@ def _shape(vi: onnx.ValueInfoProto) -> list[int | str | None]:
 def _io(values: Sequence[onnx.ValueInfoProto]) -> list[dict[str, Any]]:
     """Manifest entries for graph inputs or outputs."""
     return [
-        {"name": v.name, "shape": _shape(v),
-         "dtype": str(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))}
+        {
+            "name": v.name,
+            "shape": _shape(v),
+            "dtype": str(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)),
+        }
         for v in values
     ]
 
@@ -643,8 +839,11 @@ def write_golden(golden: Golden, out_dir: Path) -> dict[str, Any]:
     model = golden.model
     onnx.checker.check_model(model, full_check=True)
     outputs = run_reference(model, golden.inputs)
-    files = {"model": f"{golden.name}.onnx", "inputs": f"{golden.name}.inputs.npz",
-             "outputs": f"{golden.name}.outputs.npz"}
+    files = {
+        "model": f"{golden.name}.onnx",
+        "inputs": f"{golden.name}.inputs.npz",
+        "outputs": f"{golden.name}.outputs.npz",
+    }
     files |= {kind: f"{golden.name}.{kind}.npz" for kind in golden.extra_files}
     (out_dir / files["model"]).write_bytes(model.SerializeToString())
     save_npz(out_dir / files["inputs"], golden.inputs)
@@ -690,7 +889,9 @@ def build_all(out_dir: Path = HERE, names: Sequence[str] | None = None) -> list[
             continue
         entries[name] = entry
         size = (out_dir / entry["files"]["model"]).stat().st_size
-        print(f"{name:<13} {size / 1024:8.1f} KiB  {entry['nodes']:3d} nodes  ops: {', '.join(entry['op_types'])}")
+        print(
+            f"{name:<13} {size / 1024:8.1f} KiB  {entry['nodes']:3d} nodes  ops: {', '.join(entry['op_types'])}"
+        )
     _write_manifest(out_dir, entries)
     return failed
 
@@ -698,9 +899,15 @@ def build_all(out_dir: Path = HERE, names: Sequence[str] | None = None) -> list[
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``build.py [--out DIR] [NAME ...]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"models to build (default: all of {', '.join(BUILDERS)})")
-    parser.add_argument("--out", type=Path, default=HERE, help="output folder (default: this script's folder)")
+    parser.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"models to build (default: all of {', '.join(BUILDERS)})",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=HERE, help="output folder (default: this script's folder)"
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.names) - set(BUILDERS))
     if unknown:
