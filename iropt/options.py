@@ -10,6 +10,7 @@ Supported annotations: bool, int, float (an int is accepted), str, `Literal[...]
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import types
 import typing
@@ -62,8 +63,18 @@ def option_specs(cls: type) -> list[OptionSpec]:
         if param.name not in hints:
             raise TypeError(f"{cls.__name__}: option '{param.name}' needs a type annotation")
         default = REQUIRED if param.default is param.empty else param.default
+        default = _resolve_default_factory(cls, param.name, default)
         specs.append(OptionSpec(param.name, hints[param.name], default))
     return specs
+
+
+def _resolve_default_factory(cls: type, name: str, default: Any) -> Any:
+    """A dataclass `field(default_factory=...)` shows as `<factory>` in the signature: call it."""
+    if dataclasses.is_dataclass(cls):
+        for f in dataclasses.fields(cls):
+            if f.name == name and f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    return default
 
 
 def bind_options(owner: str, specs: list[OptionSpec], given: Mapping[str, Any]) -> dict[str, Any]:

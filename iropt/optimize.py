@@ -1,0 +1,207 @@
+"""`iropt run` as a function: load, schedule, transform, verify, bisect, save, emit.
+
+Nothing is written until the transformed model has passed verification (unless `force`), the
+input file is never modified, and every failure is an IroptError with a message for the user.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from iropt.criteria import EXACT_CRITERION, LOSSY_CRITERION, Criterion
+from iropt.errors import ModelSaveError, VerificationError
+from iropt.instruments import CheckerInstrument, IRDumpInstrument, SizeInstrument, TimingInstrument
+from iropt.model import GraphStats, Model, graph_stats, load_model, save_model
+from iropt.pass_infra import PassContext, ProgressFn, _no_progress
+from iropt.pass_manager import Instrument, PassManager, PassRecord, RunReport
+from iropt.pipeline import Pipeline, VerifyStep
+from iropt.registry import BACKENDS
+
+
+@dataclass
+class RunOptions:
+    """Everything `iropt run` takes; paths are resolved by the caller."""
+
+    schedule: str
+    model: Path
+    output: Path | None = None
+    calibration: str | None = None
+    inputs: str | None = None
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    verify: bool = True
+    verify_each: bool = False
+    force: bool = False
+    dump_dir: Path | None = None
+    check_each: bool = True
+    emit: bool = True
+
+
+@dataclass
+class RunOutcome:
+    """What happened: the pass records, the verification, what was written."""
+
+    pipeline: Pipeline
+    report: RunReport
+    initial: GraphStats
+    final: GraphStats
+    criterion: Criterion | None = None
+    comparisons: list[Any] = field(default_factory=list)
+    culprit: PassRecord | None = None
+    output: Path | None = None
+    emitted: list[Path] = field(default_factory=list)
+    feed_notes: list[str] = field(default_factory=list)
+    verify_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def verified(self) -> bool:
+        return all(c.passed for c in self.comparisons)
+
+
+def default_output_path(model_path: Path) -> Path:
+    """`model.onnx` -> `model.opt.onnx`, beside the input (never the current directory)."""
+    return model_path.with_name(model_path.stem + ".opt.onnx")
+
+
+def load_pipeline(schedule: str) -> Pipeline:
+    """A schedule file or built-in schedule name, parsed and resolved against the registry."""
+    from iropt.dsl import load_schedule
+
+    return load_schedule(schedule)
+
+
+def optimize(options: RunOptions, progress: ProgressFn = _no_progress) -> RunOutcome:
+    """Run a schedule on a model; raises UserError for bad input, VerificationError on mismatch."""
+    start = time.perf_counter()
+    pipeline = load_pipeline(options.schedule)
+    model = load_model(options.model)
+    output = options.output or default_output_path(options.model)
+    _check_output_path(output, options.model)
+    reference = model.copy()
+    ctx = PassContext(
+        target=pipeline.target,
+        calibration=options.calibration,
+        input_shapes=dict(options.shapes),
+        progress=progress,
+    )
+    verifier, notes = _make_verifier(options, reference, pipeline, progress)
+    outcome = _transform(options, model, pipeline, ctx, verifier)
+    outcome.feed_notes = notes
+    if verifier is not None:
+        _verify_final(outcome, model, verifier)
+        if not outcome.verified:
+            outcome.culprit = _bisect(reference, pipeline, verifier, outcome.criterion, ctx)
+    if outcome.verified or options.force:
+        outcome.output = save_model(model, output)
+        if options.emit:
+            outcome.emitted = _emit(model, pipeline, output)
+    outcome.total_seconds = time.perf_counter() - start
+    return outcome
+
+
+def _check_output_path(output: Path, model_path: Path) -> None:
+    # Checked before any work so a long run never ends in "cannot write".
+    if output.resolve() == model_path.resolve():
+        raise ModelSaveError(
+            f"{output}: refusing to write over the input model; choose another output path with -o"
+        )
+    if not output.parent.is_dir():
+        raise ModelSaveError(f"{output}: the output directory {output.parent} does not exist")
+
+
+def _make_verifier(
+    options: RunOptions, reference: Model, pipeline: Pipeline, progress: ProgressFn
+) -> tuple[Any, list[str]]:
+    if not (options.verify or options.verify_each):
+        return None, []
+    from iropt.feeds import open_feeds
+    from iropt.verify import Verifier
+
+    criterion = final_criterion(pipeline)
+    feeds = open_feeds(options.inputs, reference, shapes=options.shapes, count=criterion.samples)
+    verifier = Verifier(reference, feeds.feeds, progress=progress)
+    # Run the reference now: a model ONNX Runtime cannot run is bad input, reported before the
+    # schedule runs rather than after.
+    verifier.reference_outputs()
+    return verifier, [feeds.description, *feeds.notes]
+
+
+def final_criterion(pipeline: Pipeline) -> Criterion:
+    """The schedule's last verify(...) statement, else the default for exact or lossy schedules."""
+    explicit = pipeline.final_criterion()
+    if explicit is not None:
+        return explicit
+    return LOSSY_CRITERION if pipeline.is_lossy else EXACT_CRITERION
+
+
+def _transform(
+    options: RunOptions, model: Model, pipeline: Pipeline, ctx: PassContext, verifier: Any
+) -> RunOutcome:
+    sizes = SizeInstrument()
+    instruments: list[Instrument] = [TimingInstrument(), sizes]
+    if options.check_each:
+        instruments.append(CheckerInstrument())
+    if options.dump_dir is not None:
+        instruments.append(IRDumpInstrument(options.dump_dir))
+    if options.verify_each and verifier is not None:
+        from iropt.verify import VerifyEachInstrument
+
+        instruments.append(VerifyEachInstrument(verifier))
+    checkpoint = None
+    if verifier is not None:
+        def checkpoint(step: VerifyStep, current: Model, report: RunReport) -> Any:
+            return verifier.check(current, step.criterion)
+
+    initial = graph_stats(model)
+    report = PassManager(instruments, checkpoint=checkpoint).run(model, pipeline, ctx)
+    return RunOutcome(
+        pipeline=pipeline,
+        report=report,
+        initial=initial,
+        final=sizes.final or graph_stats(model),
+        comparisons=list(report.checkpoints),
+    )
+
+
+def _verify_final(outcome: RunOutcome, model: Model, verifier: Any) -> None:
+    start = time.perf_counter()
+    outcome.criterion = final_criterion(outcome.pipeline)
+    last_is_verify = bool(outcome.pipeline.steps) and isinstance(outcome.pipeline.steps[-1], VerifyStep)
+    if not last_is_verify:
+        outcome.comparisons.append(verifier.check(model, outcome.criterion))
+    outcome.verify_seconds = time.perf_counter() - start
+
+
+def _bisect(
+    reference: Model, pipeline: Pipeline, verifier: Any, criterion: Criterion | None, ctx: PassContext
+) -> PassRecord | None:
+    from iropt.verify import bisect_failure
+
+    failed = criterion or EXACT_CRITERION
+    return bisect_failure(reference, pipeline, verifier, failed, ctx)
+
+
+def _emit(model: Model, pipeline: Pipeline, output: Path) -> list[Path]:
+    if pipeline.target is None:
+        return []
+    backend = BACKENDS.create(pipeline.target.name, dict(pipeline.target.options))
+    written: list[Path] = backend.emit(model, output)
+    return written
+
+
+def raise_if_unverified(outcome: RunOutcome) -> None:
+    """VerificationError describing the failed checks and the first pass that broke them."""
+    if outcome.verified:
+        return
+    failed = [c for c in outcome.comparisons if not c.passed]
+    lines = [f"verification failed ({failed[0].criterion.describe()}):", failed[0].summary()]
+    if outcome.culprit is not None:
+        lines.append(
+            f"first pass that breaks equivalence: #{outcome.culprit.index} {outcome.culprit.name}"
+        )
+    if outcome.output is None:
+        lines.append("no output written (use --force to write it anyway)")
+    raise VerificationError("\n".join(lines))

@@ -1,0 +1,220 @@
+"""The ONNX Runtime back end: an InferenceSession with chosen providers and options.
+
+`compile(model)` gives an `OrtRunner` (`run(feeds) -> outputs`), the same interface every back
+end offers, so verification can check the session against the original model. `emit` writes
+what ORT itself makes of the model when asked: its graph-optimized ONNX model
+(`<stem>.ort-optimized.onnx`, `save_optimized=True`) or an ORT-format file (`<stem>.ort`,
+`save_ort_format=True`) for the minimal ONNX Runtime builds.
+
+`make_session` is the one place sessions are built; the verification reference runner uses it
+with graph optimizations disabled, so the reference is the model as written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from iropt.backend import Backend
+from iropt.errors import UserError
+from iropt.model import EXTERNAL_DATA_THRESHOLD, Model, tensor_bytes
+from iropt.registry import register_backend
+
+OptimizationLevel = Literal["disable", "basic", "extended", "layout", "all"]
+
+_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    # ORT_ENABLE_LAYOUT arrived in ORT 1.22; older versions fold it into "all".
+    "layout": getattr(
+        ort.GraphOptimizationLevel, "ORT_ENABLE_LAYOUT", ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    ),
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+# Models whose tensors exceed the protobuf limit cannot be handed to ORT as bytes; they go
+# through a temporary file with external data. A module constant so tests can lower it.
+IN_MEMORY_LIMIT = EXTERNAL_DATA_THRESHOLD
+
+# ORT's log severity: 3 = errors only. Its warnings (unused initializers, fallbacks) are noise
+# in iropt's output; failures still come back as exceptions.
+_LOG_ERRORS_ONLY = 3
+
+ModelLike = Model | onnx.ModelProto | str | os.PathLike[str]
+
+
+class OrtRunner:
+    """Runs an InferenceSession: `run(feeds) -> {output_name: array}`."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    @classmethod
+    def from_model(cls, model: ModelLike, **session_options: Any) -> OrtRunner:
+        """A runner for `model`; `session_options` are those of `make_session`."""
+        return cls(make_session(model, **session_options))
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # Only the session's own inputs: a feed may carry arrays for inputs a rewrite removed
+        # (an unused input); a missing input is still ORT's error.
+        wanted = {name: feeds[name] for name in self.input_names if name in feeds}
+        try:
+            values = self.session.run(self.output_names, wanted)
+        except Exception as error:
+            raise UserError(f"ONNX Runtime failed to run the model: {_first_line(error)}") from error
+        return {name: _as_array(value) for name, value in zip(self.output_names, values, strict=True)}
+
+
+def _as_array(value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    # Sequence and map outputs: kept as an object array so every output is an ndarray.
+    array = np.empty(1, dtype=object)
+    array[0] = value
+    return array
+
+
+def make_session(
+    model: ModelLike,
+    *,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    optimization_level: OptimizationLevel = "all",
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 0,
+    optimized_model_path: Path | None = None,
+    save_ort_format: bool = False,
+) -> ort.InferenceSession:
+    """An InferenceSession for `model` (a Model, a ModelProto or a path).
+
+    `optimized_model_path` makes ORT write the model after its graph optimizations (as an ORT
+    format file with `save_ort_format=True`). Raises UserError for an unknown provider or a
+    model ORT cannot load.
+    """
+    check_providers(providers)
+    if optimization_level not in _LEVELS:
+        raise UserError(
+            f"unknown optimization_level '{optimization_level}'; choose one of: {', '.join(_LEVELS)}"
+        )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _LEVELS[optimization_level]
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    options.log_severity_level = _LOG_ERRORS_ONLY
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+        if save_ort_format:
+            options.add_session_config_entry("session.save_model_format", "ORT")
+    if isinstance(model, (str, os.PathLike)):
+        return _create(str(model), options, providers)
+    proto = model.to_onnx() if isinstance(model, Model) else model
+    if optimized_model_path is not None and not save_ort_format and tensor_bytes(proto) > IN_MEMORY_LIMIT:
+        # A large optimized model must be written with its tensors beside it, as ONNX demands.
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", optimized_model_path.name + ".data"
+        )
+    if tensor_bytes(proto) <= IN_MEMORY_LIMIT:
+        return _create(proto.SerializeToString(), options, providers)
+    # Too big for one protobuf message: write with external data and let ORT read the file.
+    # ORT reads (or maps) the data while the session is created; on Linux a mapped file stays
+    # valid after its name is removed, elsewhere the cleanup error is ignored.
+    with tempfile.TemporaryDirectory(prefix="iropt-ort-", ignore_cleanup_errors=True) as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save_model(
+            proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+            location="model.onnx.data", size_threshold=1024,
+        )
+        return _create(str(path), options, providers)
+
+
+def _create(
+    model: str | bytes, options: ort.SessionOptions, providers: Sequence[str]
+) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(model, sess_options=options, providers=list(providers))
+    except Exception as error:
+        raise UserError(f"ONNX Runtime cannot run this model: {_first_line(error)}") from error
+
+
+def check_providers(providers: Sequence[str]) -> None:
+    """UserError unless every provider is available in this ONNX Runtime build."""
+    available = ort.get_available_providers()
+    if not providers:
+        raise UserError(f"ort: give at least one provider; available here: {', '.join(available)}")
+    for provider in providers:
+        if provider not in available:
+            raise UserError(
+                f"ort: execution provider '{provider}' is not available in this ONNX Runtime build; "
+                f"available: {', '.join(available)}"
+            )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@register_backend("ort")
+@dataclass(kw_only=True)
+class OrtBackend(Backend):
+    """ONNX Runtime: an InferenceSession with the given providers, threads and optimization level.
+
+    `save_optimized` writes ORT's own optimized model beside the output
+    (`<stem>.ort-optimized.onnx`); `save_ort_format` writes an ORT-format file (`<stem>.ort`).
+    Both are tied to this ORT version and, beyond `basic`, to the providers and hardware they
+    were made on.
+    """
+
+    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    optimization_level: OptimizationLevel = "all"
+    save_optimized: bool = False
+    save_ort_format: bool = False
+
+    def __post_init__(self) -> None:
+        check_providers(self.providers)
+
+    def _session_options(self) -> dict[str, Any]:
+        return {
+            "providers": self.providers,
+            "optimization_level": self.optimization_level,
+            "intra_op_threads": self.intra_op_threads,
+            "inter_op_threads": self.inter_op_threads,
+        }
+
+    def compile(self, model: Model) -> OrtRunner:
+        return OrtRunner(make_session(model, **self._session_options()))
+
+    def emit(self, model: Model, onnx_path: Path) -> list[Path]:
+        """Write the requested ORT artefacts beside `onnx_path`; returns them."""
+        written = []
+        if self.save_optimized:
+            written.append(self._save(model, onnx_path, ".ort-optimized.onnx", ort_format=False))
+        if self.save_ort_format:
+            written.append(self._save(model, onnx_path, ".ort", ort_format=True))
+        return written
+
+    def _save(self, model: Model, onnx_path: Path, suffix: str, *, ort_format: bool) -> Path:
+        stem = onnx_path.name.removesuffix(".onnx")
+        target = onnx_path.with_name(stem + suffix)
+        # Written into a scratch folder beside the target and moved in place, so a failed
+        # session never leaves half a file under the final name.
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+            staged = Path(tmp) / target.name
+            make_session(
+                model, optimized_model_path=staged, save_ort_format=ort_format, **self._session_options()
+            )
+            for produced in sorted(Path(tmp).iterdir()):
+                os.replace(produced, target.parent / produced.name)
+        return target

@@ -1,0 +1,139 @@
+"""The ONNX Runtime back end: sessions, options, emitted artefacts and refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from helpers_verify import affine_feeds, affine_model, affine_numpy, custom_op_model
+from iropt.lowering import ort as ort_backend
+from iropt.lowering.ort import OrtBackend, OrtRunner, make_session
+
+from iropt.errors import OptionError, UserError
+from iropt.model import save_model
+from iropt.options import option_specs
+from iropt.registry import BACKENDS
+
+RTOL, ATOL = 1e-6, 1e-6
+
+
+def test_registered_with_typed_options_and_defaults() -> None:
+    entry = BACKENDS.get("ort")
+    assert entry.cls is OrtBackend
+    defaults = {spec.name: spec.default for spec in option_specs(OrtBackend)}
+    assert defaults == {
+        "providers": ["CPUExecutionProvider"],
+        "intra_op_threads": 0,
+        "inter_op_threads": 0,
+        "optimization_level": "all",
+        "save_optimized": False,
+        "save_ort_format": False,
+    }
+
+
+def test_compile_runs_the_model() -> None:
+    backend = BACKENDS.create("ort", {"intra_op_threads": 1, "optimization_level": "extended"})
+    runner = backend.compile(affine_model())
+    assert isinstance(runner, OrtRunner)
+    assert runner.input_names == ["x"] and runner.output_names == ["y"]
+    for feed in affine_feeds(2):
+        np.testing.assert_allclose(runner.run(feed)["y"], affine_numpy(feed["x"]), rtol=RTOL, atol=ATOL)
+    options = runner.session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+
+
+@pytest.mark.parametrize(
+    ("level", "expected"),
+    [
+        ("disable", ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+        ("basic", ort.GraphOptimizationLevel.ORT_ENABLE_BASIC),
+        ("extended", ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED),
+        ("layout", ort.GraphOptimizationLevel.ORT_ENABLE_LAYOUT),
+        ("all", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+    ],
+)
+def test_optimization_levels(level: str, expected: ort.GraphOptimizationLevel) -> None:
+    session = make_session(affine_model(), optimization_level=level)  # type: ignore[arg-type]
+    assert session.get_session_options().graph_optimization_level == expected
+
+
+def test_unknown_provider_is_a_user_error_listing_the_available_ones() -> None:
+    with pytest.raises(UserError, match="'NoSuchExecutionProvider' is not available") as info:
+        BACKENDS.create("ort", {"providers": ["NoSuchExecutionProvider"]})
+    for provider in ort.get_available_providers():
+        assert provider in str(info.value)
+    with pytest.raises(UserError, match="at least one provider"):
+        OrtBackend(providers=[])
+
+
+def test_bad_option_values_are_option_errors() -> None:
+    with pytest.raises(OptionError, match="optimization_level"):
+        BACKENDS.create("ort", {"optimization_level": "maximum"})
+
+
+def test_ort_refuses_a_custom_domain_op_with_a_user_error() -> None:
+    with pytest.raises(UserError, match=r"^ONNX Runtime cannot run this model: .*Frobnicate") as info:
+        OrtBackend().compile(custom_op_model())
+    assert "\n" not in str(info.value)  # the first line of ORT's message only
+
+
+def test_run_failure_is_a_user_error() -> None:
+    runner = OrtBackend().compile(affine_model())
+    with pytest.raises(UserError, match="ONNX Runtime failed to run the model"):
+        runner.run({"x": np.ones((2, 5), np.float32)})
+
+
+def test_runner_ignores_feeds_for_inputs_the_model_lacks() -> None:
+    runner = OrtBackend().compile(affine_model())
+    feed = affine_feeds(1)[0]
+    out = runner.run({**feed, "removed_input": np.zeros(1, np.float32)})
+    np.testing.assert_allclose(out["y"], affine_numpy(feed["x"]), rtol=RTOL, atol=ATOL)
+
+
+def test_large_models_go_through_a_file_with_external_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lower the in-memory limit instead of building a 2 GB model: the file path is the same.
+    monkeypatch.setattr(ort_backend, "IN_MEMORY_LIMIT", 0)
+    runner = OrtBackend(optimization_level="disable").compile(affine_model())
+    feed = affine_feeds(1)[0]
+    np.testing.assert_allclose(runner.run(feed)["y"], affine_numpy(feed["x"]), rtol=RTOL, atol=ATOL)
+
+
+def test_session_from_a_path(tmp_path: Path) -> None:
+    path = save_model(affine_model(), tmp_path / "m.onnx")
+    runner = OrtRunner.from_model(path, optimization_level="disable")
+    feed = affine_feeds(1)[0]
+    np.testing.assert_allclose(runner.run(feed)["y"], affine_numpy(feed["x"]), rtol=RTOL, atol=ATOL)
+
+
+def test_emit_writes_nothing_by_default(tmp_path: Path) -> None:
+    out = save_model(affine_model(), tmp_path / "m.opt.onnx")
+    assert OrtBackend().emit(affine_model(), out) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.opt.onnx"]
+
+
+def test_save_optimized_writes_ort_optimized_model(tmp_path: Path) -> None:
+    out = save_model(affine_model(), tmp_path / "m.opt.onnx")
+    written = OrtBackend(save_optimized=True, optimization_level="basic").emit(affine_model(), out)
+    assert written == [tmp_path / "m.opt.ort-optimized.onnx"]
+    optimized = onnx.load(str(written[0]))
+    # ORT's basic level removes the Identity nodes the input model has.
+    assert "Identity" not in {n.op_type for n in optimized.graph.node}
+    session = ort.InferenceSession(str(written[0]), providers=["CPUExecutionProvider"])
+    feed = affine_feeds(1)[0]
+    np.testing.assert_allclose(session.run(None, feed)[0], affine_numpy(feed["x"]), rtol=RTOL, atol=ATOL)
+    # Nothing else is left behind (the scratch folder is gone).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.opt.onnx", "m.opt.ort-optimized.onnx"]
+
+
+def test_save_ort_format_writes_an_ort_file(tmp_path: Path) -> None:
+    out = save_model(affine_model(), tmp_path / "m.opt.onnx")
+    (written,) = OrtBackend(save_ort_format=True).emit(affine_model(), out)
+    assert written == tmp_path / "m.opt.ort"
+    assert written.read_bytes()[4:8] == b"ORTM"  # the ORT format's flatbuffer file identifier
+    session = ort.InferenceSession(str(written), providers=["CPUExecutionProvider"])
+    feed = affine_feeds(1)[0]
+    np.testing.assert_allclose(session.run(None, feed)[0], affine_numpy(feed["x"]), rtol=RTOL, atol=ATOL)
