@@ -47,7 +47,9 @@ def _fail(args: argparse.Namespace, error: BaseException, code: int, prefix: str
     if getattr(args, "verbose", 0):
         stderr.print("".join(traceback.format_exception(error)), markup=False)
     message = str(error) if prefix == "error" else f"{type(error).__name__}: {error}"
-    stderr.print(f"iropt: {prefix}: {message}", markup=False)
+    # Schedule errors already read "file:line:col: error: ..."; do not say "error" twice.
+    lead = "iropt: " if ": error:" in message.split("\n", 1)[0] else f"iropt: {prefix}: "
+    stderr.print(lead + message, markup=False)
     if prefix != "error" and not getattr(args, "verbose", 0):
         stderr.print("(run with -v for the traceback)", markup=False)
     return code

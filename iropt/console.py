@@ -17,8 +17,10 @@ from iropt.pass_manager import PassRecord
 
 T = TypeVar("T")
 
-stdout = Console(highlight=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+# Piped output (files, CI logs) gets a wide fixed width so tables are not squeezed to 80 columns.
+_PIPED_WIDTH = 160
+stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else _PIPED_WIDTH)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else _PIPED_WIDTH)
 
 
 def make_progress(enabled: bool) -> Any:
