@@ -98,6 +98,10 @@ class Registry:
             )
         return self._entries[name]
 
+    def remove(self, name: str) -> None:
+        """Forget `name` (tests that register throwaway passes clean up with this)."""
+        self._entries.pop(name, None)
+
     def names(self) -> list[str]:
         return [e.name for e in self.entries()]
 
@@ -116,9 +120,11 @@ class Registry:
     def _load_builtins(self) -> None:
         if self._builtins_loaded:
             return
-        self._builtins_loaded = True
+        # Marked loaded only once every import succeeded: a broken module must fail loudly on
+        # every lookup, not leave the registry half-filled for the rest of the process.
         for module in self._builtin_modules:
             importlib.import_module(module)
+        self._builtins_loaded = True
 
     def _load_plugin(self, name: str) -> None:
         for ep in entry_points(group=self.group):
