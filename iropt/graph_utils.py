@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import ChainMap
+from collections.abc import Mapping
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -53,3 +56,49 @@ def detach(graph: gs.Graph, node: gs.Node) -> None:
     node.inputs.clear()
     node.outputs.clear()
     graph.nodes.remove(node)
+
+
+def node_subgraphs(node: gs.Node) -> list[gs.Graph]:
+    """The graphs held directly in `node`'s attributes (If branches, Loop/Scan bodies)."""
+    found: list[gs.Graph] = []
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            found.append(value)
+        elif isinstance(value, list):
+            found.extend(v for v in value if isinstance(v, gs.Graph))
+    return found
+
+
+def relink_outer_scope(graph: gs.Graph) -> int:
+    """Make subgraphs read outer-scope values through the outer tensor objects; returns how many.
+
+    graphsurgeon shares a tensor object between a graph and the subgraphs that read it, but only
+    when the producer was imported before the subgraph's node: a proto whose nodes are out of
+    order gives the subgraph a producer-less stand-in with the same name. Rewrites that follow
+    object links (dead-code elimination, sorting, rewiring uses) need the real object.
+    """
+    relinked = 0
+    pending: list[tuple[gs.Graph, ChainMap[str, gs.Tensor]]] = [(graph, ChainMap())]
+    while pending:
+        current, outer = pending.pop()
+        local: dict[str, gs.Tensor] = {t.name: t for t in current.inputs}
+        local.update((t.name, t) for node in current.nodes for t in node.outputs if t.name)
+        for node in current.nodes:
+            relinked += _relink(node.inputs, outer, local)
+        relinked += _relink(current.outputs, outer, local)
+        visible = outer.new_child(local)
+        for node in current.nodes:
+            pending.extend((sub, visible) for sub in node_subgraphs(node))
+    return relinked
+
+
+def _relink(tensors: list[gs.Tensor], outer: Mapping[str, gs.Tensor], local: Mapping[str, gs.Tensor]) -> int:
+    count = 0
+    for index, tensor in enumerate(tensors):
+        if not isinstance(tensor, gs.Variable) or tensor.inputs or tensor.name in local:
+            continue
+        real = outer.get(tensor.name)
+        if real is not None and real is not tensor:
+            tensors[index] = real
+            count += 1
+    return count

@@ -38,7 +38,12 @@ class Model:
 
     @classmethod
     def from_onnx(cls, proto: onnx.ModelProto, source_path: Path | None = None) -> Model:
+        from iropt.graph_utils import relink_outer_scope
+
         graph = gs.import_onnx(proto)
+        # Out-of-order protos give subgraphs stand-in copies of outer tensors; every pass relies
+        # on the shared objects, so repair that once here.
+        relink_outer_scope(graph)
         return cls(
             graph=graph,
             metadata={p.key: p.value for p in proto.metadata_props},
@@ -167,6 +172,15 @@ def save_proto(
     _check_writable(out, source)
     if external_data is None:
         external_data = tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+    try:
+        _write_staged(proto, out, external_data)
+    except OSError as error:
+        raise ModelSaveError(f"{out}: could not write the model: {error}") from error
+    return out
+
+
+def _write_staged(proto: onnx.ModelProto, out: Path, external_data: bool) -> None:
+    """Write into a scratch folder beside `out`, then rename into place (atomic per file)."""
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         staged = Path(tmp) / out.name
         data_name = out.name + ".data"
@@ -183,7 +197,6 @@ def save_proto(
         else:
             onnx.save_model(proto, str(staged))
         os.replace(staged, out)
-    return out
 
 
 def _check_writable(out: Path, source: Path | None) -> None:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
-from iropt.graph_utils import detach, is_graph_input, is_op, replace_in, replace_uses
+from iropt.graph_utils import constant_value, is_graph_input, is_op, replace_in, replace_uses
 from iropt.model import Model, iter_graphs
 from iropt.pass_infra import Pass, PassContext, PassResult
 from iropt.registry import register_pass
@@ -33,20 +32,26 @@ class EliminateIdentity(Pass):
         return PassResult.from_stats(removed=removed)
 
     def _eliminate(self, graph: gs.Graph) -> int:
-        removed = 0
+        removed: set[int] = set()
         outputs = {id(t) for t in graph.outputs}
+        local_nodes = {id(n) for n in graph.nodes}
         for node in list(graph.nodes):
             if not self._is_noop(node):
                 continue
             source, result = node.inputs[0], node.outputs[0]
             if id(result) in outputs:
-                if not _reroute_producer(graph, source, result, outputs):
+                if not _reroute_producer(graph, source, result, outputs, local_nodes):
                     continue
             else:
                 replace_uses(result, source)
-            detach(graph, node)
-            removed += 1
-        return removed
+            node.inputs.clear()
+            node.outputs.clear()
+            removed.add(id(node))
+        # One rebuild instead of a list.remove per node (quadratic, and it compares nodes with
+        # graphsurgeon's structural __eq__).
+        if removed:
+            graph.nodes = [n for n in graph.nodes if id(n) not in removed]
+        return len(removed)
 
     def _is_noop(self, node: gs.Node) -> bool:
         if is_op(node, "Identity"):
@@ -61,14 +66,21 @@ def _is_inference_dropout(node: gs.Node) -> bool:
     if mask_used:
         return False
     if len(node.inputs) >= 3 and node.inputs[2].name:
-        training = node.inputs[2]
-        return isinstance(training, gs.Constant) and not bool(np.asarray(training.values).any())
+        # An initializer or a Constant node; a computed training_mode keeps the node.
+        training = constant_value(node.inputs[2])
+        return training is not None and not bool(training.any())
     return True
 
 
-def _reroute_producer(graph: gs.Graph, source: gs.Tensor, result: gs.Tensor, outputs: set[int]) -> bool:
+def _reroute_producer(
+    graph: gs.Graph, source: gs.Tensor, result: gs.Tensor, outputs: set[int], local_nodes: set[int]
+) -> bool:
     """Make the producer of `source` write `result` instead; False when that is not possible."""
     if isinstance(source, gs.Constant) or not source.inputs or id(source) in outputs:
+        return False
+    # A subgraph that returns an outer-scope value needs its Identity: the producer lives in
+    # the outer graph and must not be renamed to this subgraph's output.
+    if id(source.inputs[0]) not in local_nodes:
         return False
     # Consumers inside subgraphs hold the same tensor objects (graphsurgeon shares the outer
     # scope), so rewiring `tensor.outputs` covers them too.
