@@ -109,13 +109,14 @@ def _add_run(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from iropt.console import make_progress, pass_table, stdout
+    from iropt.console import PhaseProgress, make_progress, pass_table, stdout
     from iropt.feeds import parse_shape_overrides
     from iropt.optimize import RunOptions, optimize, raise_if_unverified
     from iropt.report import outcome_to_dict, write_report
 
     if args.report is not None and not args.report.resolve().parent.is_dir():
         raise UserError(f"{args.report}: the report's directory does not exist")
+    build_progress = PhaseProgress(not args.quiet)
     options = RunOptions(
         schedule=args.schedule,
         model=args.model,
@@ -128,8 +129,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         force=args.force,
         dump_dir=args.dump_ir,
         emit=not args.no_emit,
+        build_progress=build_progress,
     )
-    outcome = optimize(options, progress=make_progress(not args.quiet))
+    try:
+        outcome = optimize(options, progress=make_progress(not args.quiet))
+    finally:
+        build_progress.close()
     if args.report is not None:
         write_report(outcome_to_dict(outcome, args.schedule, args.model), args.report)
     if not args.quiet:

@@ -7,6 +7,7 @@ input file is never modified, and every failure is an IroptError with a message 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ class RunOptions:
     dump_dir: Path | None = None
     check_each: bool = True
     emit: bool = True
+    # Called as build_progress(phase, done, total) by back ends with long builds (TensorRT).
+    build_progress: Callable[[str, int, int], None] | None = None
 
 
 @dataclass
@@ -97,7 +100,7 @@ def optimize(options: RunOptions, progress: ProgressFn = _no_progress) -> RunOut
     if outcome.verified or options.force:
         outcome.output = save_model(model, output)
         if options.emit:
-            outcome.emitted = _emit(model, pipeline, output)
+            outcome.emitted = _emit(model, pipeline, output, options.build_progress)
     outcome.total_seconds = time.perf_counter() - start
     return outcome
 
@@ -184,10 +187,14 @@ def _bisect(
     return bisect_failure(reference, pipeline, verifier, failed, ctx)
 
 
-def _emit(model: Model, pipeline: Pipeline, output: Path) -> list[Path]:
+def _emit(
+    model: Model, pipeline: Pipeline, output: Path, build_progress: Callable[[str, int, int], None] | None
+) -> list[Path]:
     if pipeline.target is None:
         return []
     backend = BACKENDS.create(pipeline.target.name, dict(pipeline.target.options))
+    if build_progress is not None and hasattr(backend, "progress"):
+        backend.progress = build_progress
     written: list[Path] = backend.emit(model, output)
     return written
 
