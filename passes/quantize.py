@@ -1,0 +1,370 @@
+"""quantize: int8 quantization with QuantizeLinear/DequantizeLinear, right for each back end.
+
+Static mode (the default) calibrates activation ranges on real inputs and inserts QDQ pairs:
+
+1. Plan (`iropt.quant_placement`): which nodes run quantized (Conv, ConvTranspose, Gemm, MatMul
+   with constant weights; Add, Mul, Concat, pools, Resize and layout ops next to them) and which
+   tensors get Q/DQ. Relu/Clip after a quantized node is absorbed into its output range.
+2. Calibrate (`iropt.calibration`): run a copy of the model whose outputs include those tensors,
+   over the calibration feeds in batches of at most `batch_size`, keeping a running min/max and a
+   fixed-size histogram per tensor; then choose each range with `method` (minmax, percentile,
+   entropy, mse). Tensors that share a scale (MaxPool in/out...) get the union of their ranges.
+3. Optionally, sensitivity analysis (`iropt.quant_sensitivity`): measure each quantized layer
+   alone against the float outputs, keep the most harmful ones in float until `target_metric`
+   reaches `target_min`. The ranking is logged and kept in `last_ranking`.
+4. Rewrite (`iropt.quant_rewrite`) for the format: `ort` = uint8 asymmetric activations, int8
+   per-channel weights, int32 bias (what ORT's QDQ fusion turns into QLinearConv/QGemm);
+   `tensorrt` = int8 symmetric everywhere, zero points 0, float bias.
+
+Dynamic mode (`iropt.quant_dynamic`) needs no calibration: MatMul/Gemm get int8 weights and
+DynamicQuantizeLinear + MatMulInteger, which ORT fuses into DynamicQuantizeMatMul.
+
+With format `ort` and `skip_slow_layers` (default), layers that ORT's CPU kernels run slower in
+int8 than in float stay float (`iropt.quant_placement.ort_slow_reason`): ConvTranspose, a Conv
+with fewer than 8 input channels (the first layer on images), a Conv followed by HardSwish or a
+similar activation that ORT fuses into float convs only.
+
+Schedule it after `fuse_bn_conv` (a BatchNormalization between a Conv and its activation blocks
+ORT's QLinearConv fusion) and `fuse_matmul_add` (ORT fuses a quantized Gemm with its int32 bias
+into QGemm; a MatMul + float Add stays half float). QDQ with per-channel weights needs opset 13;
+an older model is refused with a UserError rather than converted behind the user's back.
+
+Limitations: nodes inside subgraphs (If/Loop bodies) stay float; a MatMul of two activations
+(attention scores) stays float; only float32 tensors are quantized.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from iropt.calibration import (
+    CalibrationMethod,
+    TensorStats,
+    collect_statistics,
+    compute_range,
+    limit_rows,
+    rows_of,
+    split_batches,
+)
+from iropt.errors import OptionError, UserError
+from iropt.feeds import iter_feeds
+from iropt.graph_utils import is_op
+from iropt.model import Model
+from iropt.pass_infra import Pass, PassContext, PassKind, PassResult, Runner
+from iropt.passes.toposort import sorted_nodes
+from iropt.quant_dynamic import DYNAMIC_OP_TYPES, dynamic_candidates, quantize_dynamic
+from iropt.quant_params import SCHEMES, QParams, QuantFormat, Scheme, activation_params
+from iropt.quant_placement import (
+    DEFAULT_OP_TYPES,
+    SUPPORTED_OP_TYPES,
+    Plan,
+    node_key,
+    node_label,
+    ort_slow_reason,
+    plan_quantization,
+    tensor_types,
+)
+from iropt.quant_rewrite import RewriteStats, insert_qdq
+from iropt.quant_sensitivity import LayerScore, Metric, SensitivityResult, analyze, score
+from iropt.registry import register_pass
+
+STATIC_MIN_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights)
+DYNAMIC_MIN_OPSET = 11  # DynamicQuantizeLinear
+# Feeds generated when no calibration data is given (with a warning: random data calibrates badly).
+GENERATED_FEEDS = 8
+
+Feeds = dict[str, np.ndarray]
+Excluded = Callable[[gs.Node, str], bool]
+
+
+@register_pass("quantize")
+@dataclass(kw_only=True)
+class Quantize(Pass):
+    """Quantize to int8: calibrated QDQ (static) or run-time activation quantization (dynamic).
+
+    Options: `mode` static|dynamic; `format` auto (from the target)|ort|tensorrt; `calibration`
+    (overrides --calibration); `method` minmax|percentile|entropy|mse with `percentile`;
+    `batch_size` and `max_samples` bound calibration memory and time; `bins` per histogram;
+    `op_types` to quantize (default: Conv, ConvTranspose, Gemm, MatMul, Add, Mul, Concat, pools,
+    Resize and layout ops; Softmax, LayerNormalization, ... only when listed); `exclude_nodes`
+    (fnmatch patterns on node names) and `exclude_op_types`; `sensitivity` with `target_metric`
+    cosine|top1|snr, `target_min` and `sensitivity_samples` keeps the most harmful layers in float;
+    `skip_slow_layers` (format ort) keeps in float the layers ORT runs slower in int8 (ConvTranspose,
+    Conv with < 8 input channels, Conv followed by HardSwish and similar).
+    """
+
+    kind = PassKind.LOSSY
+
+    mode: Literal["static", "dynamic"] = "static"
+    format: Literal["auto", "ort", "tensorrt"] = "auto"
+    calibration: str | None = None
+    method: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
+    percentile: float = 99.99
+    batch_size: int = 32
+    max_samples: int | None = None
+    bins: int = 2048
+    op_types: list[str] | None = None
+    exclude_nodes: list[str] = field(default_factory=list)
+    exclude_op_types: list[str] = field(default_factory=list)
+    sensitivity: bool = False
+    target_metric: Literal["cosine", "top1", "snr"] = "cosine"
+    target_min: float = 0.995
+    sensitivity_samples: int = 64
+    skip_slow_layers: bool = True
+    # Results of the last run, for the CLI and tests (not options).
+    last_ranking: list[LayerScore] = field(default_factory=list, init=False, repr=False, compare=False)
+    last_kept_float: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        supported = SUPPORTED_OP_TYPES if self.mode == "static" else DYNAMIC_OP_TYPES
+        unknown = [op for op in self.op_types or [] if op not in supported]
+        if unknown:
+            raise OptionError(
+                f"quantize: op_types {unknown} cannot be quantized in {self.mode} mode; "
+                f"supported: {', '.join(supported)}"
+            )
+        if not 0.0 < self.percentile <= 100.0:
+            raise OptionError(f"quantize: percentile must be in (0, 100], got {self.percentile}")
+        if self.batch_size < 1 or self.sensitivity_samples < 1:
+            raise OptionError("quantize: batch_size and sensitivity_samples must be at least 1")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise OptionError(f"quantize: max_samples must be at least 1, got {self.max_samples}")
+        if self.bins < 8 or self.bins % 4:
+            raise OptionError(f"quantize: bins must be a multiple of 4 and at least 8, got {self.bins}")
+
+    # --- entry point -----------------------------------------------------------------------
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        self.last_ranking, self.last_kept_float = [], []
+        if self.mode == "dynamic":
+            return self._run_dynamic(model, ctx)
+        return self._run_static(model, ctx)
+
+    def resolve_format(self, ctx: PassContext) -> QuantFormat:
+        """`format`, or for `auto` the schedule's target (ort or tensorrt; no target: ort)."""
+        if self.format != "auto":
+            return self.format
+        name = ctx.target.name if ctx.target is not None else "ort"
+        if name not in SCHEMES:
+            ctx.log.info("quantize: target '%s' has no quantization format of its own; using 'ort'", name)
+            return "ort"
+        return "tensorrt" if name == "tensorrt" else "ort"
+
+    # --- static ------------------------------------------------------------------------------
+
+    def _run_static(self, model: Model, ctx: PassContext) -> PassResult:
+        _check_opset(model, STATIC_MIN_OPSET, "static QDQ quantization with per-channel weights")
+        scheme = SCHEMES[self.resolve_format(ctx)]
+        dtypes = tensor_types(model)
+        op_types = list(self.op_types) if self.op_types is not None else list(DEFAULT_OP_TYPES)
+        slow = self._slow_nodes(model, scheme, op_types, ctx)
+        plan = plan_quantization(
+            model.graph, scheme, op_types=op_types, excluded=self._excluded(slow), dtypes=dtypes
+        )
+        if not plan.nodes:
+            ctx.log.info("quantize: no node to quantize (op types %s)", ", ".join(op_types))
+            return PassResult(changed=False, stats={"quantized_nodes": 0})
+        _warn_unfused_batchnorm(plan, ctx)
+        kept: list[Feeds] = []
+        stats, samples = self._calibrate(model, ctx, plan, kept)
+        params = group_params(plan, stats, scheme, self.method, self.percentile)
+
+        def build(target: Model, only: frozenset[str] | None, floats: frozenset[str]) -> None:
+            sub = plan_quantization(
+                target.graph, scheme, op_types=op_types, excluded=self._excluded(floats | slow),
+                dtypes=dtypes, only=only,
+            )
+            _rewrite_static(target, sub, params, scheme)
+
+        floats: frozenset[str] = frozenset()
+        if self.sensitivity:
+            layers = [(c.key, f"{c.label} ({c.node.op})") for c in plan.nodes]
+            floats = self._sensitivity(model, ctx, layers, build, kept)
+            plan = plan_quantization(
+                model.graph, scheme, op_types=op_types, excluded=self._excluded(floats | slow),
+                dtypes=dtypes,
+            )
+        rewrite = _rewrite_static(model, plan, params, scheme)
+        return PassResult.from_stats(
+            quantized_nodes=rewrite.quantized_nodes,
+            quantized_activations=rewrite.quantized_activations,
+            quantized_weights=rewrite.quantized_weights,
+            quantized_biases=rewrite.quantized_biases,
+            kept_float=len(floats),
+            skipped_slow=len(slow),
+            calibration_samples=samples,
+        )
+
+    def _slow_nodes(self, model: Model, scheme: Scheme, op_types: list[str], ctx: PassContext) -> frozenset[str]:
+        """Keys of the nodes ORT would run slower quantized (format ort, `skip_slow_layers`)."""
+        if scheme.name != "ort" or not self.skip_slow_layers:
+            return frozenset()
+        excluded = self._excluded()
+        slow = set()
+        for index, node in enumerate(model.graph.nodes):
+            key = node_key(index)
+            if node.op not in op_types or excluded(node, key):
+                continue
+            reason = ort_slow_reason(node, op_types)
+            if reason is not None:
+                slow.add(key)
+                ctx.log.info("quantize: %s stays float: %s", node_label(node, index), reason)
+        return frozenset(slow)
+
+    def _calibrate(
+        self, model: Model, ctx: PassContext, plan: Plan, kept: list[Feeds]
+    ) -> tuple[dict[str, TensorStats], int]:
+        """Statistics of the plan's tensors; fills `kept` with the first feeds for sensitivity."""
+        rows = [0]
+
+        def keep(batch: dict[str, np.ndarray]) -> None:
+            rows[0] += rows_of(batch)
+            if self.sensitivity and sum(rows_of(b) for b in kept) < self.sensitivity_samples:
+                kept.append({name: np.array(value, copy=True) for name, value in batch.items()})
+
+        feeds = limit_rows(self._feeds(model, ctx), self.max_samples)
+        stats = collect_statistics(
+            model, list(plan.tensors), feeds, ctx.runner_factory,
+            batch_size=self.batch_size, bins=self.bins, progress=ctx.progress, on_batch=keep,
+        )
+        return stats, rows[0]
+
+    def _feeds(self, model: Model, ctx: PassContext) -> Iterator[Feeds]:
+        spec = self.calibration if self.calibration is not None else ctx.calibration
+        if spec is None:
+            ctx.log.warning(
+                "quantize: no calibration data (give calibration=... or --calibration); "
+                "calibrating on generated random inputs, so the ranges will not match real data"
+            )
+        return iter_feeds(spec, model, shapes=ctx.input_shapes, count=GENERATED_FEEDS)
+
+    # --- dynamic -----------------------------------------------------------------------------
+
+    def _run_dynamic(self, model: Model, ctx: PassContext) -> PassResult:
+        _check_opset(model, DYNAMIC_MIN_OPSET, "dynamic quantization (DynamicQuantizeLinear)")
+        op_types = list(self.op_types) if self.op_types is not None else list(DYNAMIC_OP_TYPES)
+
+        def build(target: Model, only: frozenset[str] | None, floats: frozenset[str]) -> int:
+            found = dynamic_candidates(target.graph, op_types, self._excluded(floats))
+            chosen = [c for c in found if only is None or c.key in only]
+            count = quantize_dynamic(target.graph, chosen)
+            target.graph.nodes = sorted_nodes(target.graph)
+            return count
+
+        floats: frozenset[str] = frozenset()
+        if self.sensitivity:
+            layers = [(c.key, f"{c.label} ({c.node.op})") for c in dynamic_candidates(
+                model.graph, op_types, self._excluded())]
+            batches = (b for f in self._feeds(model, ctx) for b in split_batches(f, self.batch_size))
+            feeds = list(limit_rows(batches, self.sensitivity_samples))
+            floats = self._sensitivity(model, ctx, layers, build, feeds)
+        quantized = build(model, None, floats)
+        return PassResult.from_stats(
+            quantized_nodes=quantized, quantized_weights=quantized, kept_float=len(floats)
+        )
+
+    # --- shared ------------------------------------------------------------------------------
+
+    def _excluded(self, floats: frozenset[str] = frozenset()) -> Excluded:
+        patterns = list(self.exclude_nodes)
+        op_types = set(self.exclude_op_types)
+
+        def excluded(node: gs.Node, key: str) -> bool:
+            if key in floats or node.op in op_types:
+                return True
+            return any(fnmatch.fnmatchcase(node.name or "", pattern) for pattern in patterns)
+
+        return excluded
+
+    def _sensitivity(
+        self,
+        model: Model,
+        ctx: PassContext,
+        layers: list[tuple[str, str]],
+        build: Callable[[Model, frozenset[str] | None, frozenset[str]], object],
+        feeds: list[Feeds],
+    ) -> frozenset[str]:
+        """Rank `layers` on `feeds` and choose which to keep in float; logs the ranking."""
+        if not feeds:
+            raise UserError("quantize: sensitivity analysis needs calibration inputs, and none were read")
+        reference = _run_all(ctx.runner_factory(model.copy()), feeds)
+        metric: Metric = self.target_metric
+
+        def evaluate(only: frozenset[str] | None, floats: frozenset[str]) -> float:
+            candidate = model.copy()
+            build(candidate, only, floats)
+            return score(reference, _run_all(ctx.runner_factory(candidate), feeds), metric)
+
+        result = analyze(layers, evaluate, self.target_min, ctx.progress)
+        self.last_ranking = list(result.ranking)
+        self.last_kept_float = [item.label for item in result.kept_float]
+        _log_ranking(ctx, result, metric, self.target_min)
+        return frozenset(item.key for item in result.kept_float)
+
+
+def _rewrite_static(model: Model, plan: Plan, params: Mapping[str, QParams], scheme: Scheme) -> RewriteStats:
+    stats = insert_qdq(model.graph, plan, params, scheme)
+    model.graph.nodes = sorted_nodes(model.graph)
+    return stats
+
+
+def group_params(
+    plan: Plan, stats: Mapping[str, TensorStats], scheme: Scheme, method: CalibrationMethod, percentile: float
+) -> dict[str, QParams]:
+    """Quantization parameters per tensor; tensors of one sharing group get one, over the union range."""
+    params: dict[str, QParams] = {}
+    for members in plan.group_members().values():
+        low, high = np.inf, -np.inf
+        for name in members:
+            lo, hi = compute_range(
+                stats[name], method, symmetric=scheme.symmetric_activations, percentile=percentile
+            )
+            low, high = min(low, lo), max(high, hi)
+        shared = activation_params(float(low), float(high), scheme)
+        for name in members:
+            params[name] = shared
+    return params
+
+
+def _check_opset(model: Model, minimum: int, what: str) -> None:
+    if model.opset < minimum:
+        raise UserError(
+            f"quantize: {what} needs opset >= {minimum}, but the model uses opset {model.opset}; "
+            f"convert it first (onnx.version_converter.convert_version(model, {minimum}) or re-export "
+            f"with opset_version={minimum} or newer)"
+        )
+
+
+def _warn_unfused_batchnorm(plan: Plan, ctx: PassContext) -> None:
+    unfused = [
+        c.label for c in plan.nodes
+        if is_op(c.node, "Conv", "ConvTranspose", "Gemm")
+        and any(is_op(consumer, "BatchNormalization") for consumer in c.node.outputs[0].outputs)
+    ]
+    if unfused:
+        ctx.log.info(
+            "quantize: %d quantized node(s) feed a BatchNormalization (%s); fold it first "
+            "(fuse_bn_conv) so the back end can fuse the quantized op with its activation",
+            len(unfused), ", ".join(unfused[:5]),
+        )
+
+
+def _log_ranking(ctx: PassContext, result: SensitivityResult, metric: str, target: float) -> None:
+    ctx.log.info("quantize: sensitivity ranking (%s with only that layer quantized, worst first):", metric)
+    for position, item in enumerate(result.ranking, 1):
+        ctx.log.info("quantize:   %3d. %-40s %.6f", position, item.label, item.score)
+    kept = ", ".join(item.label for item in result.kept_float) or "none"
+    ctx.log.info(
+        "quantize: kept in float: %s; %s of the quantized model %.6f (target %s)",
+        kept, metric, result.score, target,
+    )
+
+
+def _run_all(runner: Runner, feeds: list[Feeds]) -> list[dict[str, np.ndarray]]:
+    return [runner.run(feed) for feed in feeds]

@@ -1,0 +1,96 @@
+"""quantize(sensitivity=true): rank layers by the harm each does alone, keep the worst in float.
+
+The test model has one layer that quantization ruins: `fc2` has a huge weight on an input unit
+that is always 0 (fc1's bias switches that unit off). The weight does nothing in float, but
+per-channel int8 scales it sets make every other weight of fc2 round to zero.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+from helpers_quant import checked, cosine, mlp_model, quantize, run, write_feeds
+
+from iropt.model import Model
+from iropt.quant_sensitivity import score
+
+
+def _fragile_mlp() -> Model:
+    model, _ = mlp_model(np.random.default_rng(0), sizes=(16, 32, 32, 8))
+    tensors = model.graph.tensors()
+    tensors["b1"].values[0] = -100.0  # unit 0 of fc1 is never active
+    tensors["w2"].values[:, 0] = 1000.0  # fc2 (transB: [out, in]) leans on that dead unit
+    return model
+
+
+def _calibration(tmp_path: Path, rows: int = 48) -> tuple[str, dict[str, np.ndarray]]:
+    feeds = {"x": np.random.default_rng(1).standard_normal((rows, 16)).astype(np.float32)}
+    return write_feeds(tmp_path, feeds), feeds
+
+
+def _fc2_is_float(model: Model) -> bool:
+    fc2 = next(n for n in model.graph.nodes if n.name == "fc2")
+    return isinstance(fc2.inputs[1], gs.Constant) and fc2.inputs[1].values.dtype == np.float32
+
+
+@pytest.mark.parametrize("fmt", ["ort", "tensorrt"])
+def test_the_harmful_layer_is_kept_in_float(tmp_path: Path, fmt: str, caplog: pytest.LogCaptureFixture) -> None:
+    spec, feeds = _calibration(tmp_path)
+    original = _fragile_mlp()
+    want = run(original, feeds)["y"]
+
+    plain = _fragile_mlp()
+    quantize(plain, spec, format=fmt)
+    assert cosine(want, run(plain, feeds)["y"]) < 0.9  # the layer really is harmful
+
+    model = _fragile_mlp()
+    with caplog.at_level(logging.INFO, logger="iropt.test_quantize"):
+        result, pass_ = quantize(model, spec, format=fmt, sensitivity=True, target_metric="cosine", target_min=0.995)
+    checked(model)
+    assert result.stats["kept_float"] == 1 and result.stats["quantized_nodes"] == 2
+    assert pass_.last_kept_float == ["fc2 (Gemm)"]
+    assert pass_.last_ranking[0].label == "fc2 (Gemm)"
+    assert [item.score for item in pass_.last_ranking] == sorted(item.score for item in pass_.last_ranking)
+    assert _fc2_is_float(model)
+    assert cosine(want, run(model, feeds)["y"]) >= 0.995
+    assert "sensitivity ranking" in caplog.text and "kept in float: fc2 (Gemm)" in caplog.text
+
+
+def test_top1_target(tmp_path: Path) -> None:
+    spec, feeds = _calibration(tmp_path)
+    original = _fragile_mlp()
+    model = _fragile_mlp()
+    result, pass_ = quantize(model, spec, sensitivity=True, target_metric="top1", target_min=0.95)
+    assert pass_.last_kept_float == ["fc2 (Gemm)"] and result.stats["kept_float"] == 1
+    want, got = run(original, feeds)["y"], run(model, feeds)["y"]
+    assert np.mean(want.argmax(-1) == got.argmax(-1)) >= 0.95
+
+
+def test_a_harmless_model_keeps_nothing_in_float(tmp_path: Path) -> None:
+    spec, _ = _calibration(tmp_path)
+    model, _ = mlp_model(np.random.default_rng(2))
+    result, pass_ = quantize(model, spec, sensitivity=True, target_metric="snr", target_min=20.0)
+    assert result.stats["kept_float"] == 0 and pass_.last_kept_float == []
+    assert len(pass_.last_ranking) == 3
+
+
+def test_dynamic_mode_sensitivity(tmp_path: Path) -> None:
+    spec, feeds = _calibration(tmp_path)
+    original = _fragile_mlp()
+    model = _fragile_mlp()
+    result, pass_ = quantize(model, spec, mode="dynamic", sensitivity=True, target_min=0.995)
+    assert pass_.last_kept_float == ["fc2 (Gemm)"] and result.stats["quantized_nodes"] == 2
+    assert _fc2_is_float(model)
+    assert cosine(run(original, feeds)["y"], run(model, feeds)["y"]) >= 0.995
+
+
+def test_score_is_the_worst_output() -> None:
+    reference = [{"a": np.array([[1.0, 2.0]]), "b": np.array([[1.0, 0.0]])}]
+    candidate = [{"a": np.array([[1.0, 2.0]]), "b": np.array([[0.0, 1.0]])}]
+    assert score(reference, candidate, "cosine") == 0.0
+    assert score(reference, candidate, "top1") == 0.0
+    assert score(reference, reference, "snr") == float("inf")
