@@ -6,6 +6,7 @@ input file is never modified, and every failure is an IroptError with a message 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,10 @@ from iropt.pass_infra import PassContext, ProgressFn, _no_progress
 from iropt.pass_manager import Instrument, PassManager, PassRecord, RunReport
 from iropt.pipeline import Pipeline, VerifyStep
 from iropt.registry import BACKENDS
+
+
+# Verification runs on at most this many feeds of a file, folder or function source.
+MAX_VERIFY_FEEDS = 64
 
 
 @dataclass
@@ -120,16 +125,22 @@ def _make_verifier(
 ) -> tuple[Any, list[str]]:
     if not (options.verify or options.verify_each):
         return None, []
-    from iropt.feeds import open_feeds
+    from iropt.feeds import feed_source
     from iropt.verify import Verifier
 
     criterion = final_criterion(pipeline)
-    feeds = open_feeds(options.inputs, reference, shapes=options.shapes, count=criterion.samples)
-    verifier = Verifier(reference, feeds.feeds, progress=progress)
+    # Real data beats generated data, above all for lossy passes: without --inputs, verify on
+    # the first calibration samples when there are some.
+    spec = options.inputs
+    if spec is None and options.calibration is not None:
+        spec = options.calibration
+    source = feed_source(spec, reference, shapes=options.shapes, count=criterion.samples)
+    feeds = list(itertools.islice(source, MAX_VERIFY_FEEDS))
+    verifier = Verifier(reference, feeds, progress=progress)
     # Run the reference now: a model ONNX Runtime cannot run is bad input, reported before the
     # schedule runs rather than after.
     verifier.reference_outputs()
-    return verifier, [feeds.description, *feeds.notes]
+    return verifier, [source.description, *source.notes]
 
 
 def final_criterion(pipeline: Pipeline) -> Criterion:
