@@ -28,10 +28,7 @@ whose values fit), with a note; anything else is a `UserError`.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +40,7 @@ import onnx_graphsurgeon as gs
 
 from iropt.errors import UserError
 from iropt.model import Model
+from iropt.pyimport import import_location
 from iropt.suggest import did_you_mean
 
 Feeds = dict[str, np.ndarray]
@@ -519,23 +517,4 @@ def _load_callable(spec: str, target: str, attr: str) -> Callable[[], Any]:
 
 
 def _import_target(spec: str, target: str) -> Any:
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise UserError(f"inputs '{spec}': no such file '{target}'")
-        module_name = f"_iropt_feeds_{path.stem}"
-        loader_spec = importlib.util.spec_from_file_location(module_name, path)
-        if loader_spec is None or loader_spec.loader is None:
-            raise UserError(f"inputs '{spec}': cannot import '{target}'")
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[module_name] = module
-        try:
-            loader_spec.loader.exec_module(module)
-        except Exception as error:
-            sys.modules.pop(module_name, None)
-            raise UserError(f"inputs '{spec}': importing '{target}' raised {type(error).__name__}: {error}") from error
-        return module
-    try:
-        return importlib.import_module(target)
-    except ImportError as error:
-        raise UserError(f"inputs '{spec}': cannot import module '{target}' ({error})") from error
+    return import_location(target, f"inputs '{spec}'")

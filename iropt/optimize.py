@@ -22,7 +22,6 @@ from iropt.pass_manager import Instrument, PassManager, PassRecord, RunReport
 from iropt.pipeline import Pipeline, VerifyStep
 from iropt.registry import BACKENDS
 
-
 # Verification runs on at most this many feeds of a file, folder or function source.
 MAX_VERIFY_FEEDS = 64
 

@@ -29,10 +29,7 @@ fresh BatchNorm's zero mean and bias, say) by Identity nodes reading one copy.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import re
-import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -43,6 +40,7 @@ import onnx
 
 from iropt.errors import ModelSaveError, UserError
 from iropt.model import load_model, save_model
+from iropt.pyimport import import_location
 
 if TYPE_CHECKING:  # for annotations only: torch is imported lazily, inside the functions
     import torch
@@ -255,30 +253,7 @@ def load_factory(spec: str) -> Any:
 
 
 def _import_location(location: str) -> Any:
-    if location.endswith(".py") or "/" in location or "\\" in location:
-        return _import_file(Path(location))
-    try:
-        return importlib.import_module(location)
-    except ImportError as error:
-        raise UserError(f"cannot import module '{location}': {error}") from error
-
-
-def _import_file(path: Path) -> Any:
-    if not path.is_file():
-        raise UserError(f"{path}: no such Python file")
-    # A deterministic module name, so that repeated exports of one file reuse one module entry.
-    name = "iropt_export_" + re.sub(r"\W", "_", str(path.resolve()))
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise UserError(f"{path}: cannot be loaded as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as error:
-        del sys.modules[name]
-        raise UserError(f"{path}: importing it failed: {type(error).__name__}: {error}") from error
-    return module
+    return import_location(location, "export")
 
 
 # ----------------------------------------------------------------------------------------------
