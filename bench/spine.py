@@ -18,13 +18,13 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import golden_models, markdown_table, median_seconds  # noqa: E402
+from common import golden_models, markdown_table, median_seconds
 
-from iropt.criteria import EXACT_CRITERION  # noqa: E402
-from iropt.feeds import open_feeds  # noqa: E402
-from iropt.model import load_model  # noqa: E402
-from iropt.optimize import RunOptions, optimize  # noqa: E402
-from iropt.verify import Verifier  # noqa: E402
+from iropt.criteria import EXACT_CRITERION
+from iropt.feeds import open_feeds
+from iropt.model import load_model
+from iropt.optimize import RunOptions, optimize
+from iropt.verify import Verifier
 
 
 def bench_model(path: Path, out_dir: Path) -> list[str]:

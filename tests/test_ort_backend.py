@@ -9,10 +9,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 from helpers_verify import affine_feeds, affine_model, affine_numpy, custom_op_model
-from iropt.lowering import ort as ort_backend
-from iropt.lowering.ort import OrtBackend, OrtRunner, make_session
 
 from iropt.errors import OptionError, UserError
+from iropt.lowering import ort as ort_backend
+from iropt.lowering.ort import OrtBackend, OrtRunner, make_session
 from iropt.model import save_model
 from iropt.options import option_specs
 from iropt.registry import BACKENDS
