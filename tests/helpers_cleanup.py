@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx.parser
-import onnxruntime as ort
+from helpers_ort import run_ort
 
 from iropt.model import Model, iter_graphs
 from iropt.pass_infra import PassContext, PassResult
@@ -33,14 +33,6 @@ def run_pass(name: str, model: Model, **options: Any) -> PassResult:
     """Run the registered pass `name` on `model` in place."""
     return create_pass(name, options).run(model, PassContext())
 
-
-def run_ort(proto: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """All outputs of `proto` on `feeds`, through ONNX Runtime CPU with graph optimizations off."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, dict(feeds)), strict=True))
 
 
 def assert_same_outputs(before: onnx.ModelProto, after: Model, feeds: Mapping[str, np.ndarray]) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx.parser
 import onnx.printer
-import onnxruntime as ort
+from helpers_ort import run_ort
 
 from iropt.graph_utils import constant_value
 from iropt.model import Model, iter_graphs
@@ -41,14 +41,6 @@ def run_pass(name: str, model: Model) -> PassResult:
     """Run the registered pass `name` (default options) on `model` in place."""
     return create_pass(name, {}).run(model, PassContext())
 
-
-def run_ort(proto: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """All outputs of `proto` on `feeds`, ONNX Runtime CPU with graph optimizations off."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, dict(feeds)), strict=True))
 
 
 def random_feeds(proto: onnx.ModelProto, sizes: Mapping[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 import onnx.parser
-import onnxruntime as ort
+from helpers_ort import run_ort
 
 from iropt.model import Model
 from iropt.pass_infra import PassContext, PassResult
@@ -37,16 +37,6 @@ def model_of(text: str, *, check: bool = True) -> Model:
 def run_pass(name: str, model: Model, **options: object) -> PassResult:
     return create_pass(name, dict(options)).run(model, PassContext())
 
-
-def run_ort(
-    proto: onnx.ModelProto, feeds: Mapping[str, np.ndarray], only: list[str] | None = None
-) -> dict[str, np.ndarray]:
-    """Outputs by name (all, or those in `only`), from ONNX Runtime on CPU, graph optimizations off."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()] if only is None else only
-    return dict(zip(names, session.run(names, dict(feeds)), strict=True))
 
 
 def assert_same_outputs(

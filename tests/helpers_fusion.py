@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 import onnx.parser
-import onnxruntime as ort
+from helpers_ort import run_ort
 
 from iropt.model import Model
 from iropt.pass_infra import PassContext, PassResult
@@ -49,14 +49,6 @@ def bn_params(rng: np.random.Generator, channels: int, prefix: str = "bn") -> di
         f"{prefix}_var": rng.uniform(0.5, 2.0, channels).astype(np.float32),
     }
 
-
-def run_ort(proto: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """All outputs of `proto` on `feeds`: ONNX Runtime CPU with graph optimizations off."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, dict(feeds)), strict=True))
 
 
 def random_feeds(proto: onnx.ModelProto, seed: int = 0, dim: int = 2) -> dict[str, np.ndarray]:
