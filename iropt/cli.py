@@ -104,6 +104,8 @@ def _add_run(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
     p.add_argument("--force", action="store_true", help="write the output even when verification fails")
     p.add_argument("--dump-ir", type=Path, metavar="DIR", help="save the model after every pass into DIR")
+    p.add_argument("--check-each", action="store_true",
+                   help="run the ONNX checker after every pass (the result is always checked)")
     p.add_argument("--no-emit", action="store_true", help="do not write the target back end's artefacts")
     p.set_defaults(handler=_cmd_run)
 
@@ -128,6 +130,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         verify_each=args.verify_each,
         force=args.force,
         dump_dir=args.dump_ir,
+        check_each=args.check_each,
         emit=not args.no_emit,
         build_progress=build_progress,
     )

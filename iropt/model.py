@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from google.protobuf.message import DecodeError
 
 from iropt.errors import ModelLoadError, ModelSaveError
 
+# The first IR version where an initializer need not also be listed as a graph input.
+_IR_INITIALIZERS_NOT_INPUTS = 4
 # Protobuf refuses messages of 2 GiB and more; leave headroom for the graph structure itself.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 64 * 2**20
 
@@ -56,6 +59,11 @@ class Model:
     def to_onnx(self) -> onnx.ModelProto:
         """Export to a ModelProto (the graph is not modified)."""
         proto = gs.export_onnx(self.graph, do_type_check=False)
+        if proto.ir_version < _IR_INITIALIZERS_NOT_INPUTS:
+            # IR < 4 requires every initializer to be a graph input too; graphsurgeon imports
+            # such inputs as constants and exports them as initializers only, which the checker
+            # rejects at the old IR version. IR 4 is the same format without that rule.
+            proto.ir_version = _IR_INITIALIZERS_NOT_INPUTS
         proto.doc_string = self.doc_string
         proto.domain = self.domain
         proto.model_version = self.model_version
@@ -166,20 +174,28 @@ def save_proto(
     *,
     external_data: bool | None = None,
     source: Path | None = None,
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Atomically write a ModelProto; see `save_model`."""
+    """Atomically write a ModelProto; see `save_model`.
+
+    `check(staged_path)` runs on the written file before it is moved into place (the ONNX
+    checker reads a file faster than it serializes a large proto); if it raises, nothing is
+    written.
+    """
     out = Path(path)
     _check_writable(out, source)
     if external_data is None:
         external_data = tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
     try:
-        _write_staged(proto, out, external_data)
+        _write_staged(proto, out, external_data, check)
     except OSError as error:
         raise ModelSaveError(f"{out}: could not write the model: {error}") from error
     return out
 
 
-def _write_staged(proto: onnx.ModelProto, out: Path, external_data: bool) -> None:
+def _write_staged(
+    proto: onnx.ModelProto, out: Path, external_data: bool, check: Callable[[Path], None] | None
+) -> None:
     """Write into a scratch folder beside `out`, then rename into place (atomic per file)."""
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         staged = Path(tmp) / out.name
@@ -193,9 +209,12 @@ def _write_staged(proto: onnx.ModelProto, out: Path, external_data: bool) -> Non
                 location=data_name,
                 size_threshold=1024,
             )
-            os.replace(Path(tmp) / data_name, out.parent / data_name)
         else:
             onnx.save_model(proto, str(staged))
+        if check is not None:
+            check(staged)
+        if external_data:
+            os.replace(Path(tmp) / data_name, out.parent / data_name)
         os.replace(staged, out)
 
 
@@ -211,15 +230,29 @@ def _check_writable(out: Path, source: Path | None) -> None:
 
 
 def tensor_bytes(proto: onnx.ModelProto) -> int:
-    """Bytes of tensor data in the model (initializers, Constant attributes, subgraphs)."""
+    """Bytes of tensor data in the model (initializers, Constant attributes, subgraphs).
+
+    Computed from dims and element types, never by serializing: this runs on every save.
+    """
     total = 0
     for tensor in onnx.external_data_helper._get_all_tensors(proto):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             info = onnx.external_data_helper.ExternalDataInfo(tensor)
             total += int(info.length or 0)
         else:
-            total += tensor.ByteSize()
+            total += _dense_bytes(tensor)
     return total
+
+
+def _dense_bytes(tensor: onnx.TensorProto) -> int:
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return tensor.ByteSize()  # strings and other types without a fixed size
+    return count * itemsize
 
 
 @dataclass(frozen=True)

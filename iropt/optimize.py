@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from iropt.criteria import EXACT_CRITERION, LOSSY_CRITERION, Criterion
-from iropt.errors import ModelSaveError, VerificationError
+from iropt.errors import IroptError, ModelSaveError, VerificationError
 from iropt.instruments import CheckerInstrument, IRDumpInstrument, SizeInstrument, TimingInstrument
-from iropt.model import GraphStats, Model, graph_stats, load_model, save_model
+from iropt.model import GraphStats, Model, graph_stats, load_model, save_proto
 from iropt.pass_infra import PassContext, ProgressFn, _no_progress
 from iropt.pass_manager import Instrument, PassManager, PassRecord, RunReport
 from iropt.pipeline import Pipeline, VerifyStep
@@ -40,7 +42,9 @@ class RunOptions:
     verify_each: bool = False
     force: bool = False
     dump_dir: Path | None = None
-    check_each: bool = True
+    # The ONNX checker always checks the result; after every pass only when asked, since each
+    # check exports the whole model (seconds for models with hundreds of MB of weights).
+    check_each: bool = False
     emit: bool = True
     # Called as build_progress(phase, done, total) by back ends with long builds (TensorRT).
     build_progress: Callable[[str, int, int], None] | None = None
@@ -87,26 +91,42 @@ def optimize(options: RunOptions, progress: ProgressFn = _no_progress) -> RunOut
     model = load_model(options.model)
     output = options.output or default_output_path(options.model)
     _check_output_path(output, options.model)
-    reference = model.copy()
     ctx = PassContext(
         target=pipeline.target,
         calibration=options.calibration,
         input_shapes=dict(options.shapes),
         progress=progress,
     )
-    verifier, notes = _make_verifier(options, reference, pipeline, progress)
+    # The verifier keeps its own copy of the input model: the reference, and where bisection
+    # starts from.
+    verifier, notes = _make_verifier(options, model, pipeline, progress)
     outcome = _transform(options, model, pipeline, ctx, verifier)
     outcome.feed_notes = notes
     if verifier is not None:
         _verify_final(outcome, model, verifier)
         if not outcome.verified:
-            outcome.culprit = _bisect(reference, pipeline, verifier, outcome.criterion, ctx)
+            outcome.culprit = _bisect(verifier.reference, pipeline, verifier, outcome.criterion, ctx)
     if outcome.verified or options.force:
-        outcome.output = save_model(model, output)
+        outcome.output = save_proto(
+            model.to_onnx(), output, source=model.source_path, check=_checker(options.check_each)
+        )
         if options.emit:
             outcome.emitted = _emit(model, pipeline, output, options.build_progress)
     outcome.total_seconds = time.perf_counter() - start
     return outcome
+
+
+def _checker(checked_each: bool) -> Callable[[Path], None]:
+    """The ONNX checker on a written model file, as an IroptError that says how to find the pass."""
+
+    def check(path: Path) -> None:
+        try:
+            onnx.checker.check_model(str(path))
+        except onnx.checker.ValidationError as error:
+            hint = "" if checked_each else " (run with --check-each to find the pass that broke it)"
+            raise IroptError(f"the optimized model fails the ONNX checker{hint}: {error}") from error
+
+    return check
 
 
 def _check_output_path(output: Path, model_path: Path) -> None:

@@ -105,7 +105,9 @@ def _rewrite(
             weight = weight.T
         alpha = float(node.attrs.get("alpha", 1.0))
         if len(node.inputs) > 2 and node.inputs[2].name:
-            bias = np.asarray(constant_value(node.inputs[2]), dtype=np.float32) * float(node.attrs.get("beta", 1.0))
+            beta = np.float32(node.attrs.get("beta", 1.0))
+            # asarray again: a 0-d bias times a scalar is a numpy scalar, not an array.
+            bias = np.asarray(np.asarray(constant_value(node.inputs[2]), dtype=np.float32) * beta)
     base = node.name or node.outputs[0].name
     w_q, params = weight_params(weight, 1)
     output = node.outputs[0]

@@ -374,6 +374,11 @@ class Verifier:
         self.progress = progress
         self._reference_outputs: list[Outputs] | None = None
 
+    @property
+    def reference(self) -> Model:
+        """The verifier's own copy of the reference model (never modified)."""
+        return self._reference
+
     def reference_outputs(self) -> list[Outputs]:
         """The reference model's outputs on every feed (computed on the first call)."""
         if self._reference_outputs is None:

@@ -36,7 +36,7 @@ class EliminateIdentity(Pass):
         outputs = {id(t) for t in graph.outputs}
         local_nodes = {id(n) for n in graph.nodes}
         for node in list(graph.nodes):
-            if not self._is_noop(node):
+            if not self._is_noop(node, outputs):
                 continue
             source, result = node.inputs[0], node.outputs[0]
             if id(result) in outputs:
@@ -53,17 +53,17 @@ class EliminateIdentity(Pass):
             graph.nodes = [n for n in graph.nodes if id(n) not in removed]
         return len(removed)
 
-    def _is_noop(self, node: gs.Node) -> bool:
+    def _is_noop(self, node: gs.Node, graph_outputs: set[int]) -> bool:
         if is_op(node, "Identity"):
             return len(node.inputs) == 1
         if is_op(node, "Dropout") and self.dropout:
-            return _is_inference_dropout(node)
+            return _is_inference_dropout(node, graph_outputs)
         return False
 
 
-def _is_inference_dropout(node: gs.Node) -> bool:
-    mask_used = len(node.outputs) > 1 and (node.outputs[1].outputs or node.outputs[1].name)
-    if mask_used:
+def _is_inference_dropout(node: gs.Node, graph_outputs: set[int]) -> bool:
+    # Old exporters name the mask output even when nothing reads it; only a read mask matters.
+    if len(node.outputs) > 1 and (node.outputs[1].outputs or id(node.outputs[1]) in graph_outputs):
         return False
     if len(node.inputs) >= 3 and node.inputs[2].name:
         # An initializer or a Constant node; a computed training_mode keeps the node.

@@ -26,7 +26,11 @@ Size guard: folding `ConstantOfShape`, `Expand`, `Tile` and the like can turn a 
 shape into megabytes of initializer. A fold that would grow the model by more than `max_bytes`
 (the bytes of its used outputs minus the bytes of constant inputs that only it reads) is
 skipped, logged with the node's name, and counted as `skipped_size`; outputs whose size is
-known beforehand are checked before anything is computed.
+known beforehand are checked before anything is computed. Weights are exempt (`fold_weights`):
+a value read only as the weight or bias of Conv/ConvTranspose/Gemm/MatMul or as normalization
+parameters is materialized by every runtime anyway, and fusions need it constant, so it is
+folded whatever its size (the ONNX model zoo's "light" models store all weights as
+`ConstantOfShape` fills).
 
 Nodes are visited once, in list order, which ONNX requires to be topological: a folded node's
 consumers come later and see its outputs as constants, so chains fold in one sweep and the pass
@@ -37,6 +41,7 @@ folds less.)
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,11 +68,13 @@ class FoldConstants(Pass):
     """Evaluate nodes whose inputs are constants, static Shape/Size, Constant nodes and constant-condition Ifs.
 
     Options: `max_bytes` skips a fold that would grow the model by more than that many bytes;
+    `fold_weights` exempts values read only as weights (see the module docstring);
     `fold_shapes` folds Shape/Size of statically shaped tensors; `inline_if` replaces an If
     with a constant condition by its taken branch.
     """
 
     max_bytes: int = 1 << 20
+    fold_weights: bool = True
     fold_shapes: bool = True
     inline_if: bool = True
 
@@ -164,8 +171,11 @@ class _Folder:
             return False
         inputs = [self._value(t) if t.name else None for t in node.inputs]
         dead = _dead_input_bytes(node, self._outputs)
+        limit = self.options.max_bytes
+        if self.options.fold_weights and _read_only_as_weights(node, self._outputs):
+            limit = sys.maxsize
         estimate = _estimated_output_bytes(node, inputs)
-        if estimate is not None and estimate - dead > self.options.max_bytes:
+        if estimate is not None and estimate - dead > limit:
             self._skip_for_size(node, estimate - dead)
             return False
         try:
@@ -174,7 +184,7 @@ class _Folder:
             self.log.debug("fold_constants: %s left alone: %s", _describe(node), exc)
             return False
         growth = sum(v.nbytes for v in outputs if v is not None) - dead
-        if growth > self.options.max_bytes:
+        if growth > limit:
             self._skip_for_size(node, growth)
             return False
         _replace_by_constants(node, outputs)
@@ -347,6 +357,47 @@ def _is_dense_constant(tensor: gs.Tensor) -> bool:
         and not isinstance(tensor._values, SparseValues)
         and tensor._export_dtype is None
     )
+
+
+# Input positions that hold parameters (weights, biases, normalization statistics), by op.
+_WEIGHT_INPUTS: dict[str, frozenset[int]] = {
+    "Conv": frozenset({1, 2}),
+    "ConvTranspose": frozenset({1, 2}),
+    "Gemm": frozenset({1, 2}),
+    "MatMul": frozenset({1}),
+    "BatchNormalization": frozenset({1, 2, 3, 4}),
+    "InstanceNormalization": frozenset({1, 2}),
+    "LayerNormalization": frozenset({1, 2}),
+}
+
+
+# Ops that only rearrange a value: a weight reshaped or transposed on its way is still a weight.
+_LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Cast"})
+# How many layout ops a weight may pass through before it counts as something else.
+_MAX_LAYOUT_HOPS = 4
+
+
+def _read_only_as_weights(node: gs.Node, graph_outputs: dict[int, int]) -> bool:
+    """True when every output of `node` is read, and read only as a parameter input."""
+    return any(t.outputs for t in node.outputs) and all(
+        _is_weight(t, graph_outputs, _MAX_LAYOUT_HOPS) for t in node.outputs
+    )
+
+
+def _is_weight(tensor: gs.Tensor, graph_outputs: dict[int, int], hops: int) -> bool:
+    if id(tensor) in graph_outputs:
+        return False
+    for consumer in tensor.outputs:
+        if not is_op(consumer, consumer.op):
+            return False
+        if consumer.op in _LAYOUT_OPS and hops > 0 and consumer.inputs[0] is tensor:
+            if all(_is_weight(t, graph_outputs, hops - 1) for t in consumer.outputs):
+                continue
+            return False
+        positions = _WEIGHT_INPUTS.get(consumer.op)
+        if positions is None or any(t is tensor and i not in positions for i, t in enumerate(consumer.inputs)):
+            return False
+    return True
 
 
 def _is_string_or_sparse(tensor: gs.Constant) -> bool:

@@ -102,6 +102,27 @@ def test_dropout_with_mask_output_is_kept() -> None:
     assert_same_outputs(proto, model, random_feeds({"x": (2, 3)}))
 
 
+def test_dropout_with_an_unread_named_mask_is_removed() -> None:
+    # Old exporters (opset <= 9) name the mask output even when nothing reads it.
+    proto = parse(
+        """
+        <ir_version: 4, opset_import: ["" : 9]>
+        g (float[2,3] x) => (float[2,3] y)
+        {
+          d, mask = Dropout <ratio = 0.5> (x)
+          y = Relu(d)
+        }
+        """
+    )
+    model = Model.from_onnx(proto)
+
+    result = run_pass("eliminate_identity", model)
+
+    assert result.stats == {"removed": 1}
+    assert structure(model) == [("g", "Relu", "x", "->", "y")]
+    assert_same_outputs(proto, model, random_feeds({"x": (2, 3)}))
+
+
 def test_input_to_output_identity_stays() -> None:
     # Removing it would either rename the graph input or the graph output.
     proto = parse(

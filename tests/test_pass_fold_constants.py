@@ -356,6 +356,36 @@ def test_size_guard_allows_folds_within_the_limit() -> None:
     assert_same_outputs(proto, model, {"x": np.array([0.5], dtype=np.float32)})
 
 
+WEIGHT_FILL = """
+<ir_version: 8, opset_import: ["" : 17]>
+weights (float[1,64,8,8] x) => (float[1,1024,8,8] y) {
+    shape = Constant <value = int64[4] {1024, 64, 3, 3}> ()
+    w = ConstantOfShape <value = float[1] {0.01}> (shape)
+    y = Conv <pads = [1, 1, 1, 1]> (x, w)
+}
+"""
+
+
+def test_weights_are_folded_whatever_their_size() -> None:
+    # 1024x64x3x3 float32 = 2.25 MiB, over max_bytes, but read only as a Conv weight: every
+    # runtime materializes it, and fusions need it constant.
+    proto = parse(WEIGHT_FILL)
+    model = Model.from_onnx(proto)
+    result = run_pass("fold_constants", model, max_bytes=1 << 20)
+    assert result.stats["skipped_size"] == 0
+    assert ops(model) == ["Conv"]
+    weight = model.graph.nodes[0].inputs[1]
+    assert weight.values.shape == (1024, 64, 3, 3)
+    assert_same_outputs(proto, model, {"x": np.random.default_rng(0).standard_normal((1, 64, 8, 8)).astype(np.float32)})
+
+
+def test_weight_exemption_can_be_turned_off() -> None:
+    model = Model.from_onnx(parse(WEIGHT_FILL))
+    result = run_pass("fold_constants", model, max_bytes=1 << 20, fold_weights=False)
+    assert result.stats["skipped_size"] == 1
+    assert ops(model) == ["ConstantOfShape", "Conv"]
+
+
 RANDOM = """
 <ir_version: 8, opset_import: ["" : 17]>
 random (float[2] x) => (float[2] y, float[2] r) <float[2] k = {1.0, 2.0}> {
