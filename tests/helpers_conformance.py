@@ -156,10 +156,11 @@ def mismatch(expected: Sequence[Any], got: Sequence[Any], rtol: float, atol: flo
 
 def _value_mismatch(want: Any, have: Any, rtol: float, atol: float) -> str | None:
     if isinstance(want, list):
-        items = have if isinstance(have, list) else list(np.asarray(have, dtype=object).ravel()[0] or [])
-        if len(items) != len(want):
-            return f"sequence of {len(items)} items, expected {len(want)}"
-        for k, (w, h) in enumerate(zip(want, items, strict=True)):
+        if not isinstance(have, list):
+            return f"{type(have).__name__}, expected a sequence"
+        if len(have) != len(want):
+            return f"sequence of {len(have)} items, expected {len(want)}"
+        for k, (w, h) in enumerate(zip(want, have, strict=True)):
             problem = _value_mismatch(w, h, rtol, atol)
             if problem:
                 return f"item {k}: {problem}"
