@@ -136,12 +136,17 @@ class StreamingHistogram:
 
 @dataclass
 class TensorStats:
-    """Running statistics of one tensor: count, min, max and a streaming histogram."""
+    """Running statistics of one tensor: count, min, max and a streaming histogram.
+
+    `keep_histogram=False` keeps min and max only: all `minmax` calibration needs, at about half
+    the cost per batch.
+    """
 
     bins: int = DEFAULT_BINS
     count: int = 0
     min: float = math.inf
     max: float = -math.inf
+    keep_histogram: bool = True
     histogram: StreamingHistogram = field(init=False)
 
     def __post_init__(self) -> None:
@@ -155,7 +160,8 @@ class TensorStats:
         self.count += int(finite.size)
         self.min = min(self.min, float(np.min(finite)))
         self.max = max(self.max, float(np.max(finite)))
-        self.histogram.add(finite)
+        if self.keep_histogram:
+            self.histogram.add(finite)
 
     @property
     def amax(self) -> float:
@@ -178,6 +184,8 @@ def compute_range(
         return 0.0, 0.0
     if method == "minmax":
         return stats.min, stats.max
+    if not stats.keep_histogram:
+        raise ValueError(f"calibration method '{method}' needs statistics collected with a histogram")
     if method == "percentile":
         return _percentile_range(stats, percentile, symmetric)
     if method == "entropy":
@@ -337,6 +345,7 @@ def collect_statistics(
     *,
     batch_size: int = 32,
     bins: int = DEFAULT_BINS,
+    histograms: bool = True,
     progress: ProgressFn | None = None,
     total: int | None = None,
     on_batch: Callable[[dict[str, np.ndarray]], None] | None = None,
@@ -347,7 +356,7 @@ def collect_statistics(
     of a copy of the model. `on_batch` sees every batch that was run (the pass keeps a few for
     sensitivity analysis).
     """
-    stats = {name: TensorStats(bins) for name in tensors}
+    stats = {name: TensorStats(bins, keep_histogram=histograms) for name in tensors}
     inputs = {tensor.name for tensor in model.graph.inputs}
     runner = runner_factory(with_outputs(model, [name for name in tensors if name not in inputs]))
     batches: Iterator[dict[str, np.ndarray]] = (

@@ -231,7 +231,8 @@ class Quantize(Pass):
         feeds = limit_rows(self._feeds(model, ctx), self.max_samples)
         stats = collect_statistics(
             model, list(plan.tensors), feeds, ctx.runner_factory,
-            batch_size=self.batch_size, bins=self.bins, progress=ctx.progress, on_batch=keep,
+            batch_size=self.batch_size, bins=self.bins, histograms=self.method != "minmax",
+            progress=ctx.progress, on_batch=keep,
         )
         return stats, rows[0]
 

@@ -339,3 +339,14 @@ def test_split_keeps_feeds_whose_inputs_disagree_on_rows() -> None:
     feed = {"a": np.zeros((6, 2)), "b": np.zeros((3, 2))}
     assert [list(b) for b in split_batches(feed, 2)] == [["a", "b"]]
     assert len(list(split_batches({"a": np.zeros((6, 2))}, 2))) == 3
+
+
+def test_minmax_only_statistics_skip_the_histogram() -> None:
+    values = np.random.default_rng(3).standard_normal(1000).astype(np.float32)
+    stats = TensorStats(keep_histogram=False)
+    stats.update(values)
+    assert (stats.min, stats.max) == (float(values.min()), float(values.max()))
+    assert int(stats.histogram.counts.sum()) == 0
+    assert compute_range(stats, "minmax", symmetric=False) == (stats.min, stats.max)
+    with pytest.raises(ValueError, match="needs statistics collected with a histogram"):
+        compute_range(stats, "percentile", symmetric=False)
