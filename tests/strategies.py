@@ -628,9 +628,10 @@ def op_conv_mul(b: _Builder) -> Value | None:
 
 
 def _per_channel(b: _Builder, y: Value, op: str) -> Value:
-    """y op c with c per channel ([M,1,1] or [1,M,1,1]), scalar, or (sometimes) full-shape."""
-    m = y.shape[1]
-    cshape = b.choice([(m, 1, 1), (1, m, 1, 1), (), (1,), (m, *y.shape[2:])])
+    """y op c with c per channel ([M,1,1] or [1,M,1,1]) or scalar, the shapes a fusion takes,
+    or one it must refuse: varying over the spatial axes, or over the last axis only."""
+    m, h, w = y.shape[1:]
+    cshape = b.choice([(m, 1, 1), (1, m, 1, 1), (), (1,), (m, h, w), (1, 1, h, w), (w,), (1, m, h, 1)])
     array = b.near_one(cshape) if op == "Mul" else b.normal(cshape, 0.5)  # type: ignore[arg-type]
     name = b.const(array)
     return b.node(op, [y.name, name] if b.flag() else [name, y.name], y.shape, y.batch_axis)
