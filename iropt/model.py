@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -154,18 +155,40 @@ def _check_external_locations(model_path: Path, proto: onnx.ModelProto) -> None:
             )
 
 
+# What the checker is handed: the model in memory, or the staged file when it is too large for a
+# single protobuf message.
+ModelCheck = Callable[[onnx.ModelProto | Path], None]
+
+
 def save_model(
     model: Model,
     path: str | os.PathLike[str],
     *,
     external_data: bool | None = None,
+    check: ModelCheck | None = None,
 ) -> Path:
     """Write `model` atomically to `path`; returns the path written.
 
     `external_data=None` chooses external data when the tensors would pass the protobuf limit.
-    Refuses to overwrite the file the model was loaded from.
+    Refuses to overwrite the file the model was loaded from. `check` (the ONNX checker, say)
+    runs before the file is moved into place; if it raises, nothing is written.
     """
-    return save_proto(model.to_onnx(), path, external_data=external_data, source=model.source_path)
+    from iropt.model_stream import export_streamed
+
+    out = Path(path)
+    _check_writable(out, model.source_path)
+    if external_data is None:
+        external_data = graph_stats(model).parameter_bytes > EXTERNAL_DATA_THRESHOLD
+    if external_data:
+        return save_proto(model.to_onnx(), out, external_data=True, source=model.source_path, check=check)
+    streamed = export_streamed(model)
+    if check is not None:
+        check(streamed.skeleton)
+    try:
+        _stage_and_move(out, [], lambda staged: _write_file(staged, streamed.write))
+    except OSError as error:
+        raise ModelSaveError(f"{out}: could not write the model: {error}") from error
+    return out
 
 
 def save_proto(
@@ -174,47 +197,57 @@ def save_proto(
     *,
     external_data: bool | None = None,
     source: Path | None = None,
-    check: Callable[[Path], None] | None = None,
+    check: ModelCheck | None = None,
 ) -> Path:
-    """Atomically write a ModelProto; see `save_model`.
-
-    `check(staged_path)` runs on the written file before it is moved into place (the ONNX
-    checker reads a file faster than it serializes a large proto); if it raises, nothing is
-    written.
-    """
+    """Atomically write a ModelProto; see `save_model`. `check` is given the staged file."""
     out = Path(path)
     _check_writable(out, source)
     if external_data is None:
         external_data = tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+    sidecars = [out.name + ".data"] if external_data else []
+
+    def write(staged: Path) -> None:
+        _save_proto_file(proto, staged, external_data)
+        if check is not None:
+            check(staged)
+
     try:
-        _write_staged(proto, out, external_data, check)
+        _stage_and_move(out, sidecars, write)
     except OSError as error:
         raise ModelSaveError(f"{out}: could not write the model: {error}") from error
     return out
 
 
-def _write_staged(
-    proto: onnx.ModelProto, out: Path, external_data: bool, check: Callable[[Path], None] | None
-) -> None:
-    """Write into a scratch folder beside `out`, then rename into place (atomic per file)."""
+def _save_proto_file(proto: onnx.ModelProto, staged: Path, external_data: bool) -> None:
+    if not external_data:
+        onnx.save_model(proto, str(staged))
+        return
+    onnx.save_model(
+        proto,
+        str(staged),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=staged.name + ".data",
+        size_threshold=1024,
+    )
+
+
+def _write_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    with open(path, "wb") as out:
+        write(out)
+
+
+def _stage_and_move(out: Path, sidecars: list[str], write: Callable[[Path], None]) -> None:
+    """`write(staged)` into a scratch folder beside `out`, then rename into place (atomic per file).
+
+    `sidecars` are the names of files written beside the model (its external data); they are
+    moved first, so a model file never points at data that is not there yet.
+    """
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         staged = Path(tmp) / out.name
-        data_name = out.name + ".data"
-        if external_data:
-            onnx.save_model(
-                proto,
-                str(staged),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
-        else:
-            onnx.save_model(proto, str(staged))
-        if check is not None:
-            check(staged)
-        if external_data:
-            os.replace(Path(tmp) / data_name, out.parent / data_name)
+        write(staged)
+        for name in sidecars:
+            os.replace(Path(tmp) / name, out.parent / name)
         os.replace(staged, out)
 
 

@@ -18,7 +18,7 @@ import onnx
 from iropt.criteria import EXACT_CRITERION, LOSSY_CRITERION, Criterion
 from iropt.errors import IroptError, ModelSaveError, VerificationError
 from iropt.instruments import CheckerInstrument, IRDumpInstrument, SizeInstrument, TimingInstrument
-from iropt.model import GraphStats, Model, graph_stats, load_model, save_proto
+from iropt.model import GraphStats, Model, ModelCheck, graph_stats, load_model, save_model
 from iropt.pass_infra import PassContext, ProgressFn, _no_progress
 from iropt.pass_manager import Instrument, PassManager, PassRecord, RunReport
 from iropt.pipeline import Pipeline, VerifyStep
@@ -107,21 +107,19 @@ def optimize(options: RunOptions, progress: ProgressFn = _no_progress) -> RunOut
         if not outcome.verified:
             outcome.culprit = _bisect(verifier.reference, pipeline, verifier, outcome.criterion, ctx)
     if outcome.verified or options.force:
-        outcome.output = save_proto(
-            model.to_onnx(), output, source=model.source_path, check=_checker(options.check_each)
-        )
+        outcome.output = save_model(model, output, check=_checker(options.check_each))
         if options.emit:
             outcome.emitted = _emit(model, pipeline, output, options.build_progress)
     outcome.total_seconds = time.perf_counter() - start
     return outcome
 
 
-def _checker(checked_each: bool) -> Callable[[Path], None]:
-    """The ONNX checker on a written model file, as an IroptError that says how to find the pass."""
+def _checker(checked_each: bool) -> ModelCheck:
+    """The ONNX checker, as an IroptError that says how to find the pass that broke the model."""
 
-    def check(path: Path) -> None:
+    def check(model: onnx.ModelProto | Path) -> None:
         try:
-            onnx.checker.check_model(str(path))
+            onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model))
         except onnx.checker.ValidationError as error:
             hint = "" if checked_each else " (run with --check-each to find the pass that broke it)"
             raise IroptError(f"the optimized model fails the ONNX checker{hint}: {error}") from error

@@ -1,0 +1,174 @@
+"""Writing a model file with its large tensors streamed straight from their buffers.
+
+`gs.export_onnx` copies every weight several times on its way to a file (`ndarray.tobytes`,
+`make_tensor`, `make_graph`'s extend, `make_model`'s CopyFrom, then serialization): with hundreds
+of MB of folded weights those copies were most of an `iropt run`. Protobuf's wire format is a
+sequence of (field, length, bytes) records, and parsers accept the fields of a message in any
+order. So the graph is exported with small placeholders for its large tensors (the "skeleton"),
+and each initializer is then written as its own record, large ones straight from their arrays.
+
+The skeleton is what the ONNX checker sees before anything is written. Its placeholders have
+no elements (`dims=[0]`), which the checker accepts; what it would have checked on the real
+tensors (a known element type, data of exactly the size of the dims) holds by construction
+here: both come from the array itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+if TYPE_CHECKING:
+    from iropt.model import Model
+
+# Smaller tensors go through graphsurgeon's exporter: copying them costs nothing that matters.
+STREAM_MIN_BYTES = 64 * 1024
+
+_GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_RAW_DATA_FIELD = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+_LENGTH_DELIMITED = 2  # protobuf wire type of strings, bytes and embedded messages
+# Element kinds whose raw_data is the array's little-endian bytes: bool, ints, floats, complex.
+_RAW_KINDS = frozenset("biufc")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        if not value:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
+def _field_header(field: int, length: int) -> bytes:
+    """Key and length of a length-delimited field."""
+    return _varint(field << 3 | _LENGTH_DELIMITED) + _varint(length)
+
+
+@dataclass(frozen=True)
+class InitializerRecord:
+    """One graph initializer as written: encoded TensorProto fields, then `data` as raw_data."""
+
+    fields: bytes
+    data: np.ndarray | None = None  # 1-D uint8, little-endian element bytes
+
+    def body_size(self) -> int:
+        if self.data is None:
+            return len(self.fields)
+        return len(self.fields) + len(_field_header(_RAW_DATA_FIELD, self.data.nbytes)) + self.data.nbytes
+
+    def size(self) -> int:
+        """Bytes of the whole record inside the GraphProto."""
+        body = self.body_size()
+        return len(_field_header(_INITIALIZER_FIELD, body)) + body
+
+    def write(self, out: BinaryIO) -> None:
+        out.write(_field_header(_INITIALIZER_FIELD, self.body_size()))
+        out.write(self.fields)
+        if self.data is not None:
+            out.write(_field_header(_RAW_DATA_FIELD, self.data.nbytes))
+            out.write(self.data.data)
+
+
+@dataclass(frozen=True)
+class StreamedModel:
+    """A model ready to write: the checked skeleton and its initializers in export order."""
+
+    skeleton: onnx.ModelProto
+    initializers: list[InitializerRecord]
+
+    def write(self, out: BinaryIO) -> None:
+        head = onnx.ModelProto()
+        head.CopyFrom(self.skeleton)  # cheap: the large tensors are placeholders
+        head.ClearField("graph")
+        graph = onnx.GraphProto()
+        graph.CopyFrom(self.skeleton.graph)
+        graph.ClearField("initializer")
+        graph_fields = graph.SerializeToString()
+        out.write(head.SerializeToString())
+        out.write(_field_header(_GRAPH_FIELD, len(graph_fields) + sum(r.size() for r in self.initializers)))
+        out.write(graph_fields)
+        for record in self.initializers:
+            record.write(out)
+
+
+def export_streamed(model: Model) -> StreamedModel:
+    """Export `model` for `StreamedModel.write`; the model itself is left as it was."""
+    large = _large_initializers(model.graph)
+    with _placeholders([constant for constant, _ in large.values()]):
+        skeleton = model.to_onnx()
+    records = [
+        large[t.name][1] if t.name in large else InitializerRecord(t.SerializeToString())
+        for t in skeleton.graph.initializer
+    ]
+    return StreamedModel(skeleton, records)
+
+
+def _large_initializers(graph: gs.Graph) -> dict[str, tuple[gs.Constant, InitializerRecord]]:
+    """The top-level constants worth streaming, with their records, by name."""
+    large: dict[str, tuple[gs.Constant, InitializerRecord]] = {}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            record = _record_of(tensor)
+            if record is not None:
+                large[tensor.name] = (tensor, record)
+    return large
+
+
+def _record_of(constant: gs.Constant) -> InitializerRecord | None:
+    # `_values` rather than `values`: reading `values` would decode a tensor still held as the
+    # input file's TensorProto into a numpy array, the copy this module exists to avoid.
+    stored = constant._values
+    if isinstance(stored, LazyValues):
+        if stored.nbytes < STREAM_MIN_BYTES:
+            return None
+        stored.tensor.name = constant.name  # what graphsurgeon's exporter does too
+        return InitializerRecord(stored.tensor.SerializeToString())
+    if not _streamable_array(constant, stored):
+        return None
+    header = onnx.TensorProto(
+        name=constant.name,
+        data_type=onnx.helper.np_dtype_to_tensor_dtype(stored.dtype),
+        dims=stored.shape,
+    )
+    little_endian = stored.astype(stored.dtype.newbyteorder("<"), copy=False)
+    data = np.ascontiguousarray(little_endian).reshape(-1).view(np.uint8)
+    return InitializerRecord(header.SerializeToString(), data)
+
+
+def _streamable_array(constant: gs.Constant, stored: object) -> bool:
+    if not isinstance(stored, np.ndarray) or stored.nbytes < STREAM_MIN_BYTES:
+        return False
+    # A constant exported as another type (bfloat16, float8) is converted by graphsurgeon.
+    same_type = isinstance(constant.export_dtype, np.dtype) and constant.export_dtype == stored.dtype
+    return same_type and stored.dtype.isnative and stored.dtype.kind in _RAW_KINDS
+
+
+@contextmanager
+def _placeholders(constants: list[gs.Constant]) -> Iterator[None]:
+    """Give the constants empty stand-ins of their element type, restoring their values after."""
+    saved = [constant._values for constant in constants]
+    try:
+        for constant in constants:
+            placeholder = onnx.TensorProto(name=constant.name, data_type=_onnx_type(constant), dims=[0])
+            constant.values = LazyValues(placeholder)
+        yield
+    finally:
+        for constant, values in zip(constants, saved, strict=True):
+            constant.values = values
+
+
+def _onnx_type(constant: gs.Constant) -> int:
+    stored = constant._values
+    if isinstance(stored, LazyValues):
+        return int(stored.tensor.data_type)
+    return int(onnx.helper.np_dtype_to_tensor_dtype(stored.dtype))

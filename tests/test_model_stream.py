@@ -1,0 +1,197 @@
+"""The streaming model writer: files identical in content to graphsurgeon's export, checked first."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.helper
+import onnx.numpy_helper
+import onnx_graphsurgeon as gs
+import pytest
+from helpers_ort import run_ort
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from iropt import model_stream
+from iropt.errors import IroptError
+from iropt.model import Model, load_model, save_model
+from iropt.model_stream import STREAM_MIN_BYTES, export_streamed
+
+_FLOATS = STREAM_MIN_BYTES // 4 * 2  # a float32 weight twice the streaming threshold
+
+
+def _canonical(proto: onnx.ModelProto) -> bytes:
+    return proto.SerializeToString(deterministic=True)
+
+
+def _written(model: Model) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    export_streamed(model).write(buffer)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _weighted_model(rng: np.random.Generator) -> Model:
+    """x @ W + b, then a branch on a constant condition whose body has a constant of its own."""
+    x = gs.Variable("x", np.float32, (2, 64))
+    weight = gs.Constant("W", rng.standard_normal((64, _FLOATS // 64)).astype(np.float32))
+    bias = gs.Constant("b", rng.standard_normal(_FLOATS // 64).astype(np.float32))
+    mask = gs.Constant("mask", rng.integers(0, 2, STREAM_MIN_BYTES * 2).astype(bool))
+    codes = gs.Constant("codes", rng.integers(-128, 127, STREAM_MIN_BYTES * 3, dtype=np.int8))
+    half = gs.Constant("half", rng.standard_normal(STREAM_MIN_BYTES).astype(np.float16))
+    product = gs.Variable("product", np.float32, (2, _FLOATS // 64))
+    y = gs.Variable("y", np.float32, (2, _FLOATS // 64))
+    nodes = [
+        gs.Node("MatMul", "matmul", inputs=[x, weight], outputs=[product]),
+        gs.Node("Add", "add", inputs=[product, bias], outputs=[y]),
+    ]
+    extras = [(mask, "mask_out", np.bool_), (codes, "codes_out", np.int8), (half, "half_out", np.float16)]
+    outputs = [y]
+    for constant, name, dtype in extras:
+        out = gs.Variable(name, dtype, constant.shape)
+        nodes.append(gs.Node("Identity", f"copy_{name}", inputs=[constant], outputs=[out]))
+        outputs.append(out)
+    graph = gs.Graph(nodes=nodes, inputs=[x], outputs=outputs, opset=17, name="weighted")
+    return Model(graph, metadata={"origin": "stream test"}, doc_string="streamed")
+
+
+def test_written_file_has_the_same_content_as_the_export() -> None:
+    model = _weighted_model(np.random.default_rng(0))
+
+    written = _written(model)
+
+    assert _canonical(written) == _canonical(model.to_onnx())
+    onnx.checker.check_model(written, full_check=True)
+    assert [t.name for t in written.graph.initializer] == ["W", "b", "mask", "codes", "half"]
+
+
+def test_weights_read_from_a_file_are_written_without_decoding(tmp_path: Path) -> None:
+    source = tmp_path / "in.onnx"
+    onnx.save(_weighted_model(np.random.default_rng(1)).to_onnx(), str(source))
+    model = load_model(source)
+    weight = model.graph.tensors()["W"]
+    assert isinstance(weight._values, LazyValues)
+
+    written = _written(model)
+
+    assert isinstance(weight._values, LazyValues)  # still undecoded after the write
+    assert _canonical(written) == _canonical(onnx.load(str(source)))
+
+
+def test_the_model_keeps_its_arrays() -> None:
+    model = _weighted_model(np.random.default_rng(2))
+    arrays = {name: t.values for name, t in model.graph.tensors().items() if isinstance(t, gs.Constant)}
+
+    streamed = export_streamed(model)
+
+    after = {name: t.values for name, t in model.graph.tensors().items() if isinstance(t, gs.Constant)}
+    assert all(after[name] is array for name, array in arrays.items())
+    # The skeleton carries empty placeholders for the streamed tensors, and passes the checker.
+    placeholders = {t.name: list(t.dims) for t in streamed.skeleton.graph.initializer}
+    assert placeholders == {"W": [0], "b": [_FLOATS // 64], "mask": [0], "codes": [0], "half": [0]}
+    onnx.checker.check_model(streamed.skeleton)
+    assert streamed.skeleton.ByteSize() < STREAM_MIN_BYTES
+
+
+def test_extension_types_go_through_graphsurgeon() -> None:
+    # ml_dtypes arrays (bfloat16, float8, int4) may be packed differently on disk than in memory.
+    model = _weighted_model(np.random.default_rng(3))
+    weight = model.graph.tensors()["W"]
+    weight.values = weight.values.astype(onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.BFLOAT16))
+
+    streamed = export_streamed(model)
+    written = _written(model)
+
+    assert streamed.skeleton.graph.initializer[0].dims == list(weight.shape)  # not a placeholder
+    assert written.graph.initializer[0].data_type == onnx.TensorProto.BFLOAT16
+    assert _canonical(written) == _canonical(model.to_onnx())
+
+
+def test_subgraph_constants_stay_in_their_subgraph(tmp_path: Path) -> None:
+    inner = gs.Constant("inner", np.full(STREAM_MIN_BYTES, 2.0, np.float32))
+    out_then = gs.Variable("then_out", np.float32, (STREAM_MIN_BYTES,))
+    then_graph = gs.Graph(nodes=[gs.Node("Identity", inputs=[inner], outputs=[out_then])], outputs=[out_then])
+    out_else = gs.Variable("else_out", np.float32, (STREAM_MIN_BYTES,))
+    zeros = gs.Constant("zeros", np.zeros(STREAM_MIN_BYTES, np.float32))
+    else_graph = gs.Graph(nodes=[gs.Node("Identity", inputs=[zeros], outputs=[out_else])], outputs=[out_else])
+    flag = gs.Variable("flag", np.bool_, ())
+    y = gs.Variable("y", np.float32, (STREAM_MIN_BYTES,))
+    node = gs.Node("If", inputs=[flag], outputs=[y], attrs={"then_branch": then_graph, "else_branch": else_graph})
+    model = Model(gs.Graph(nodes=[node], inputs=[flag], outputs=[y], opset=17))
+    path = tmp_path / "if.onnx"
+
+    save_model(model, path)
+
+    loaded = onnx.load(str(path))
+    assert _canonical(loaded) == _canonical(model.to_onnx())
+    result = run_ort(loaded, {"flag": np.array(True)})["y"]
+    np.testing.assert_array_equal(result, inner.values)
+
+
+def test_a_failed_check_writes_nothing_and_restores_the_model(tmp_path: Path) -> None:
+    model = _weighted_model(np.random.default_rng(4))
+    weight = model.graph.tensors()["W"].values
+    out = tmp_path / "model.onnx"
+    seen: list[object] = []
+
+    def refuse(target: onnx.ModelProto | Path) -> None:
+        seen.append(target)
+        raise IroptError("refused")
+
+    with pytest.raises(IroptError, match="refused"):
+        save_model(model, out, check=refuse)
+
+    assert isinstance(seen[0], onnx.ModelProto)  # the in-memory skeleton, before any writing
+    assert list(tmp_path.iterdir()) == []
+    assert model.graph.tensors()["W"].values is weight
+
+
+def test_saved_model_runs_in_onnx_runtime(tmp_path: Path) -> None:
+    model = _weighted_model(np.random.default_rng(5))
+    path = tmp_path / "model.onnx"
+    x = np.random.default_rng(6).standard_normal((2, 64)).astype(np.float32)
+
+    save_model(model, path, check=lambda target: onnx.checker.check_model(target))
+
+    outputs = run_ort(onnx.load(str(path)), {"x": x})
+    tensors = model.graph.tensors()
+    expected = x @ tensors["W"].values + tensors["b"].values
+    np.testing.assert_allclose(outputs["y"], expected, rtol=1e-5, atol=1e-5)
+    for name in ("mask", "codes", "half"):
+        np.testing.assert_array_equal(outputs[f"{name}_out"], tensors[name].values)
+
+
+_STREAMED_DTYPES = st.sampled_from([np.float32, np.float64, np.float16, np.int8, np.uint8, np.int32, np.int64, np.bool_])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    arrays=st.lists(
+        _STREAMED_DTYPES.flatmap(
+            lambda dtype: hnp.arrays(dtype, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=40))
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_any_array_streams_to_the_same_tensor(arrays: list[np.ndarray]) -> None:
+    # Every constant is streamed here, whatever its size: varint lengths of 1 to 3 bytes, empty
+    # and scalar tensors, every element type.
+    original = model_stream.STREAM_MIN_BYTES
+    model_stream.STREAM_MIN_BYTES = 0
+    try:
+        constants = [gs.Constant(f"c{i}", array) for i, array in enumerate(arrays)]
+        outputs = [gs.Variable(f"o{i}", a.dtype, a.shape) for i, a in enumerate(arrays)]
+        nodes = [gs.Node("Identity", inputs=[c], outputs=[o]) for c, o in zip(constants, outputs, strict=True)]
+        model = Model(gs.Graph(nodes=nodes, outputs=outputs, opset=17))
+        written = _written(model)
+    finally:
+        model_stream.STREAM_MIN_BYTES = original
+
+    assert _canonical(written) == _canonical(model.to_onnx())
+    for tensor, array in zip(written.graph.initializer, arrays, strict=True):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), array)
