@@ -13,6 +13,7 @@ import onnx
 
 from iropt.errors import PassError
 from iropt.model import GraphStats, Model, graph_stats, save_model
+from iropt.model_stream import export_streamed
 from iropt.pass_infra import PassResult
 from iropt.pass_manager import Instrument, PassRecord
 
@@ -85,8 +86,11 @@ class CheckerInstrument(Instrument):
 
     def after_pass(self, record: PassRecord, model: Model, result: PassResult) -> None:
         if result.changed:
+            # Without shape inference the checker needs no tensor data: the skeleton export
+            # (large tensors as empty placeholders) spares copying every weight after each pass.
+            proto = model.to_onnx() if self.full_check else export_streamed(model).skeleton
             try:
-                onnx.checker.check_model(model.to_onnx(), full_check=self.full_check)
+                onnx.checker.check_model(proto, full_check=self.full_check)
             except onnx.checker.ValidationError as error:
                 raise PassError(record.name, self._previous, error) from error
         self._previous.append(record.name)

@@ -15,6 +15,7 @@ here: both come from the array itself.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -99,6 +100,13 @@ class StreamedModel:
         out.write(graph_fields)
         for record in self.initializers:
             record.write(out)
+
+
+def model_bytes(model: Model) -> bytes:
+    """The serialized model, as `model.to_onnx().SerializeToString()` but without its copies."""
+    buffer = io.BytesIO()
+    export_streamed(model).write(buffer)
+    return buffer.getvalue()
 
 
 def export_streamed(model: Model) -> StreamedModel:

@@ -25,7 +25,8 @@ import onnxruntime as ort
 
 from iropt.backend import Backend
 from iropt.errors import UserError
-from iropt.model import EXTERNAL_DATA_THRESHOLD, Model, tensor_bytes
+from iropt.model import EXTERNAL_DATA_THRESHOLD, Model, graph_stats, tensor_bytes
+from iropt.model_stream import model_bytes
 from iropt.registry import register_backend
 
 OptimizationLevel = Literal["disable", "basic", "extended", "layout", "all"]
@@ -117,6 +118,9 @@ def make_session(
             options.add_session_config_entry("session.save_model_format", "ORT")
     if isinstance(model, (str, os.PathLike)):
         return _create(str(model), options, providers)
+    if isinstance(model, Model) and graph_stats(model).parameter_bytes <= IN_MEMORY_LIMIT:
+        # Serialized by the streaming writer: the weights are copied once, not four times.
+        return _create(model_bytes(model), options, providers)
     proto = model.to_onnx() if isinstance(model, Model) else model
     if optimized_model_path is not None and not save_ort_format and tensor_bytes(proto) > IN_MEMORY_LIMIT:
         # A large optimized model must be written with its tensors beside it, as ONNX demands.

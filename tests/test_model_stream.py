@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from iropt import model_stream
 from iropt.errors import IroptError
 from iropt.model import Model, load_model, save_model
-from iropt.model_stream import STREAM_MIN_BYTES, export_streamed
+from iropt.model_stream import STREAM_MIN_BYTES, export_streamed, model_bytes
 
 _FLOATS = STREAM_MIN_BYTES // 4 * 2  # a float32 weight twice the streaming threshold
 
@@ -30,9 +29,7 @@ def _canonical(proto: onnx.ModelProto) -> bytes:
 
 
 def _written(model: Model) -> onnx.ModelProto:
-    buffer = io.BytesIO()
-    export_streamed(model).write(buffer)
-    return onnx.load_from_string(buffer.getvalue())
+    return onnx.load_from_string(model_bytes(model))
 
 
 def _weighted_model(rng: np.random.Generator) -> Model:
