@@ -130,7 +130,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         sections[name] = section(name, run_bench(name))
     total = time.perf_counter() - start
     footer = f"\n_Total bench time for this run ({', '.join(names)}): {total / 60:.1f} min._\n"
-    body = "\n".join(sections[n] for n in BENCHES if n in sections)
+    # Sections recorded by other scripts (the long property run) are kept, after the benches.
+    order = [n for n in BENCHES if n in sections] + [n for n in sections if n not in BENCHES]
+    body = "\n".join(sections[n] for n in order)
     args.output.write_text(top + body + footer)
     print(f"wrote {args.output}", file=sys.stderr)
 

@@ -171,21 +171,30 @@ def save_model(
 
     `external_data=None` chooses external data when the tensors would pass the protobuf limit.
     Refuses to overwrite the file the model was loaded from. `check` (the ONNX checker, say)
-    runs before the file is moved into place; if it raises, nothing is written.
+    is given the model to be written, its large tensors as empty placeholders (see
+    `iropt.model_stream`), before anything is written; if it raises, nothing is.
     """
-    from iropt.model_stream import export_streamed
+    from iropt.model_stream import EXTERNAL_MIN_BYTES, STREAM_MIN_BYTES, ExternalPayload, export_streamed
 
     out = Path(path)
     _check_writable(out, model.source_path)
     if external_data is None:
         external_data = graph_stats(model).parameter_bytes > EXTERNAL_DATA_THRESHOLD
-    if external_data:
-        return save_proto(model.to_onnx(), out, external_data=True, source=model.source_path, check=check)
-    streamed = export_streamed(model)
+    streamed = export_streamed(model, EXTERNAL_MIN_BYTES if external_data else STREAM_MIN_BYTES)
     if check is not None:
         check(streamed.skeleton)
+    data_name = out.name + ".data"
+    payloads: list[ExternalPayload] = []
+    if external_data:
+        streamed, payloads = streamed.with_external_data(data_name)
+
+    def write(staged: Path) -> None:
+        _write_file(staged, streamed.write)
+        if payloads:
+            _write_file(staged.parent / data_name, lambda data: ExternalPayload.write_all(payloads, data))
+
     try:
-        _stage_and_move(out, [], lambda staged: _write_file(staged, streamed.write))
+        _stage_and_move(out, [data_name] if payloads else [], write)
     except OSError as error:
         raise ModelSaveError(f"{out}: could not write the model: {error}") from error
     return out
@@ -247,7 +256,8 @@ def _stage_and_move(out: Path, sidecars: list[str], write: Callable[[Path], None
         staged = Path(tmp) / out.name
         write(staged)
         for name in sidecars:
-            os.replace(Path(tmp) / name, out.parent / name)
+            if (Path(tmp) / name).exists():  # onnx writes no data file when no tensor needs one
+                os.replace(Path(tmp) / name, out.parent / name)
         os.replace(staged, out)
 
 

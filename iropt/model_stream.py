@@ -11,12 +11,15 @@ The skeleton is what the ONNX checker sees before anything is written. Its place
 no elements (`dims=[0]`), which the checker accepts; what it would have checked on the real
 tensors (a known element type, data of exactly the size of the dims) holds by construction
 here: both come from the array itself.
+
+With external data (models past protobuf's 2 GB limit) the same records point into a data file
+instead (`StreamedModel.with_external_data`), so no tensor is copied for that either.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
@@ -31,6 +34,10 @@ if TYPE_CHECKING:
 
 # Smaller tensors go through graphsurgeon's exporter: copying them costs nothing that matters.
 STREAM_MIN_BYTES = 64 * 1024
+# With external data, tensors from this size go to the data file (onnx's own default threshold).
+EXTERNAL_MIN_BYTES = 1024
+# Large tensors start at page boundaries in the data file, so a runtime can map them directly.
+_EXTERNAL_ALIGNMENT = 4096
 
 _GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 _INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
@@ -101,6 +108,47 @@ class StreamedModel:
         for record in self.initializers:
             record.write(out)
 
+    def with_external_data(self, location: str) -> tuple[StreamedModel, list[ExternalPayload]]:
+        """The same model with its tensor data moved to the file `location` (relative to the
+        model's folder), and what to write there."""
+        records: list[InitializerRecord] = []
+        payloads: list[ExternalPayload] = []
+        end = 0
+        for record in self.initializers:
+            if record.data is None:
+                records.append(record)
+                continue
+            offset = _aligned(end) if record.data.nbytes >= STREAM_MIN_BYTES else end
+            reference = onnx.TensorProto(data_location=onnx.TensorProto.EXTERNAL)
+            for key, value in (("location", location), ("offset", offset), ("length", record.data.nbytes)):
+                entry = reference.external_data.add()
+                entry.key, entry.value = key, str(value)
+            # Concatenated encodings of one message type parse as one merged message.
+            records.append(InitializerRecord(record.fields + reference.SerializeToString()))
+            payloads.append(ExternalPayload(offset, record.data))
+            end = offset + record.data.nbytes
+        return StreamedModel(self.skeleton, records), payloads
+
+
+@dataclass(frozen=True)
+class ExternalPayload:
+    """Tensor bytes to write at `offset` of the external data file."""
+
+    offset: int
+    data: np.ndarray
+
+    @staticmethod
+    def write_all(payloads: list[ExternalPayload], out: BinaryIO) -> None:
+        position = 0
+        for payload in payloads:
+            out.write(bytes(payload.offset - position))  # alignment padding
+            out.write(payload.data.data)
+            position = payload.offset + payload.data.nbytes
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // _EXTERNAL_ALIGNMENT) * _EXTERNAL_ALIGNMENT
+
 
 def model_bytes(model: Model) -> bytes:
     """The serialized model, as `model.to_onnx().SerializeToString()` but without its copies."""
@@ -109,9 +157,10 @@ def model_bytes(model: Model) -> bytes:
     return buffer.getvalue()
 
 
-def export_streamed(model: Model) -> StreamedModel:
-    """Export `model` for `StreamedModel.write`; the model itself is left as it was."""
-    large = _large_initializers(model.graph)
+def export_streamed(model: Model, min_bytes: int = STREAM_MIN_BYTES) -> StreamedModel:
+    """Export `model` for `StreamedModel.write`, streaming top-level tensors of `min_bytes` and
+    more; the model itself is left as it was."""
+    large = _large_initializers(model.graph, min_bytes)
     with _placeholders([constant for constant, _ in large.values()]):
         skeleton = model.to_onnx()
     records = [
@@ -121,40 +170,46 @@ def export_streamed(model: Model) -> StreamedModel:
     return StreamedModel(skeleton, records)
 
 
-def _large_initializers(graph: gs.Graph) -> dict[str, tuple[gs.Constant, InitializerRecord]]:
+def _large_initializers(graph: gs.Graph, min_bytes: int) -> dict[str, tuple[gs.Constant, InitializerRecord]]:
     """The top-level constants worth streaming, with their records, by name."""
     large: dict[str, tuple[gs.Constant, InitializerRecord]] = {}
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant):
-            record = _record_of(tensor)
+            record = _record_of(tensor, min_bytes)
             if record is not None:
                 large[tensor.name] = (tensor, record)
     return large
 
 
-def _record_of(constant: gs.Constant) -> InitializerRecord | None:
+def _record_of(constant: gs.Constant, min_bytes: int) -> InitializerRecord | None:
     # `_values` rather than `values`: reading `values` would decode a tensor still held as the
     # input file's TensorProto into a numpy array, the copy this module exists to avoid.
     stored = constant._values
     if isinstance(stored, LazyValues):
-        if stored.nbytes < STREAM_MIN_BYTES:
-            return None
-        stored.tensor.name = constant.name  # what graphsurgeon's exporter does too
-        return InitializerRecord(stored.tensor.SerializeToString())
-    if not _streamable_array(constant, stored):
+        return _record_of_stored(constant.name, stored.tensor) if stored.nbytes >= min_bytes else None
+    if not _streamable_array(constant, stored, min_bytes):
         return None
-    header = onnx.TensorProto(
-        name=constant.name,
-        data_type=onnx.helper.np_dtype_to_tensor_dtype(stored.dtype),
-        dims=stored.shape,
-    )
+    header = _header(constant.name, onnx.helper.np_dtype_to_tensor_dtype(stored.dtype), stored.shape)
     little_endian = stored.astype(stored.dtype.newbyteorder("<"), copy=False)
-    data = np.ascontiguousarray(little_endian).reshape(-1).view(np.uint8)
-    return InitializerRecord(header.SerializeToString(), data)
+    return InitializerRecord(header, np.ascontiguousarray(little_endian).reshape(-1).view(np.uint8))
 
 
-def _streamable_array(constant: gs.Constant, stored: object) -> bool:
-    if not isinstance(stored, np.ndarray) or stored.nbytes < STREAM_MIN_BYTES:
+def _record_of_stored(name: str, tensor: onnx.TensorProto) -> InitializerRecord:
+    """A tensor as read from the input file: its raw bytes as they are, or the whole message
+    when it keeps its values in typed fields (float_data, ...)."""
+    if not tensor.HasField("raw_data"):
+        tensor.name = name  # what graphsurgeon's exporter does too
+        return InitializerRecord(tensor.SerializeToString())
+    header = _header(name, tensor.data_type, tensor.dims)
+    return InitializerRecord(header, np.frombuffer(tensor.raw_data, dtype=np.uint8))
+
+
+def _header(name: str, data_type: int, dims: Iterable[int]) -> bytes:
+    return onnx.TensorProto(name=name, data_type=data_type, dims=dims).SerializeToString()
+
+
+def _streamable_array(constant: gs.Constant, stored: object, min_bytes: int) -> bool:
+    if not isinstance(stored, np.ndarray) or stored.nbytes < min_bytes:
         return False
     # A constant exported as another type (bfloat16, float8) is converted by graphsurgeon.
     same_type = isinstance(constant.export_dtype, np.dtype) and constant.export_dtype == stored.dtype

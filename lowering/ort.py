@@ -12,9 +12,10 @@ with graph optimizations disabled, so the reference is the model as written.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +26,7 @@ import onnxruntime as ort
 
 from iropt.backend import Backend
 from iropt.errors import UserError
-from iropt.model import EXTERNAL_DATA_THRESHOLD, Model, graph_stats, tensor_bytes
+from iropt.model import EXTERNAL_DATA_THRESHOLD, Model, graph_stats, save_model, save_proto, tensor_bytes
 from iropt.model_stream import model_bytes
 from iropt.registry import register_backend
 
@@ -118,27 +119,32 @@ def make_session(
             options.add_session_config_entry("session.save_model_format", "ORT")
     if isinstance(model, (str, os.PathLike)):
         return _create(str(model), options, providers)
-    if isinstance(model, Model) and graph_stats(model).parameter_bytes <= IN_MEMORY_LIMIT:
-        # Serialized by the streaming writer: the weights are copied once, not four times.
-        return _create(model_bytes(model), options, providers)
-    proto = model.to_onnx() if isinstance(model, Model) else model
-    if optimized_model_path is not None and not save_ort_format and tensor_bytes(proto) > IN_MEMORY_LIMIT:
-        # A large optimized model must be written with its tensors beside it, as ONNX demands.
+    write: Callable[[Path], Path]
+    if isinstance(model, Model):
+        if graph_stats(model).parameter_bytes <= IN_MEMORY_LIMIT:
+            # Serialized by the streaming writer: the weights are copied once, not four times.
+            return _create(model_bytes(model), options, providers)
+        write = functools.partial(save_model, model, external_data=True)
+    else:
+        if tensor_bytes(model) <= IN_MEMORY_LIMIT:
+            return _create(model.SerializeToString(), options, providers)
+        write = functools.partial(save_proto, model, external_data=True)
+    _externalize_optimized(options, optimized_model_path, save_ort_format)
+    # Too big for one protobuf message: written with its data beside it for ORT to read. ORT
+    # reads (or maps) the data while the session is created; on Linux a mapped file stays
+    # valid after its name is removed, elsewhere the cleanup error is ignored.
+    with tempfile.TemporaryDirectory(prefix="iropt-ort-", ignore_cleanup_errors=True) as tmp:
+        return _create(str(write(Path(tmp) / "model.onnx")), options, providers)
+
+
+def _externalize_optimized(
+    options: ort.SessionOptions, optimized_model_path: Path | None, save_ort_format: bool
+) -> None:
+    """A large optimized model must be written with its tensors beside it, as ONNX demands."""
+    if optimized_model_path is not None and not save_ort_format:
         options.add_session_config_entry(
             "session.optimized_model_external_initializers_file_name", optimized_model_path.name + ".data"
         )
-    if tensor_bytes(proto) <= IN_MEMORY_LIMIT:
-        return _create(proto.SerializeToString(), options, providers)
-    # Too big for one protobuf message: write with external data and let ORT read the file.
-    # ORT reads (or maps) the data while the session is created; on Linux a mapped file stays
-    # valid after its name is removed, elsewhere the cleanup error is ignored.
-    with tempfile.TemporaryDirectory(prefix="iropt-ort-", ignore_cleanup_errors=True) as tmp:
-        path = Path(tmp) / "model.onnx"
-        onnx.save_model(
-            proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-            location="model.onnx.data", size_threshold=1024,
-        )
-        return _create(str(path), options, providers)
 
 
 def _create(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +18,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from iropt import model_stream
 from iropt.errors import IroptError
 from iropt.model import Model, load_model, save_model
-from iropt.model_stream import STREAM_MIN_BYTES, export_streamed, model_bytes
+from iropt.model_stream import STREAM_MIN_BYTES, ExternalPayload, StreamedModel, export_streamed, model_bytes
 
 _FLOATS = STREAM_MIN_BYTES // 4 * 2  # a float32 weight twice the streaming threshold
 
@@ -165,6 +166,36 @@ def test_saved_model_runs_in_onnx_runtime(tmp_path: Path) -> None:
 _STREAMED_DTYPES = st.sampled_from([np.float32, np.float64, np.float16, np.int8, np.uint8, np.int32, np.int64, np.bool_])
 
 
+def _identity_model(arrays: list[np.ndarray]) -> Model:
+    """One Identity per array, each reading the array as an initializer."""
+    constants = [gs.Constant(f"c{i}", array) for i, array in enumerate(arrays)]
+    outputs = [gs.Variable(f"o{i}", a.dtype, a.shape) for i, a in enumerate(arrays)]
+    nodes = [gs.Node("Identity", inputs=[c], outputs=[o]) for c, o in zip(constants, outputs, strict=True)]
+    return Model(gs.Graph(nodes=nodes, outputs=outputs, opset=17))
+
+
+def _written_external(streamed: StreamedModel, folder: Path) -> onnx.ModelProto:
+    """Write with external data into `folder`, then load it back with the data."""
+    with_data, payloads = streamed.with_external_data("model.onnx.data")
+    with open(folder / "model.onnx", "wb") as out:
+        with_data.write(out)
+    with open(folder / "model.onnx.data", "wb") as out:
+        ExternalPayload.write_all(payloads, out)
+    on_disk = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    for tensor in on_disk.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            assert not tensor.HasField("raw_data")
+    return _without_default_locations(onnx.load(str(folder / "model.onnx")))
+
+
+def _without_default_locations(proto: onnx.ModelProto) -> onnx.ModelProto:
+    # onnx's loader leaves data_location=DEFAULT set on every tensor it read from a data file.
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.DEFAULT:
+            tensor.ClearField("data_location")
+    return proto
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     arrays=st.lists(
@@ -177,18 +208,45 @@ _STREAMED_DTYPES = st.sampled_from([np.float32, np.float64, np.float16, np.int8,
 )
 def test_any_array_streams_to_the_same_tensor(arrays: list[np.ndarray]) -> None:
     # Every constant is streamed here, whatever its size: varint lengths of 1 to 3 bytes, empty
-    # and scalar tensors, every element type.
-    original = model_stream.STREAM_MIN_BYTES
-    model_stream.STREAM_MIN_BYTES = 0
-    try:
-        constants = [gs.Constant(f"c{i}", array) for i, array in enumerate(arrays)]
-        outputs = [gs.Variable(f"o{i}", a.dtype, a.shape) for i, a in enumerate(arrays)]
-        nodes = [gs.Node("Identity", inputs=[c], outputs=[o]) for c, o in zip(constants, outputs, strict=True)]
-        model = Model(gs.Graph(nodes=nodes, outputs=outputs, opset=17))
-        written = _written(model)
-    finally:
-        model_stream.STREAM_MIN_BYTES = original
+    # and scalar tensors, every element type; inline and as external data.
+    model = _identity_model(arrays)
+    streamed = export_streamed(model, min_bytes=0)
+    buffer = io.BytesIO()
+    streamed.write(buffer)
+    with tempfile.TemporaryDirectory() as folder:
+        external = _written_external(streamed, Path(folder))
 
-    assert _canonical(written) == _canonical(model.to_onnx())
-    for tensor, array in zip(written.graph.initializer, arrays, strict=True):
-        np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), array)
+    expected = _canonical(model.to_onnx())
+    for written in (onnx.load_from_string(buffer.getvalue()), external):
+        assert _canonical(written) == expected
+        for tensor, array in zip(written.graph.initializer, arrays, strict=True):
+            np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), array)
+
+
+def test_external_data_is_streamed_to_an_aligned_data_file(tmp_path: Path) -> None:
+    source = tmp_path / "in.onnx"
+    onnx.save(_weighted_model(np.random.default_rng(7)).to_onnx(), str(source))
+    model = load_model(source)  # W stays the file's TensorProto; b is small
+    model.graph.tensors()["codes"].values = np.arange(3000, dtype=np.int8)  # a decoded array too
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+
+    save_model(model, out, external_data=True)
+
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    on_disk = onnx.load(str(out), load_external_data=False)
+    locations = {
+        t.name: {e.key: e.value for e in t.external_data}
+        for t in on_disk.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    }
+    assert set(locations) == {"W", "b", "mask", "codes", "half"}  # all of 1 KiB and more
+    assert all(entry["location"] == "model.onnx.data" for entry in locations.values())
+    large = [entry for entry in locations.values() if int(entry["length"]) >= STREAM_MIN_BYTES]
+    assert large and all(int(entry["offset"]) % 4096 == 0 for entry in large)
+    loaded = _without_default_locations(onnx.load(str(out)))
+    assert _canonical(loaded) == _canonical(model.to_onnx())
+    x = np.random.default_rng(8).standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(loaded, {"x": x})["y"], run_ort(model.to_onnx(), {"x": x})["y"])
+
+

@@ -94,10 +94,12 @@ def test_runner_ignores_feeds_for_inputs_the_model_lacks() -> None:
     np.testing.assert_allclose(out["y"], affine_numpy(feed["x"]), rtol=RTOL, atol=ATOL)
 
 
-def test_large_models_go_through_a_file_with_external_data(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("as_proto", [False, True], ids=["model", "proto"])
+def test_large_models_go_through_a_file_with_external_data(monkeypatch: pytest.MonkeyPatch, as_proto: bool) -> None:
     # Lower the in-memory limit instead of building a 2 GB model: the file path is the same.
     monkeypatch.setattr(ort_backend, "IN_MEMORY_LIMIT", 0)
-    runner = OrtBackend(optimization_level="disable").compile(affine_model())
+    model = affine_model()
+    runner = OrtRunner(make_session(model.to_onnx() if as_proto else model, optimization_level="disable"))
     feed = affine_feeds(1)[0]
     np.testing.assert_allclose(runner.run(feed)["y"], affine_numpy(feed["x"]), rtol=RTOL, atol=ATOL)
 
