@@ -32,6 +32,7 @@ BENCHES: dict[str, str] = {
     "peers": "Graph rewrites: iropt `default` against onnxsim, onnxslim, onnxoptimizer, graphsurgeon (bench/peers.py)",
     "scaling": "Scaling with graph size: 10k, 50k, 100k nodes (bench/scaling.py)",
     "quant": "Quantization: iropt int8 against ORT quantize_static (bench/quant.py)",
+    "quant_large": "Quantization on a full-size network: ResNet-50, batch 8 (bench/quant_large.py)",
 }
 PACKAGES = ["onnx", "onnxruntime", "onnx-graphsurgeon", "onnxsim", "onnxslim", "onnxoptimizer", "numpy"]
 # Whole-bench guard: a bench that runs past this is stopped and its section says so.

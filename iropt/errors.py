@@ -56,3 +56,9 @@ class PassError(IroptError):
         )
         self.pass_name = pass_name
         self.previous = list(previous)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -16,7 +16,7 @@ from typing import Any
 import onnx
 
 from iropt.criteria import EXACT_CRITERION, LOSSY_CRITERION, Criterion
-from iropt.errors import IroptError, ModelSaveError, VerificationError
+from iropt.errors import IroptError, ModelSaveError, UserError, VerificationError, first_line
 from iropt.instruments import CheckerInstrument, IRDumpInstrument, SizeInstrument, TimingInstrument
 from iropt.model import GraphStats, Model, ModelCheck, graph_stats, load_model, save_model
 from iropt.pass_infra import PassContext, ProgressFn, _no_progress
@@ -107,20 +107,28 @@ def optimize(options: RunOptions, progress: ProgressFn = _no_progress) -> RunOut
         if not outcome.verified:
             outcome.culprit = _bisect(verifier.reference, pipeline, verifier, outcome.criterion, ctx)
     if outcome.verified or options.force:
-        outcome.output = save_model(model, output, check=_checker(options.check_each))
+        outcome.output = save_model(model, output, check=_checker(options.model, options.check_each))
         if options.emit:
             outcome.emitted = _emit(model, pipeline, output, options.build_progress)
     outcome.total_seconds = time.perf_counter() - start
     return outcome
 
 
-def _checker(checked_each: bool) -> ModelCheck:
-    """The ONNX checker, as an IroptError that says how to find the pass that broke the model."""
+def _checker(source: Path, checked_each: bool) -> ModelCheck:
+    """The ONNX checker, as an error that says whose fault a failure is: the input model's when
+    it fails the checker too (a UserError), else a pass's, and how to find which."""
 
     def check(model: onnx.ModelProto | Path) -> None:
         try:
             onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model))
         except onnx.checker.ValidationError as error:
+            try:
+                onnx.checker.check_model(str(source))
+            except onnx.checker.ValidationError as input_error:
+                raise UserError(
+                    f"{source}: the input model fails the ONNX checker, so its optimized form does "
+                    f"too; fix the input first: {first_line(input_error)}"
+                ) from error
             hint = "" if checked_each else " (run with --check-each to find the pass that broke it)"
             raise IroptError(f"the optimized model fails the ONNX checker{hint}: {error}") from error
 

@@ -55,8 +55,14 @@ ABSORBED_ACTIVATIONS = ("Relu", "Clip")
 # Activations ONNX Runtime fuses into a float Conv but not into QLinearConv.
 FLOAT_FUSED_ACTIVATIONS = ("HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "LeakyRelu")
 # Below this many input channels a (non-depthwise) int8 Conv has too little work per output to
-# win over ORT's float kernels (the first layer on RGB or gray images).
+# win over ORT's float kernels (the first layer on RGB or gray images)...
 MIN_INT8_CONV_CHANNELS = 8
+# ... unless its output is large: then QLinearConv wins, and keeping the input layer in int8
+# also spares the float -> NHWC uint8 change of layout after it. ORT 1.32, one thread, batch 8,
+# stem + 1x1 Conv, stem int8 against stem float: 3->16 on 32x32 (16k outputs per image) 0.65x;
+# 3->32 on 64x64 (131k) 1.26x; 3->32 stride 2 on 112x112 (100k) 1.07x; ResNet-50's 7x7 3->64
+# stride 2 on 224x224 (802k) 1.44x, and 1.2x on the whole network with its MaxPool in uint8.
+MIN_INT8_STEM_OUTPUTS = 32 * 1024
 
 DEFAULT_OP_TYPES: tuple[str, ...] = (
     ANCHOR_OPS + ELEMENTWISE_OPS + ("Concat",) + POOL_OPS + SHARED_SCALE_OPS + LAYOUT_OPS
@@ -259,8 +265,9 @@ def ort_slow_reason(node: gs.Node, op_types: Collection[str]) -> str | None:
     """Why ORT's CPU kernels would run `node` slower quantized than in float, or None.
 
     Measured on ORT 1.32 (x86-64, one thread): ConvTranspose has no int8 kernel, so quantizing
-    it only adds Q/DQ; a Conv with fewer than 8 input channels (group 1) is slower as
-    QLinearConv than ORT's float kernel for that shape; a Conv whose only consumer is HardSwish
+    it only adds Q/DQ; a Conv with fewer than 8 input channels (group 1) and a small output is
+    slower as QLinearConv than ORT's float kernel for that shape (see MIN_INT8_STEM_OUTPUTS); a
+    Conv whose only consumer is HardSwish
     or a similar activation loses the activation fusion that the float Conv gets, and pays for a
     DequantizeLinear, the float activation and a QuantizeLinear (unless that activation is
     quantized too, by listing it in `op_types`).
@@ -272,13 +279,23 @@ def ort_slow_reason(node: gs.Node, op_types: Collection[str]) -> str | None:
     weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
     group = int(node.attrs.get("group", 1))
     if weight is not None and weight.ndim >= 2 and group == 1 and weight.shape[1] < MIN_INT8_CONV_CHANNELS:
-        return f"{weight.shape[1]} input channel(s): too few for int8 to pay off"
+        outputs = _outputs_per_sample(node.outputs[0])
+        if outputs is None or outputs < MIN_INT8_STEM_OUTPUTS:
+            return f"{weight.shape[1]} input channel(s) and a small output: too little work for int8 to pay off"
     output = node.outputs[0]
     if len(output.outputs) == 1:
         consumer = output.outputs[0]
         if is_op(consumer, *FLOAT_FUSED_ACTIVATIONS) and consumer.op not in op_types:
             return f"followed by {consumer.op}, which ONNX Runtime fuses into float Conv only"
     return None
+
+
+def _outputs_per_sample(tensor: gs.Tensor) -> int | None:
+    """Elements of one batch item of `tensor` (all axes but the first), when they are known."""
+    shape = getattr(tensor, "shape", None)
+    if not shape or not all(isinstance(d, int) for d in shape[1:]):
+        return None
+    return int(np.prod(shape[1:]))
 
 
 def _grow(chosen: set[str], candidates: Mapping[str, QuantizedNode]) -> set[str]:
@@ -314,6 +331,11 @@ def _grow(chosen: set[str], candidates: Mapping[str, QuantizedNode]) -> set[str]
             inputs = [candidate.node.inputs[i] for i in candidate.activation_inputs]
             if is_op(candidate.node, *LAYOUT_OPS):
                 joins = from_quantized(inputs[0]) and feeds_quantized(candidate.output)
+            elif is_op(candidate.node, *POOL_OPS, "MaxPool"):
+                # A pool after a float layer stays float: quantizing its input instead of its
+                # output moves more data, and ORT's uint8 pools are fast only inside an int8
+                # (NHWC) region (ResNet-50's MaxPool after a float stem: 33 ms against 0.9).
+                joins = from_quantized(inputs[0])
             else:
                 joins = any(from_quantized(t) for t in inputs) or feeds_quantized(candidate.output)
             if joins:

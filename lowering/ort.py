@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 
 from iropt.backend import Backend
-from iropt.errors import UserError
+from iropt.errors import UserError, first_line
 from iropt.model import EXTERNAL_DATA_THRESHOLD, Model, graph_stats, save_model, save_proto, tensor_bytes
 from iropt.model_stream import model_bytes
 from iropt.registry import register_backend
@@ -74,7 +74,7 @@ class OrtRunner:
         try:
             values = self.session.run(self.output_names, wanted)
         except Exception as error:
-            raise UserError(f"ONNX Runtime failed to run the model: {_first_line(error)}") from error
+            raise UserError(f"ONNX Runtime failed to run the model: {first_line(error)}") from error
         return {name: _as_array(value) for name, value in zip(self.output_names, values, strict=True)}
 
 
@@ -153,7 +153,7 @@ def _create(
     try:
         return ort.InferenceSession(model, sess_options=options, providers=list(providers))
     except Exception as error:
-        raise UserError(f"ONNX Runtime cannot run this model: {_first_line(error)}") from error
+        raise UserError(f"ONNX Runtime cannot run this model: {first_line(error)}") from error
 
 
 def check_providers(providers: Sequence[str]) -> None:
@@ -167,11 +167,6 @@ def check_providers(providers: Sequence[str]) -> None:
                 f"ort: execution provider '{provider}' is not available in this ONNX Runtime build; "
                 f"available: {', '.join(available)}"
             )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 @register_backend("ort")

@@ -21,8 +21,9 @@ DynamicQuantizeLinear + MatMulInteger, which ORT fuses into DynamicQuantizeMatMu
 
 With format `ort` and `skip_slow_layers` (default), layers that ORT's CPU kernels run slower in
 int8 than in float stay float (`iropt.quant_placement.ort_slow_reason`): ConvTranspose, a Conv
-with fewer than 8 input channels (the first layer on images), a Conv followed by HardSwish or a
-similar activation that ORT fuses into float convs only.
+with fewer than 8 input channels and a small output (the first layer of a small image model), a
+Conv followed by HardSwish or a similar activation that ORT fuses into float convs only. A pool
+after a float layer stays float too.
 
 Schedule it after `fuse_bn_conv` (a BatchNormalization between a Conv and its activation blocks
 ORT's QLinearConv fusion) and `fuse_matmul_add` (ORT fuses a quantized Gemm with its int32 bias
@@ -96,7 +97,7 @@ class Quantize(Pass):
     (fnmatch patterns on node names) and `exclude_op_types`; `sensitivity` with `target_metric`
     cosine|top1|snr, `target_min` and `sensitivity_samples` keeps the most harmful layers in float;
     `skip_slow_layers` (format ort) keeps in float the layers ORT runs slower in int8 (ConvTranspose,
-    Conv with < 8 input channels, Conv followed by HardSwish and similar).
+    Conv with < 8 input channels and a small output, Conv followed by HardSwish and similar).
     """
 
     kind = PassKind.LOSSY

@@ -154,6 +154,27 @@ def test_bad_models_exit_2_without_traceback(kind: str, message: str, tmp_path: 
     assert (_digest(model) if model.exists() else None) == before
 
 
+def test_input_that_fails_the_checker_is_named_as_the_cause(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # ONNX Runtime runs it, but its output's type has no shape, which the checker rejects; a
+    # schedule without shape inference leaves that as it is.
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "no_output_shape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = tmp_path / "in.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    schedule = _write(tmp_path, "dce.opt", "eliminate_dead_code\n")
+    out = tmp_path / "out.onnx"
+
+    assert main(["run", str(schedule), str(model), "-o", str(out)]) == 2
+
+    err = capsys.readouterr().err
+    assert "the input model fails the ONNX checker, so its optimized form does too" in err
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_custom_op_is_left_alone_when_verification_is_off(tmp_path: Path) -> None:
     model = _custom_op_model(tmp_path / "custom.onnx")
     out = tmp_path / "out.onnx"

@@ -39,6 +39,7 @@ from hypothesis import strategies as st
 from iropt.errors import OptionError, UserError
 from iropt.model import Model
 from iropt.pass_infra import PassContext
+from iropt.passes.infer_shapes import InferShapes
 from iropt.registry import create_pass
 
 
@@ -148,6 +149,43 @@ def test_conv_with_few_input_channels_stays_float_for_ort(tmp_path: Path) -> Non
     for options in ({"skip_slow_layers": False}, {"format": "tensorrt"}):
         _, _, _, stats = _quantized(tmp_path, conv_relu_model(rng, cin=3), **options)
         assert stats["quantized_nodes"] == 2 and stats["skipped_slow"] == 0
+
+
+def test_few_input_channels_with_a_large_output_are_quantized_for_ort(tmp_path: Path) -> None:
+    # 3 -> 32 channels on 64x64: 131k outputs per image, where QLinearConv beats the float Conv.
+    rng = np.random.default_rng(5)
+    text = """
+g (float[N, 3, 64, 64] x) => (float[N, 8, 64, 64] y) {
+  c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+  r = Relu (c)
+  y = Conv (r, w2)
+}"""
+    model = build(text, {"w1": rand(rng, 32, 3, 3, 3), "b1": rand(rng, 32), "w2": rand(rng, 8, 32, 1, 1)})
+    model.graph.inputs[0].shape = [2, 3, 64, 64]  # static shapes: the output size is known
+    InferShapes().run(model, PassContext())
+    _, quantized, _, stats = _quantized(tmp_path, model)
+    assert stats["skipped_slow"] == 0 and stats["quantized_nodes"] == 2
+    first = next(n for n in quantized.graph.nodes if n.op == "Conv")
+    _assert_input_dequantized(first, 0)
+
+
+def test_pool_after_a_float_layer_stays_float(tmp_path: Path) -> None:
+    # The stem stays float (3 channels, small output); quantizing the MaxPool's input instead of
+    # its output would move more data and run ORT's slow NCHW uint8 pool.
+    rng = np.random.default_rng(6)
+    text = """
+g (float[N, 3, 8, 8] x) => (float[N, 8, 4, 4] y) {
+  c = Conv <pads = [1, 1, 1, 1]> (x, w1)
+  p = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (c)
+  y = Conv (p, w2)
+}"""
+    model = build(text, {"w1": rand(rng, 16, 3, 3, 3), "w2": rand(rng, 8, 16, 1, 1)})
+    original, quantized, feeds, stats = _quantized(tmp_path, model)
+    pool = next(n for n in quantized.graph.nodes if n.op == "MaxPool")
+    assert producer(pool.inputs[0]).op == "Conv"  # reads the float Conv directly
+    _output_quantize(pool.outputs[0])
+    assert stats["skipped_slow"] == 1 and stats["quantized_nodes"] == 1
+    _close(original, quantized, feeds)
 
 
 def test_conv_followed_by_hardswish_stays_float_for_ort(tmp_path: Path) -> None:
