@@ -47,6 +47,7 @@ fixpoint(max=8) {
   fuse_conv_add
   fuse_conv_mul
   fuse_matmul_add
+  sum_to_add
   eliminate_identity
   eliminate_dead_code
 }
