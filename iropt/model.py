@@ -155,8 +155,8 @@ def _check_external_locations(model_path: Path, proto: onnx.ModelProto) -> None:
             )
 
 
-# What the checker is handed: the model in memory, or the staged file when it is too large for a
-# single protobuf message.
+# A check on a model about to be written (the ONNX checker, say): `save_model` hands it the
+# model in memory (its skeleton, see iropt.model_stream), `save_proto` the staged file.
 ModelCheck = Callable[[onnx.ModelProto | Path], None]
 
 

@@ -267,10 +267,9 @@ def ort_slow_reason(node: gs.Node, op_types: Collection[str]) -> str | None:
     Measured on ORT 1.32 (x86-64, one thread): ConvTranspose has no int8 kernel, so quantizing
     it only adds Q/DQ; a Conv with fewer than 8 input channels (group 1) and a small output is
     slower as QLinearConv than ORT's float kernel for that shape (see MIN_INT8_STEM_OUTPUTS); a
-    Conv whose only consumer is HardSwish
-    or a similar activation loses the activation fusion that the float Conv gets, and pays for a
-    DequantizeLinear, the float activation and a QuantizeLinear (unless that activation is
-    quantized too, by listing it in `op_types`).
+    Conv whose only consumer is HardSwish or a similar activation loses the activation fusion
+    that the float Conv gets, and pays for a DequantizeLinear, the float activation and a
+    QuantizeLinear (unless that activation is quantized too, by listing it in `op_types`).
     """
     if is_op(node, "ConvTranspose"):
         return "ConvTranspose has no int8 kernel in ONNX Runtime's CPU provider"
