@@ -7,8 +7,8 @@ themselves are the cost.
 
 Model (built here, deterministic): the ResNet-50 of the onnx package's `light_resnet50` test
 model, whose weights are constant fills, so:
-1. iropt `default` folds its weight-building ConstantOfShape nodes and its BatchNormalizations;
-2. onnx's version converter takes it from opset 9 to 13 (per-channel Q/DQ needs 13);
+1. iropt's `upgrade_opset(to=13)` takes it from opset 9 to 13 (per-channel Q/DQ needs 13), and
+   `default` folds its weight-building ConstantOfShape nodes and its BatchNormalizations;
 3. every Conv/Gemm weight is replaced with He-normal values and every bias with N(0, 0.01)
    (seed 0), so activations have realistic ranges;
 4. the input is renamed `input` and given batch 8 (the head's Reshape becomes [-1, 2048]), and
@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.numpy_helper
-import onnx.version_converter
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,10 +52,13 @@ def light_resnet50() -> Path:
 def build_model(work: Path) -> Path:
     """ResNet-50 with random He weights at batch 8 (see the module docstring)."""
     from iropt.optimize import RunOptions, optimize
+    from iropt.schedules import builtin_schedule_text
 
+    schedule = work / "prepare.opt"
+    schedule.write_text(f"upgrade_opset(to={OPSET})\n" + (builtin_schedule_text("default") or ""))
     folded = work / "resnet50.default.onnx"
-    optimize(RunOptions(schedule="default", model=light_resnet50(), output=folded, verify=False))
-    proto = onnx.version_converter.convert_version(onnx.load(str(folded)), OPSET)
+    optimize(RunOptions(schedule=str(schedule), model=light_resnet50(), output=folded, verify=False))
+    proto = onnx.load(str(folded))
     _randomize_weights(proto, np.random.default_rng(0))
     _batch_of_eight(proto)
     _logits_out(proto)

@@ -28,7 +28,8 @@ after a float layer stays float too.
 Schedule it after `fuse_bn_conv` (a BatchNormalization between a Conv and its activation blocks
 ORT's QLinearConv fusion) and `fuse_matmul_add` (ORT fuses a quantized Gemm with its int32 bias
 into QGemm; a MatMul + float Add stays half float). QDQ with per-channel weights needs opset 13;
-an older model is refused with a UserError rather than converted behind the user's back.
+an older model is refused with a UserError that points at `upgrade_opset(to=13)`, rather than
+converted behind the user's back.
 
 Limitations: nodes inside subgraphs (If/Loop bodies) stay float; a MatMul of two activations
 (attention scores) stays float; only float32 tensors are quantized.
@@ -338,8 +339,8 @@ def _check_opset(model: Model, minimum: int, what: str) -> None:
     if model.opset < minimum:
         raise UserError(
             f"quantize: {what} needs opset >= {minimum}, but the model uses opset {model.opset}; "
-            f"convert it first (onnx.version_converter.convert_version(model, {minimum}) or re-export "
-            f"with opset_version={minimum} or newer)"
+            f"convert it first: put upgrade_opset(to={minimum}) before quantize in the schedule (or "
+            f"re-export with opset_version={minimum} or newer)"
         )
 
 

@@ -542,8 +542,13 @@ def test_generated_calibration_data_warns(caplog: pytest.LogCaptureFixture) -> N
 def test_old_opset_is_refused(tmp_path: Path) -> None:
     rng = np.random.default_rng(17)
     model = build("g (float[N, 8] x) => (float[N, 6] y) { y = MatMul (x, w) }", {"w": rand(rng, 8, 6)}, opset=12)
-    with pytest.raises(UserError, match=r"opset >= 13.*opset 12"):
+    with pytest.raises(UserError, match=r"opset >= 13.*opset 12.*upgrade_opset\(to=13\) before quantize"):
         quantize(model, None)
+    # The advice works: upgraded, the same model quantizes.
+    create_pass("upgrade_opset", {}).run(model, PassContext())
+    spec, _ = _calibrate_on(tmp_path, model)
+    result, _ = quantize(model, spec)
+    assert model.opset == 13 and result.stats["quantized_nodes"] == 1
     with pytest.raises(UserError, match="opset >= 11"):
         old = build("g (float[N, 8] x) => (float[N, 6] y) { y = MatMul (x, w) }", {"w": rand(rng, 8, 6)}, opset=10)
         quantize(old, None, mode="dynamic")

@@ -1,0 +1,52 @@
+"""upgrade_opset: move a model to a newer default-domain opset with onnx's version converter.
+
+Old exports (opset 7-12: the caffe2-converted zoo, early PyTorch) cannot take per-channel
+QuantizeLinear/DequantizeLinear (opset 13), and some back ends want a recent opset. The
+converter rewrites each op to its newer form (Upsample to Resize, attributes to inputs, ...), so
+what the model computes stays the same; the run's verification checks that as for any pass.
+A model already at or past `to` is left alone: this pass never downgrades.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+import onnx.version_converter
+
+from iropt.errors import OptionError, UserError, first_line
+from iropt.model import Model
+from iropt.pass_infra import Pass, PassContext, PassResult
+from iropt.registry import register_pass
+
+# The oldest opset the version converter has adapters from.
+_OLDEST_CONVERTIBLE = 7
+
+
+@register_pass("upgrade_opset")
+@dataclass(kw_only=True)
+class UpgradeOpset(Pass):
+    """Convert the model to default-domain opset `to` (onnx's version converter); never downgrades."""
+
+    to: int = 13
+
+    def __post_init__(self) -> None:
+        newest = onnx.defs.onnx_opset_version()
+        if not _OLDEST_CONVERTIBLE < self.to <= newest:
+            raise OptionError(f"upgrade_opset: to={self.to} is not an opset it can convert to ({_OLDEST_CONVERTIBLE + 1}..{newest})")
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        current = model.opset
+        if current >= self.to:
+            return PassResult.from_stats(upgraded=0)
+        if current < _OLDEST_CONVERTIBLE:
+            raise UserError(f"upgrade_opset: the model uses opset {current}; onnx's version converter starts at {_OLDEST_CONVERTIBLE}")
+        try:
+            converted = onnx.version_converter.convert_version(model.to_onnx(), self.to)
+        except Exception as error:  # the converter raises RuntimeError, ValueError, its own types
+            raise UserError(
+                f"upgrade_opset: onnx's version converter cannot take this model from opset {current} "
+                f"to {self.to}: {first_line(error)}"
+            ) from error
+        model.graph = Model.from_onnx(converted).graph
+        return PassResult.from_stats(upgraded=1, from_opset=current)
