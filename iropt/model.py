@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import onnx
@@ -23,9 +23,14 @@ from google.protobuf.message import DecodeError
 
 from iropt.errors import ModelLoadError, ModelSaveError
 
+if TYPE_CHECKING:
+    from iropt.model_stream import StreamedModel
+
 # The first IR version where an initializer need not also be listed as a graph input.
 _IR_INITIALIZERS_NOT_INPUTS = 4
-# Protobuf refuses messages of 2 GiB and more; leave headroom for the graph structure itself.
+# Protobuf refuses messages of 2 GiB and more.
+PROTOBUF_LIMIT = 2**31 - 1
+# Tensors past this go to external data: headroom under the limit for the graph structure itself.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 64 * 2**20
 
 
@@ -174,18 +179,16 @@ def save_model(
     is given the model to be written, its large tensors as empty placeholders (see
     `iropt.model_stream`), before anything is written; if it raises, nothing is.
     """
-    from iropt.model_stream import EXTERNAL_MIN_BYTES, STREAM_MIN_BYTES, ExternalPayload, export_streamed
+    from iropt.model_stream import ExternalPayload
 
     out = Path(path)
     _check_writable(out, model.source_path)
-    if external_data is None:
-        external_data = graph_stats(model).parameter_bytes > EXTERNAL_DATA_THRESHOLD
-    streamed = export_streamed(model, EXTERNAL_MIN_BYTES if external_data else STREAM_MIN_BYTES)
+    streamed, external = _export_for(model, out, external_data)
     if check is not None:
         check(streamed.skeleton)
     data_name = out.name + ".data"
     payloads: list[ExternalPayload] = []
-    if external_data:
+    if external:
         streamed, payloads = streamed.with_external_data(data_name)
 
     def write(staged: Path) -> None:
@@ -198,6 +201,28 @@ def save_model(
     except OSError as error:
         raise ModelSaveError(f"{out}: could not write the model: {error}") from error
     return out
+
+
+def _export_for(model: Model, out: Path, external_data: bool | None) -> tuple[StreamedModel, bool]:
+    """The streamed export to write, and whether it goes with external data.
+
+    `None` decides by size: first from the constants (counted once, so an estimate), then from
+    the exact size of the export, which may still be past protobuf's limit.
+    """
+    from iropt.model_stream import EXTERNAL_MIN_BYTES, STREAM_MIN_BYTES, export_streamed
+
+    external = external_data
+    if external is None:
+        external = graph_stats(model).parameter_bytes > EXTERNAL_DATA_THRESHOLD
+    streamed = export_streamed(model, EXTERNAL_MIN_BYTES if external else STREAM_MIN_BYTES)
+    if external or streamed.byte_size() <= PROTOBUF_LIMIT:
+        return streamed, external
+    if external_data is False:
+        raise ModelSaveError(
+            f"{out}: the model is {streamed.byte_size()} bytes, past protobuf's 2 GiB limit; "
+            "save it with external data"
+        )
+    return export_streamed(model, EXTERNAL_MIN_BYTES), True
 
 
 def save_proto(

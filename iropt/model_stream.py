@@ -9,8 +9,11 @@ and each initializer is then written as its own record, large ones straight from
 
 The skeleton is what the ONNX checker sees before anything is written. Its placeholders have
 no elements (`dims=[0]`), which the checker accepts; what it would have checked on the real
-tensors (a known element type, data of exactly the size of the dims) holds by construction
-here: both come from the array itself.
+tensors (a known element type, data of exactly the size of the dims) holds by construction:
+for an array both come from the array itself, and a tensor still as read from the input file
+is streamed only when its raw data has exactly its dims' size (any other stays in the
+skeleton, in front of the checker). Constants graphsurgeon exports more than once (graph
+inputs and outputs, constants that subgraphs read) and sparse ones are never streamed.
 
 With external data (models past protobuf's 2 GB limit) the same records point into a data file
 instead (`StreamedModel.with_external_data`), so no tensor is copied for that either.
@@ -18,19 +21,20 @@ instead (`StreamedModel.with_external_data`), so no tensor is copied for that ei
 
 from __future__ import annotations
 
+import functools
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
+from google.protobuf.descriptor import FieldDescriptor
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
-if TYPE_CHECKING:
-    from iropt.model import Model
+from iropt.model import Model, iter_graphs
 
 # Smaller tensors go through graphsurgeon's exporter: copying them costs nothing that matters.
 STREAM_MIN_BYTES = 64 * 1024
@@ -45,6 +49,12 @@ _RAW_DATA_FIELD = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 _LENGTH_DELIMITED = 2  # protobuf wire type of strings, bytes and embedded messages
 # Element kinds whose raw_data is the array's little-endian bytes: bool, ints, floats, complex.
 _RAW_KINDS = frozenset("biufc")
+# ONNX element types stored several to a byte, unlike their one-byte numpy (ml_dtypes) arrays.
+_PACKED_TYPES = frozenset(
+    getattr(onnx.TensorProto, name)
+    for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+    if hasattr(onnx.TensorProto, name)
+)
 
 
 def _varint(value: int) -> bytes:
@@ -94,19 +104,37 @@ class StreamedModel:
     skeleton: onnx.ModelProto
     initializers: list[InitializerRecord]
 
-    def write(self, out: BinaryIO) -> None:
+    @functools.cached_property
+    def _head_and_graph(self) -> tuple[bytes, bytes]:
+        """The encodings of the model without its graph and of the graph without initializers."""
         head = onnx.ModelProto()
         head.CopyFrom(self.skeleton)  # cheap: the large tensors are placeholders
         head.ClearField("graph")
         graph = onnx.GraphProto()
         graph.CopyFrom(self.skeleton.graph)
         graph.ClearField("initializer")
-        graph_fields = graph.SerializeToString()
-        out.write(head.SerializeToString())
-        out.write(_field_header(_GRAPH_FIELD, len(graph_fields) + sum(r.size() for r in self.initializers)))
+        return head.SerializeToString(), graph.SerializeToString()
+
+    def _graph_size(self) -> int:
+        return len(self._head_and_graph[1]) + sum(r.size() for r in self.initializers)
+
+    def byte_size(self) -> int:
+        """Bytes `write` writes: what protobuf's 2 GiB message limit applies to."""
+        graph = self._graph_size()
+        return len(self._head_and_graph[0]) + len(_field_header(_GRAPH_FIELD, graph)) + graph
+
+    def write(self, out: BinaryIO) -> None:
+        head, graph_fields = self._head_and_graph
+        out.write(head)
+        out.write(_field_header(_GRAPH_FIELD, self._graph_size()))
         out.write(graph_fields)
         for record in self.initializers:
             record.write(out)
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        self.write(buffer)
+        return buffer.getvalue()
 
     def with_external_data(self, location: str) -> tuple[StreamedModel, list[ExternalPayload]]:
         """The same model with its tensor data moved to the file `location` (relative to the
@@ -152,9 +180,7 @@ def _aligned(offset: int) -> int:
 
 def model_bytes(model: Model) -> bytes:
     """The serialized model, as `model.to_onnx().SerializeToString()` but without its copies."""
-    buffer = io.BytesIO()
-    export_streamed(model).write(buffer)
-    return buffer.getvalue()
+    return export_streamed(model).to_bytes()
 
 
 def export_streamed(model: Model, min_bytes: int = STREAM_MIN_BYTES) -> StreamedModel:
@@ -172,48 +198,104 @@ def export_streamed(model: Model, min_bytes: int = STREAM_MIN_BYTES) -> Streamed
 
 def _large_initializers(graph: gs.Graph, min_bytes: int) -> dict[str, tuple[gs.Constant, InitializerRecord]]:
     """The top-level constants worth streaming, with their records, by name."""
+    pinned = _pinned_tensors(graph)
     large: dict[str, tuple[gs.Constant, InitializerRecord]] = {}
     for tensor in graph.tensors().values():
-        if isinstance(tensor, gs.Constant):
+        if isinstance(tensor, gs.Constant) and id(tensor) not in pinned:
             record = _record_of(tensor, min_bytes)
             if record is not None:
                 large[tensor.name] = (tensor, record)
     return large
 
 
+def _pinned_tensors(graph: gs.Graph) -> set[int]:
+    """Tensors graphsurgeon exports more than once: graph inputs and outputs (their value_info is
+    built from the constant's shape) and what subgraphs read (copied into their initializers).
+    A placeholder there would be written as it is, so these constants are never streamed."""
+    pinned = {id(t) for t in (*graph.inputs, *graph.outputs)}
+    for subgraph in iter_graphs(graph)[1:]:
+        pinned.update(id(t) for node in subgraph.nodes for t in node.inputs)
+        pinned.update(id(t) for t in subgraph.outputs)
+    return pinned
+
+
 def _record_of(constant: gs.Constant, min_bytes: int) -> InitializerRecord | None:
     # `_values` rather than `values`: reading `values` would decode a tensor still held as the
     # input file's TensorProto into a numpy array, the copy this module exists to avoid.
     stored = constant._values
+    if isinstance(stored, SparseValues):  # a LazyValues too, but exported as a sparse initializer
+        return None
     if isinstance(stored, LazyValues):
-        return _record_of_stored(constant.name, stored.tensor) if stored.nbytes >= min_bytes else None
+        return _record_of_stored(constant.name, stored) if stored.nbytes >= min_bytes else None
     if not _streamable_array(constant, stored, min_bytes):
         return None
-    header = _header(constant.name, onnx.helper.np_dtype_to_tensor_dtype(stored.dtype), stored.shape)
+    header = onnx.TensorProto(
+        name=constant.name, data_type=onnx.helper.np_dtype_to_tensor_dtype(stored.dtype), dims=stored.shape
+    )
     little_endian = stored.astype(stored.dtype.newbyteorder("<"), copy=False)
-    return InitializerRecord(header, np.ascontiguousarray(little_endian).reshape(-1).view(np.uint8))
+    return InitializerRecord(header.SerializeToString(), np.ascontiguousarray(little_endian).reshape(-1).view(np.uint8))
 
 
-def _record_of_stored(name: str, tensor: onnx.TensorProto) -> InitializerRecord:
-    """A tensor as read from the input file: its raw bytes as they are, or the whole message
-    when it keeps its values in typed fields (float_data, ...)."""
-    if not tensor.HasField("raw_data"):
-        tensor.name = name  # what graphsurgeon's exporter does too
-        return InitializerRecord(tensor.SerializeToString())
-    header = _header(name, tensor.data_type, tensor.dims)
-    return InitializerRecord(header, np.frombuffer(tensor.raw_data, dtype=np.uint8))
+def _record_of_stored(name: str, stored: LazyValues) -> InitializerRecord | None:
+    """A tensor still as read from the input file, its raw bytes written as they are.
+
+    Left to graphsurgeon (and so to the checker, which sees it in the skeleton): a tensor
+    without raw_data (typed fields such as float_data), and one whose raw_data does not hold
+    exactly its dims' worth of elements (a broken input, or a packed 4-bit type).
+    """
+    tensor = stored.tensor
+    if not tensor.HasField("raw_data") or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    raw = tensor.raw_data
+    if len(raw) != stored.nbytes:
+        return None
+    return InitializerRecord(_fields_except_raw_data(tensor, name), np.frombuffer(raw, dtype=np.uint8))
 
 
-def _header(name: str, data_type: int, dims: Iterable[int]) -> bytes:
-    return onnx.TensorProto(name=name, data_type=data_type, dims=dims).SerializeToString()
+def _fields_except_raw_data(tensor: onnx.TensorProto, name: str) -> bytes:
+    """`tensor`'s encoding without its data (doc_string, metadata_props and all), renamed."""
+    header = onnx.TensorProto()
+    for field, value in tensor.ListFields():
+        if field.name == "raw_data":
+            continue
+        if _is_repeated(field):
+            getattr(header, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(header, field.name).CopyFrom(value)
+        else:
+            setattr(header, field.name, value)
+    header.name = name  # graphsurgeon's exporter renames the stored tensor too
+    return header.SerializeToString()
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    # protobuf 7 removed `label` from upb's descriptors in favour of `is_repeated`.
+    repeated = getattr(field, "is_repeated", None)
+    return bool(repeated) if repeated is not None else field.label == field.LABEL_REPEATED
 
 
 def _streamable_array(constant: gs.Constant, stored: object, min_bytes: int) -> bool:
-    if not isinstance(stored, np.ndarray) or stored.nbytes < min_bytes:
+    if not isinstance(stored, np.ndarray) or stored.nbytes < min_bytes or not stored.dtype.isnative:
         return False
-    # A constant exported as another type (bfloat16, float8) is converted by graphsurgeon.
-    same_type = isinstance(constant.export_dtype, np.dtype) and constant.export_dtype == stored.dtype
-    return same_type and stored.dtype.isnative and stored.dtype.kind in _RAW_KINDS
+    # A constant exported as another type is converted by graphsurgeon (onnx before 1.20).
+    if not (isinstance(constant.export_dtype, np.dtype) and constant.export_dtype == stored.dtype):
+        return False
+    return _raw_is_array_bytes(stored.dtype)
+
+
+def _raw_is_array_bytes(dtype: np.dtype) -> bool:
+    """Whether ONNX's raw_data of this element type is the array's own bytes: yes for bool,
+    ints, floats, complex and the byte-sized ml_dtypes (bfloat16, float8); no for strings and
+    for the 4-bit and 2-bit types, which ONNX packs several to a byte."""
+    if dtype.kind in _RAW_KINDS:
+        return True
+    if dtype.kind != "V":
+        return False
+    try:
+        onnx_type = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+    except (KeyError, TypeError, ValueError):
+        return False
+    return onnx_type not in _PACKED_TYPES
 
 
 @contextmanager

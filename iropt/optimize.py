@@ -122,17 +122,25 @@ def _checker(source: Path, checked_each: bool) -> ModelCheck:
         try:
             onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model))
         except onnx.checker.ValidationError as error:
-            try:
-                onnx.checker.check_model(str(source))
-            except onnx.checker.ValidationError as input_error:
+            input_error = _checker_error(source)
+            if input_error is not None and first_line(input_error) == first_line(error):
                 raise UserError(
                     f"{source}: the input model fails the ONNX checker, so its optimized form does "
                     f"too; fix the input first: {first_line(input_error)}"
                 ) from error
             hint = "" if checked_each else " (run with --check-each to find the pass that broke it)"
-            raise IroptError(f"the optimized model fails the ONNX checker{hint}: {error}") from error
+            also = f" (the input model fails it too, differently: {first_line(input_error)})" if input_error else ""
+            raise IroptError(f"the optimized model fails the ONNX checker{hint}: {error}{also}") from error
 
     return check
+
+
+def _checker_error(path: Path) -> onnx.checker.ValidationError | None:
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as error:
+        return error
+    return None
 
 
 def _check_output_path(output: Path, model_path: Path) -> None:

@@ -26,8 +26,16 @@ import onnxruntime as ort
 
 from iropt.backend import Backend
 from iropt.errors import UserError, first_line
-from iropt.model import EXTERNAL_DATA_THRESHOLD, Model, graph_stats, save_model, save_proto, tensor_bytes
-from iropt.model_stream import model_bytes
+from iropt.model import (
+    EXTERNAL_DATA_THRESHOLD,
+    PROTOBUF_LIMIT,
+    Model,
+    graph_stats,
+    save_model,
+    save_proto,
+    tensor_bytes,
+)
+from iropt.model_stream import export_streamed
 from iropt.registry import register_backend
 
 OptimizationLevel = Literal["disable", "basic", "extended", "layout", "all"]
@@ -121,9 +129,11 @@ def make_session(
         return _create(str(model), options, providers)
     write: Callable[[Path], Path]
     if isinstance(model, Model):
-        if graph_stats(model).parameter_bytes <= IN_MEMORY_LIMIT:
+        if graph_stats(model).parameter_bytes <= IN_MEMORY_LIMIT:  # an estimate: checked below
             # Serialized by the streaming writer: the weights are copied once, not four times.
-            return _create(model_bytes(model), options, providers)
+            streamed = export_streamed(model)
+            if streamed.byte_size() <= PROTOBUF_LIMIT:
+                return _create(streamed.to_bytes(), options, providers)
         write = functools.partial(save_model, model, external_data=True)
     else:
         if tensor_bytes(model) <= IN_MEMORY_LIMIT:

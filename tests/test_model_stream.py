@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from iropt.errors import IroptError
+import iropt.model
+from iropt import model_stream
+from iropt.errors import IroptError, ModelSaveError
 from iropt.model import Model, load_model, save_model
 from iropt.model_stream import STREAM_MIN_BYTES, ExternalPayload, StreamedModel, export_streamed, model_bytes
 
@@ -95,18 +97,124 @@ def test_the_model_keeps_its_arrays() -> None:
     assert streamed.skeleton.ByteSize() < STREAM_MIN_BYTES
 
 
-def test_extension_types_go_through_graphsurgeon() -> None:
-    # ml_dtypes arrays (bfloat16, float8, int4) may be packed differently on disk than in memory.
-    model = _weighted_model(np.random.default_rng(3))
-    weight = model.graph.tensors()["W"]
-    weight.values = weight.values.astype(onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.BFLOAT16))
+@pytest.mark.parametrize("onnx_type", [onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN], ids=["bfloat16", "float8"])
+def test_byte_sized_extension_types_are_streamed(onnx_type: int) -> None:
+    values = np.random.default_rng(3).uniform(-7, 7, 2 * STREAM_MIN_BYTES).astype(np.float32)
+    model = _identity_model([values.astype(onnx.helper.tensor_dtype_to_np_dtype(onnx_type))])
 
-    streamed = export_streamed(model)
+    assert export_streamed(model).skeleton.graph.initializer[0].dims == [0]  # a placeholder
+    written = _written(model)
+    assert written.graph.initializer[0].data_type == onnx_type
+    assert _canonical(written) == _canonical(model.to_onnx())
+
+
+def test_packed_and_string_types_are_not_raw_array_bytes() -> None:
+    # ONNX packs 4-bit types two to a byte; ml_dtypes keeps one per byte.
+    for onnx_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1):
+        assert not model_stream._raw_is_array_bytes(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(onnx_type)))
+    assert not model_stream._raw_is_array_bytes(np.dtype(object))
+    assert model_stream._raw_is_array_bytes(np.dtype(np.float16))
+
+
+def _large_model_from(graph: onnx.GraphProto, tmp_path: Path | None = None) -> Model:
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    onnx.checker.check_model(proto)
+    if tmp_path is None:
+        return Model.from_onnx(proto)
+    onnx.save(proto, str(tmp_path / "in.onnx"))
+    return load_model(tmp_path / "in.onnx")
+
+
+def test_constants_exported_twice_are_not_streamed() -> None:
+    # A constant that is a graph output (its value_info comes from its shape) or that a branch
+    # reads (graphsurgeon copies it into the branch) would be written as its placeholder.
+    shared = gs.Constant("shared", np.full(STREAM_MIN_BYTES, 3.0, np.float32))
+    out_then = gs.Variable("then_out", np.float32, (STREAM_MIN_BYTES,))
+    then_graph = gs.Graph(nodes=[gs.Node("Identity", inputs=[shared], outputs=[out_then])], outputs=[out_then])
+    x = gs.Variable("x", np.float32, (STREAM_MIN_BYTES,))
+    out_else = gs.Variable("else_out", np.float32, (STREAM_MIN_BYTES,))
+    else_graph = gs.Graph(nodes=[gs.Node("Identity", inputs=[x], outputs=[out_else])], outputs=[out_else])
+    flag = gs.Variable("flag", np.bool_, ())
+    y, total = gs.Variable("y", np.float32, (STREAM_MIN_BYTES,)), gs.Variable("total", np.float32, (STREAM_MIN_BYTES,))
+    returned = gs.Constant("returned", np.full(STREAM_MIN_BYTES, 5.0, np.float32))
+    nodes = [
+        gs.Node("Add", inputs=[x, shared], outputs=[total]),
+        gs.Node("If", inputs=[flag], outputs=[y], attrs={"then_branch": then_graph, "else_branch": else_graph}),
+    ]
+    model = Model(gs.Graph(nodes=nodes, inputs=[x, flag], outputs=[total, y, returned], opset=17))
+
     written = _written(model)
 
-    assert streamed.skeleton.graph.initializer[0].dims == list(weight.shape)  # not a placeholder
-    assert written.graph.initializer[0].data_type == onnx.TensorProto.BFLOAT16
     assert _canonical(written) == _canonical(model.to_onnx())
+    onnx.checker.check_model(written, full_check=True)
+    outputs = run_ort(written, {"x": np.zeros(STREAM_MIN_BYTES, np.float32), "flag": np.array(True)})
+    assert outputs["y"].shape == (STREAM_MIN_BYTES,) and np.all(outputs["y"] == 3.0)
+    assert np.all(outputs["returned"] == 5.0)
+
+
+def test_sparse_initializers_are_left_to_graphsurgeon(tmp_path: Path) -> None:
+    values = onnx.numpy_helper.from_array(np.ones(10, np.float32), "S")
+    indices = onnx.numpy_helper.from_array(np.arange(0, 1000, 100, dtype=np.int64), "S_indices")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["x", "S"], ["y"])],
+        "sparse",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [STREAM_MIN_BYTES])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [STREAM_MIN_BYTES])],
+        sparse_initializer=[onnx.helper.make_sparse_tensor(values, indices, [STREAM_MIN_BYTES])],
+    )
+    model = _large_model_from(graph, tmp_path)
+
+    save_model(model, tmp_path / "out.onnx")
+
+    written = onnx.load(str(tmp_path / "out.onnx"))
+    assert [t.values.name for t in written.graph.sparse_initializer] == ["S"]
+    assert _canonical(written) == _canonical(model.to_onnx())
+
+
+def test_stored_tensor_keeps_its_fields_and_a_broken_one_reaches_the_checker(tmp_path: Path) -> None:
+    good = onnx.numpy_helper.from_array(np.ones(STREAM_MIN_BYTES, np.float32), "good")
+    good.doc_string = "kept"
+    entry = good.metadata_props.add()
+    entry.key, entry.value = "origin", "test"
+    broken = onnx.numpy_helper.from_array(np.ones(STREAM_MIN_BYTES, np.float32), "broken")
+    broken.raw_data = broken.raw_data[:-4]  # one element short of its dims
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["good", "broken"], ["y"])],
+        "stored",
+        [],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [STREAM_MIN_BYTES])],
+        [good, broken],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    onnx.save(proto, str(tmp_path / "in.onnx"))
+    model = load_model(tmp_path / "in.onnx")
+
+    streamed = export_streamed(model)
+
+    stored = {t.name: list(t.dims) for t in streamed.skeleton.graph.initializer}
+    assert stored == {"good": [0], "broken": [STREAM_MIN_BYTES]}  # the broken one is not streamed
+    written = onnx.load_from_string(streamed.to_bytes())
+    assert _canonical(written) == _canonical(model.to_onnx())
+    assert written.graph.initializer[0].doc_string == "kept"
+    with pytest.raises(onnx.checker.ValidationError, match="raw_data size"):
+        save_model(model, tmp_path / "out.onnx", check=onnx.checker.check_model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+
+
+def test_a_model_past_the_protobuf_limit_goes_to_external_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The limit is lowered instead of building a 2 GiB model: the size checks are the same.
+    monkeypatch.setattr(iropt.model, "PROTOBUF_LIMIT", 100_000)
+    model = _weighted_model(np.random.default_rng(9))
+
+    save_model(model, tmp_path / "auto.onnx")
+    with pytest.raises(ModelSaveError, match="past protobuf's 2 GiB limit"):
+        save_model(model, tmp_path / "inline.onnx", external_data=False)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.onnx", "auto.onnx.data"]
+    loaded = _without_default_locations(onnx.load(str(tmp_path / "auto.onnx")))
+    assert _canonical(loaded) == _canonical(model.to_onnx())
 
 
 def test_subgraph_constants_stay_in_their_subgraph(tmp_path: Path) -> None:
@@ -213,6 +321,7 @@ def test_any_array_streams_to_the_same_tensor(arrays: list[np.ndarray]) -> None:
     streamed = export_streamed(model, min_bytes=0)
     buffer = io.BytesIO()
     streamed.write(buffer)
+    assert streamed.byte_size() == len(buffer.getvalue())
     with tempfile.TemporaryDirectory() as folder:
         external = _written_external(streamed, Path(folder))
 
