@@ -190,6 +190,13 @@ def save_model(
     payloads: list[ExternalPayload] = []
     if external:
         streamed, payloads = streamed.with_external_data(data_name)
+        if streamed.byte_size() > PROTOBUF_LIMIT:
+            raise ModelSaveError(
+                f"{out}: even with its large tensors in external data the model is "
+                f"{streamed.byte_size()} bytes, past protobuf's 2 GiB limit: the tensors kept inline "
+                "(inside If/Loop bodies, read by them, graph inputs or outputs, or stored as typed "
+                "fields) are too large"
+            )
 
     def write(staged: Path) -> None:
         _write_file(staged, streamed.write)

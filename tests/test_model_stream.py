@@ -215,6 +215,11 @@ def test_a_model_past_the_protobuf_limit_goes_to_external_data(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.onnx", "auto.onnx.data"]
     loaded = _without_default_locations(onnx.load(str(tmp_path / "auto.onnx")))
     assert _canonical(loaded) == _canonical(model.to_onnx())
+    # What external data cannot take out (here: a graph output) still counts against the limit.
+    model.graph.outputs.append(model.graph.tensors()["W"])
+    with pytest.raises(ModelSaveError, match="even with its large tensors in external data"):
+        save_model(model, tmp_path / "pinned.onnx")
+    assert not (tmp_path / "pinned.onnx").exists()
 
 
 def test_subgraph_constants_stay_in_their_subgraph(tmp_path: Path) -> None:
