@@ -49,6 +49,7 @@ class Model:
     def from_onnx(cls, proto: onnx.ModelProto, source_path: Path | None = None) -> Model:
         from iropt.graph_utils import relink_outer_scope
 
+        _check_no_shadowing(proto.graph, frozenset(), source_path)
         graph = gs.import_onnx(proto)
         # Out-of-order protos give subgraphs stand-in copies of outer tensors; every pass relies
         # on the shared objects, so repair that once here.
@@ -93,6 +94,31 @@ class Model:
             if opset_id.domain == domain:
                 return int(opset_id.version)
         return None
+
+
+def _check_no_shadowing(graph: onnx.GraphProto, outer: frozenset[str], source: Path | None) -> None:
+    """ModelLoadError when a subgraph declares a name an enclosing graph declares too.
+
+    The checker allows a subgraph's own initializer or input to shadow an outer tensor, but
+    onnx-graphsurgeon resolves both to the outer one, which would silently change what the
+    model computes.
+    """
+    declared = {t.name for t in graph.input} | {t.name for t in graph.initializer}
+    declared |= {name for node in graph.node for name in node.output}
+    declared.discard("")
+    clash = sorted(declared & outer)
+    if clash:
+        where = f"{source}: " if source is not None else ""
+        raise ModelLoadError(
+            f"{where}subgraph '{graph.name}' declares {', '.join(repr(n) for n in clash[:5])}, also "
+            "declared in an enclosing graph; iropt's graph representation would merge the two and "
+            "change what the model computes: rename one of them"
+        )
+    visible = outer | declared
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                _check_no_shadowing(subgraph, visible, source)
 
 
 def load_model(path: str | os.PathLike[str]) -> Model:
@@ -191,12 +217,9 @@ def save_model(
     if external:
         streamed, payloads = streamed.with_external_data(data_name)
         if streamed.byte_size() > PROTOBUF_LIMIT:
-            raise ModelSaveError(
-                f"{out}: even with its large tensors in external data the model is "
-                f"{streamed.byte_size()} bytes, past protobuf's 2 GiB limit: the tensors kept inline "
-                "(inside If/Loop bodies, read by them, graph inputs or outputs, or stored as typed "
-                "fields) are too large"
-            )
+            # Too much stays inline (tensors in or read by If/Loop bodies, graph inputs or
+            # outputs, typed fields): onnx's own converter moves every tensor out, copies and all.
+            return save_proto(model.to_onnx(), out, external_data=True, source=model.source_path, check=check)
 
     def write(staged: Path) -> None:
         _write_file(staged, streamed.write)

@@ -73,11 +73,28 @@ def _field_header(field: int, length: int) -> bytes:
 
 
 @dataclass(frozen=True)
+class StoredRaw:
+    """The raw_data of a tensor still as read from the input file, read only when written:
+    each read is a fresh copy, so holding one per tensor until the write would double memory."""
+
+    tensor: onnx.TensorProto
+    nbytes: int
+
+    @property
+    def data(self) -> bytes:
+        return self.tensor.raw_data
+
+
+# Element bytes to write as raw_data: an array's buffer (1-D uint8) or a stored tensor's.
+RawData = np.ndarray | StoredRaw
+
+
+@dataclass(frozen=True)
 class InitializerRecord:
     """One graph initializer as written: encoded TensorProto fields, then `data` as raw_data."""
 
     fields: bytes
-    data: np.ndarray | None = None  # 1-D uint8, little-endian element bytes
+    data: RawData | None = None
 
     def body_size(self) -> int:
         if self.data is None:
@@ -163,7 +180,7 @@ class ExternalPayload:
     """Tensor bytes to write at `offset` of the external data file."""
 
     offset: int
-    data: np.ndarray
+    data: RawData
 
     @staticmethod
     def write_all(payloads: list[ExternalPayload], out: BinaryIO) -> None:
@@ -246,14 +263,28 @@ def _record_of_stored(name: str, stored: LazyValues) -> InitializerRecord | None
     tensor = stored.tensor
     if not tensor.HasField("raw_data") or tensor.data_location == onnx.TensorProto.EXTERNAL:
         return None
-    raw = tensor.raw_data
-    if len(raw) != stored.nbytes:
+    header = _header_of(tensor)
+    if _raw_data_length(tensor, header.ByteSize()) != stored.nbytes:
         return None
-    return InitializerRecord(_fields_except_raw_data(tensor, name), np.frombuffer(raw, dtype=np.uint8))
+    header.name = name  # graphsurgeon's exporter renames the stored tensor too
+    return InitializerRecord(header.SerializeToString(), StoredRaw(tensor, stored.nbytes))
 
 
-def _fields_except_raw_data(tensor: onnx.TensorProto, name: str) -> bytes:
-    """`tensor`'s encoding without its data (doc_string, metadata_props and all), renamed."""
+def _raw_data_length(tensor: onnx.TensorProto, header_size: int) -> int | None:
+    """len(tensor.raw_data) from encoded sizes (reading raw_data itself would copy it): the
+    tensor's encoding is its header's plus the raw_data field (key, length varint, bytes).
+    None when that does not add up (unknown fields, say); the tensor is then not streamed."""
+    field = tensor.ByteSize() - header_size
+    key = len(_varint(_RAW_DATA_FIELD << 3 | _LENGTH_DELIMITED))
+    for width in range(1, 11):
+        length = field - key - width
+        if length >= 0 and len(_varint(length)) == width:
+            return length
+    return None
+
+
+def _header_of(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """`tensor` without its data: every other field (doc_string, metadata_props, ...) copied."""
     header = onnx.TensorProto()
     for field, value in tensor.ListFields():
         if field.name == "raw_data":
@@ -264,8 +295,7 @@ def _fields_except_raw_data(tensor: onnx.TensorProto, name: str) -> bytes:
             getattr(header, field.name).CopyFrom(value)
         else:
             setattr(header, field.name, value)
-    header.name = name  # graphsurgeon's exporter renames the stored tensor too
-    return header.SerializeToString()
+    return header
 
 
 def _is_repeated(field: FieldDescriptor) -> bool:
