@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 from collections import ChainMap
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 _DEFAULT_DOMAINS = (None, "", "ai.onnx")
+
+
+class FreshNames:
+    """Hands out names not in `used`, deterministically: `base`, else `base_1`, `base_2`, ..."""
+
+    def __init__(self, used: Iterable[str]) -> None:
+        self._used = set(used)
+        # The last suffix given per base: a long run of one base does not rescan from _1.
+        self._last: dict[str, int] = {}
+
+    def __call__(self, base: str) -> str:
+        name = base
+        while name in self._used:
+            self._last[base] = self._last.get(base, 0) + 1
+            name = f"{base}_{self._last[base]}"
+        self._used.add(name)
+        return name
 
 
 def is_op(node: gs.Node, *ops: str) -> bool:

@@ -26,10 +26,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from iropt.graph_utils import constant_value, is_op
+from iropt.graph_utils import FreshNames, constant_value, is_op
 from iropt.quant_params import weight_params
 from iropt.quant_placement import node_key, node_label
-from iropt.quant_rewrite import Namer
+from iropt.quant_rewrite import names_for
 
 DYNAMIC_OP_TYPES: tuple[str, ...] = ("MatMul", "Gemm")
 
@@ -71,7 +71,7 @@ def _rewritable(node: gs.Node) -> bool:
 
 def quantize_dynamic(graph: gs.Graph, candidates: list[DynamicCandidate]) -> int:
     """Rewrite `candidates` in place; returns the number of weights quantized."""
-    name = Namer(graph)
+    name = names_for(graph)
     quantized_inputs: dict[int, tuple[gs.Variable, gs.Variable, gs.Variable]] = {}
     for candidate in candidates:
         node = candidate.node
@@ -82,7 +82,7 @@ def quantize_dynamic(graph: gs.Graph, candidates: list[DynamicCandidate]) -> int
     return len(candidates)
 
 
-def _dynamic_quantize(graph: gs.Graph, name: Namer, x: gs.Tensor) -> tuple[gs.Variable, gs.Variable, gs.Variable]:
+def _dynamic_quantize(graph: gs.Graph, name: FreshNames, x: gs.Tensor) -> tuple[gs.Variable, gs.Variable, gs.Variable]:
     """One DynamicQuantizeLinear per activation, shared by every MatMul that reads it."""
     x_q = gs.Variable(name(f"{x.name}_quantized"), dtype=np.uint8, shape=x.shape)
     x_scale = gs.Variable(name(f"{x.name}_scale"), dtype=np.float32, shape=[])
@@ -95,7 +95,7 @@ def _dynamic_quantize(graph: gs.Graph, name: Namer, x: gs.Tensor) -> tuple[gs.Va
 
 
 def _rewrite(
-    graph: gs.Graph, name: Namer, node: gs.Node, x_q: gs.Variable, x_scale: gs.Variable, x_zero: gs.Variable
+    graph: gs.Graph, name: FreshNames, node: gs.Node, x_q: gs.Variable, x_scale: gs.Variable, x_zero: gs.Variable
 ) -> None:
     weight = constant_value(node.inputs[1])
     assert weight is not None

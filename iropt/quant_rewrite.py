@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from iropt.graph_utils import constant_value, is_op, replace_in
+from iropt.graph_utils import FreshNames, constant_value, is_op, replace_in
 from iropt.quant_params import QParams, Scheme, bias_params, weight_params
 from iropt.quant_placement import Plan, QuantizedNode, QuantizedTensor
 
@@ -35,19 +35,9 @@ class RewriteStats:
     quantized_biases: int = 0
 
 
-class Namer:
-    """Unique, deterministic names for new tensors and nodes (`base`, `base_1`, ...)."""
-
-    def __init__(self, graph: gs.Graph) -> None:
-        self._used = set(graph.tensors().keys()) | {node.name for node in graph.nodes}
-
-    def __call__(self, base: str) -> str:
-        name, suffix = base, 0
-        while name in self._used:
-            suffix += 1
-            name = f"{base}_{suffix}"
-        self._used.add(name)
-        return name
+def names_for(graph: gs.Graph) -> FreshNames:
+    """New tensor and node names for `graph` (`base`, `base_1`, ...)."""
+    return FreshNames([*graph.tensors().keys(), *(node.name for node in graph.nodes)])
 
 
 def insert_qdq(graph: gs.Graph, plan: Plan, params: Mapping[str, QParams], scheme: Scheme) -> RewriteStats:
@@ -71,7 +61,7 @@ class _Rewriter:
     def __init__(self, graph: gs.Graph, scheme: Scheme) -> None:
         self.graph = graph
         self.scheme = scheme
-        self.name = Namer(graph)
+        self.name = names_for(graph)
         # A weight shared by several nodes is quantized once per axis.
         self._weights: dict[tuple[int, int | None], tuple[gs.Variable, QParams]] = {}
         self.weights_done = 0

@@ -80,7 +80,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from iropt.graph_utils import constant_value, is_op
+from iropt.graph_utils import FreshNames, constant_value, is_op
 from iropt.model import Model, iter_graphs
 from iropt.pass_infra import Pass, PassContext, PassResult
 
@@ -204,24 +204,14 @@ def tensor(name: str | None = None, *, optional: bool = False) -> TensorPattern:
 # Matches, rules and refusals
 
 
-class _Namespace:
-    """Tensor and node names in use across a model, to hand out new unique, deterministic ones."""
-
-    def __init__(self, graphs: Iterable[gs.Graph]) -> None:
-        self._used: set[str] = set()
-        self._counters: dict[str, int] = collections.defaultdict(int)
-        for graph in graphs:
-            self._used.update(graph.tensors().keys())
-            self._used.update(node.name for node in graph.nodes if node.name)
-            self._used.update(t.name for t in (*graph.inputs, *graph.outputs))
-
-    def fresh(self, base: str) -> str:
-        name = base
-        while name in self._used:
-            self._counters[base] += 1
-            name = f"{base}_{self._counters[base]}"
-        self._used.add(name)
-        return name
+def _names_in(graphs: Iterable[gs.Graph]) -> FreshNames:
+    """New tensor and node names, unique across the model's graphs."""
+    used: set[str] = set()
+    for graph in graphs:
+        used.update(graph.tensors().keys())
+        used.update(node.name for node in graph.nodes if node.name)
+        used.update(t.name for t in (*graph.inputs, *graph.outputs))
+    return FreshNames(used)
 
 
 @dataclass
@@ -240,7 +230,7 @@ class Match:
     tensors: dict[str, gs.Tensor | None]
     values: dict[str, np.ndarray | None]
     matched_nodes: list[gs.Node]
-    _names: _Namespace
+    _names: FreshNames
 
     def value(self, name: str) -> np.ndarray:
         """The value of the `const` capture `name`; a KeyError when it is absent."""
@@ -251,7 +241,7 @@ class Match:
 
     def fresh_name(self, base: str) -> str:
         """A tensor or node name not used anywhere in the model (`base`, `base_1`, ...)."""
-        return self._names.fresh(base)
+        return self._names(base)
 
     def constant(self, base: str, values: np.ndarray) -> gs.Constant:
         """A new initializer with a fresh name derived from `base`."""
@@ -402,7 +392,7 @@ class _Scope:
         opset: int,
         protected: set[int],
         local: set[int],
-        names: _Namespace,
+        names: FreshNames,
     ) -> None:
         self.graph = graph
         self.opset = opset
@@ -418,7 +408,7 @@ class _Scope:
             int(opset if opset is not None else graph.opset),
             {id(t) for g in graphs for t in g.outputs},
             {id(n) for n in graph.nodes},
-            _Namespace(graphs),
+            _names_in(graphs),
         )
 
 
@@ -609,7 +599,7 @@ def apply_rules(
     graphs = iter_graphs(graph) if subgraphs else [graph]
     report = RewriteReport(applied=dict.fromkeys(names, 0))
     protected = {id(t) for g in graphs for t in g.outputs}
-    namespace = _Namespace(graphs)
+    namespace = _names_in(graphs)
     version = int(opset if opset is not None else graph.opset)
     for current in graphs:
         limit = max_applications if max_applications is not None else 8 * len(current.nodes) + 64

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from iropt.graph_utils import constant_value, is_op, replace_in
+from iropt.graph_utils import FreshNames, constant_value, is_op, replace_in
 from iropt.model import Model, iter_graphs
 
 Dims = list[int | None]
@@ -57,16 +57,8 @@ class ModelEdit:
         # Outputs of any graph, nested bodies included: an outer tensor may be a body's output,
         # and no edit may leave an output without its producer.
         self.protected = {id(t) for g in self.graphs for t in g.outputs}
-        self._names = {name for g in self.graphs for name in g.tensors()}
-
-    def fresh_name(self, base: str) -> str:
-        """`base`, or `base_1`, `base_2`, ... : a tensor name not used anywhere in the model."""
-        name, index = base, 0
-        while name in self._names:
-            index += 1
-            name = f"{base}_{index}"
-        self._names.add(name)
-        return name
+        # fresh_name(base): `base`, or `base_1`, ...: a tensor name not used anywhere in the model.
+        self.fresh_name = FreshNames(name for g in self.graphs for name in g.tensors())
 
     def int64_constant(self, base: str, values: Sequence[int]) -> gs.Constant:
         """A new 1-D int64 constant (shape, axes, starts, ...) under a fresh name."""
