@@ -314,7 +314,7 @@ def with_outputs(model: Model, tensors: Sequence[str]) -> Model:
         if name not in existing:
             proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
             existing.add(name)
-    return Model.from_onnx(proto, model.source_path)
+    return model.rebuilt(proto)
 
 
 def split_batches(feed: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:

@@ -1,18 +1,18 @@
 """The Model that flows through iropt, and the only place models are read and written.
 
 A `Model` is an onnx-graphsurgeon graph plus what a graph alone does not carry: the model's
-metadata, its documentation and the folder its external data came from. Loading validates the
-file and refuses external-data locations that escape the model's folder; saving is atomic (a
-temporary file, then a rename), never writes over the model it was loaded from, and switches to
-external data when the tensors would not fit the 2 GB protobuf limit.
+metadata, its documentation and the files it was read from. Loading validates the file and
+refuses external-data locations that escape the model's folder; saving is atomic (a temporary
+file, then a rename), never writes over the model it was loaded from or that model's external
+data, and switches to external data when the tensors would not fit the 2 GB protobuf limit.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -44,6 +44,8 @@ class Model:
     domain: str = ""
     model_version: int = 0
     source_path: Path | None = None
+    # The input's external data files (resolved): a save never writes over them either.
+    source_data_files: frozenset[Path] = frozenset()
 
     @classmethod
     def from_onnx(cls, proto: onnx.ModelProto, source_path: Path | None = None) -> Model:
@@ -79,7 +81,16 @@ class Model:
 
     def copy(self) -> Model:
         """A deep copy that shares nothing mutable with this model."""
-        return Model.from_onnx(self.to_onnx(), self.source_path)
+        return self.rebuilt(self.to_onnx())
+
+    def rebuilt(self, proto: onnx.ModelProto) -> Model:
+        """A Model of `proto` that keeps this model's record of the files it was read from."""
+        return replace(Model.from_onnx(proto, self.source_path), source_data_files=self.source_data_files)
+
+    def input_files(self) -> tuple[Path, ...]:
+        """The files this model was read from (the model first, then its external data)."""
+        head = (self.source_path,) if self.source_path is not None else ()
+        return head + tuple(sorted(self.source_data_files))
 
     @property
     def opset(self) -> int:
@@ -123,12 +134,17 @@ def _check_no_shadowing(graph: onnx.GraphProto, outer: frozenset[str], source: P
 
 def load_model(path: str | os.PathLike[str]) -> Model:
     """Read an ONNX model, with its external data, and explain what is wrong when it cannot."""
-    return Model.from_onnx(load_proto(path), Path(path).resolve())
+    proto, data_files = _load(Path(path))
+    return replace(Model.from_onnx(proto, Path(path).resolve()), source_data_files=data_files)
 
 
 def load_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Read and validate a ModelProto, loading external data from inside the model's folder only."""
-    model_path = Path(path)
+    return _load(Path(path))[0]
+
+
+def _load(model_path: Path) -> tuple[onnx.ModelProto, frozenset[Path]]:
+    """The validated proto, its external data loaded, and the external data files it read."""
     _check_readable(model_path)
     try:
         proto = onnx.load_model(str(model_path), load_external_data=False)
@@ -137,10 +153,11 @@ def load_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
             f"{model_path}: not a readable ONNX model (the file is truncated or not ONNX protobuf: {exc})"
         ) from exc
     _check_looks_like_onnx(model_path, proto)
-    if _uses_external_data(proto):
-        _check_external_locations(model_path, proto)
-        onnx.external_data_helper.load_external_data_for_model(proto, str(model_path.parent))
-    return proto
+    if not _uses_external_data(proto):
+        return proto, frozenset()
+    data_files = _check_external_locations(model_path, proto)
+    onnx.external_data_helper.load_external_data_for_model(proto, str(model_path.parent))
+    return proto, data_files
 
 
 def _check_readable(model_path: Path) -> None:
@@ -168,8 +185,11 @@ def _uses_external_data(proto: onnx.ModelProto) -> bool:
     )
 
 
-def _check_external_locations(model_path: Path, proto: onnx.ModelProto) -> None:
+def _check_external_locations(model_path: Path, proto: onnx.ModelProto) -> frozenset[Path]:
+    """The external data files the model reads (resolved); ModelLoadError for a missing one or
+    one outside the model's folder."""
     base = model_path.parent.resolve()
+    files: set[Path] = set()
     for tensor in onnx.external_data_helper._get_all_tensors(proto):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -184,6 +204,8 @@ def _check_external_locations(model_path: Path, proto: onnx.ModelProto) -> None:
             raise ModelLoadError(
                 f"{model_path}: external data file '{info.location}' of tensor '{tensor.name}' is missing"
             )
+        files.add(target)
+    return frozenset(files)
 
 
 # A check on a model about to be written (the ONNX checker, say): `save_model` hands it the
@@ -208,7 +230,7 @@ def save_model(
     from iropt.model_stream import ExternalPayload
 
     out = Path(path)
-    _check_writable(out, model.source_path)
+    check_output_path(out, model.input_files())
     streamed, external = _export_for(model, out, external_data)
     if check is not None:
         check(streamed.skeleton)
@@ -219,7 +241,7 @@ def save_model(
         if streamed.byte_size() > PROTOBUF_LIMIT:
             # Too much stays inline (tensors in or read by If/Loop bodies, graph inputs or
             # outputs, typed fields): onnx's own converter moves every tensor out, copies and all.
-            return save_proto(model.to_onnx(), out, external_data=True, source=model.source_path, check=check)
+            return save_proto(model.to_onnx(), out, external_data=True, protected=model.input_files(), check=check)
 
     def write(staged: Path) -> None:
         _write_file(staged, streamed.write)
@@ -260,12 +282,13 @@ def save_proto(
     path: str | os.PathLike[str],
     *,
     external_data: bool | None = None,
-    source: Path | None = None,
+    protected: Collection[Path] = (),
     check: ModelCheck | None = None,
 ) -> Path:
-    """Atomically write a ModelProto; see `save_model`. `check` is given the staged file."""
+    """Atomically write a ModelProto; see `save_model`. `protected`: files not to write over
+    (the input model and its data; see `check_output_path`). `check` is given the staged file."""
     out = Path(path)
-    _check_writable(out, source)
+    check_output_path(out, protected)
     if external_data is None:
         external_data = tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
     sidecars = [out.name + ".data"] if external_data else []
@@ -316,14 +339,32 @@ def _stage_and_move(out: Path, sidecars: list[str], write: Callable[[Path], None
         os.replace(staged, out)
 
 
-def _check_writable(out: Path, source: Path | None) -> None:
+def check_output_path(out: Path, protected: Collection[Path] = ()) -> None:
+    """ModelSaveError unless a model can be written to `out` without touching `protected`.
+
+    `protected` is what the model was read from (`Model.input_files`: the model, then its
+    external data). Neither `out` nor the data file a save may write beside it (`out` + ".data")
+    may be one of them: the input is never modified.
+    """
     if not out.parent.is_dir():
         raise ModelSaveError(f"{out}: the output directory {out.parent} does not exist")
     if out.is_dir():
         raise ModelSaveError(f"{out}: is a directory, expected a file name")
-    if source is not None and out.resolve() == source.resolve():
+    inputs = [path.resolve() for path in protected]
+    if out.resolve() in inputs[:1]:
         raise ModelSaveError(
             f"{out}: refusing to write over the input model; choose another output path with -o"
+        )
+    if out.resolve() in inputs:
+        raise ModelSaveError(
+            f"{out}: refusing to write over the input model's external data file; choose another "
+            "output path with -o"
+        )
+    sidecar = out.parent / (out.name + ".data")
+    if sidecar.resolve() in inputs:
+        raise ModelSaveError(
+            f"{out}: its external data would go to {sidecar}, the input model's own external data "
+            "file; choose another output path with -o"
         )
 
 

@@ -16,9 +16,9 @@ from typing import Any
 import onnx
 
 from iropt.criteria import EXACT_CRITERION, LOSSY_CRITERION, Criterion
-from iropt.errors import IroptError, ModelSaveError, UserError, VerificationError, first_line
+from iropt.errors import IroptError, UserError, VerificationError, first_line
 from iropt.instruments import CheckerInstrument, IRDumpInstrument, SizeInstrument, TimingInstrument
-from iropt.model import GraphStats, Model, ModelCheck, graph_stats, load_model, save_model
+from iropt.model import GraphStats, Model, ModelCheck, check_output_path, graph_stats, load_model, save_model
 from iropt.pass_infra import PassContext, ProgressFn, _no_progress
 from iropt.pass_manager import Instrument, PassManager, PassRecord, RunReport
 from iropt.pipeline import Pipeline, VerifyStep
@@ -90,7 +90,8 @@ def optimize(options: RunOptions, progress: ProgressFn = _no_progress) -> RunOut
     pipeline = load_pipeline(options.schedule)
     model = load_model(options.model)
     output = options.output or default_output_path(options.model)
-    _check_output_path(output, options.model)
+    # Checked before any work so a long run never ends in "cannot write".
+    check_output_path(output, model.input_files())
     ctx = PassContext(
         target=pipeline.target,
         calibration=options.calibration,
@@ -141,16 +142,6 @@ def _checker_error(path: Path) -> onnx.checker.ValidationError | None:
     except onnx.checker.ValidationError as error:
         return error
     return None
-
-
-def _check_output_path(output: Path, model_path: Path) -> None:
-    # Checked before any work so a long run never ends in "cannot write".
-    if output.resolve() == model_path.resolve():
-        raise ModelSaveError(
-            f"{output}: refusing to write over the input model; choose another output path with -o"
-        )
-    if not output.parent.is_dir():
-        raise ModelSaveError(f"{output}: the output directory {output.parent} does not exist")
 
 
 def _make_verifier(

@@ -216,6 +216,24 @@ def test_output_equal_to_input_is_refused(mlp: Path, capsys: pytest.CaptureFixtu
     assert _digest(mlp) == before
 
 
+def test_output_over_the_input_data_file_is_refused(
+    mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The input keeps its weights in out.onnx.data; writing out.onnx with external data
+    # would replace them.
+    source = tmp_path / "ext" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save_model(onnx.load(str(mlp)), str(source), save_as_external_data=True,
+                    location="out.onnx.data", size_threshold=0)
+    before = {p.name: _digest(p) for p in source.parent.iterdir()}
+
+    assert main(["run", CLEANUP, str(source), "-o", str(source.parent / "out.onnx")]) == 2
+
+    err = capsys.readouterr().err
+    assert "the input model's own external data" in err and "Traceback" not in err
+    assert {p.name: _digest(p) for p in source.parent.iterdir()} == before
+
+
 def test_missing_output_directory_is_refused(mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "nowhere" / "out.onnx"
     assert main(["run", CLEANUP, str(mlp), "-o", str(out)]) == 2

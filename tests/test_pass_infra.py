@@ -26,7 +26,7 @@ from iropt.errors import (
     UserError,
 )
 from iropt.instruments import CheckerInstrument, IRDumpInstrument, SizeInstrument, TimingInstrument
-from iropt.model import Model, graph_stats, load_model, save_model
+from iropt.model import Model, graph_stats, load_model, save_model, save_proto
 from iropt.options import REQUIRED, bind_options, option_specs, type_label
 from iropt.pass_infra import Pass, PassContext, PassKind, PassResult
 from iropt.pass_manager import Instrument, PassManager, PassRecord, RunReport
@@ -674,6 +674,46 @@ def test_save_refuses_to_overwrite_the_input(tmp_path: Path) -> None:
     with pytest.raises(ModelSaveError, match="refusing to write over the input model"):
         save_model(model, tmp_path / "." / "model.onnx")
     assert path.read_bytes() == original
+
+
+def _model_with_data_file(tmp_path: Path, data_name: str) -> tuple[Path, Path]:
+    """in.onnx whose weight lives in external data file `data_name`."""
+    path = tmp_path / "in.onnx"
+    onnx.save_model(
+        small_proto(weight_elements=1024), str(path), save_as_external_data=True,
+        location=data_name, size_threshold=0,
+    )
+    return path, tmp_path / data_name
+
+
+@pytest.mark.parametrize(
+    ("data_name", "output", "message"),
+    [
+        # The output's own data file would be the input's.
+        ("out.onnx.data", "out.onnx", "the input model's own external data"),
+        # The output is the input's data file.
+        ("weights.bin", "weights.bin", "refusing to write over the input model's external data"),
+    ],
+)
+def test_save_refuses_to_overwrite_the_input_data(
+    tmp_path: Path, data_name: str, output: str, message: str
+) -> None:
+    path, data = _model_with_data_file(tmp_path, data_name)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    model = load_model(path)
+    assert model.input_files() == (path.resolve(), data.resolve())
+
+    for external_data in (True, False, None):
+        with pytest.raises(ModelSaveError, match=message):
+            save_model(model, tmp_path / output, external_data=external_data)
+    with pytest.raises(ModelSaveError, match=message):
+        save_proto(model.to_onnx(), tmp_path / output, protected=model.input_files())
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_copy_keeps_the_input_files(tmp_path: Path) -> None:
+    path, data = _model_with_data_file(tmp_path, "w.bin")
+    assert load_model(path).copy().input_files() == (path.resolve(), data.resolve())
 
 
 def test_save_refuses_a_missing_directory(tmp_path: Path) -> None:
