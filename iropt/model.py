@@ -9,6 +9,7 @@ data, and switches to external data when the tensors would not fit the 2 GB prot
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Collection
@@ -25,6 +26,8 @@ from iropt.errors import ModelLoadError, ModelSaveError
 
 if TYPE_CHECKING:
     from iropt.model_stream import StreamedModel
+
+_log = logging.getLogger("iropt.model")
 
 # The first IR version where an initializer need not also be listed as a graph input.
 _IR_INITIALIZERS_NOT_INPUTS = 4
@@ -50,8 +53,11 @@ class Model:
     @classmethod
     def from_onnx(cls, proto: onnx.ModelProto, source_path: Path | None = None) -> Model:
         from iropt.graph_utils import relink_outer_scope
+        from iropt.unshadow import unshadow
 
-        _check_no_shadowing(proto.graph, frozenset(), source_path)
+        proto, renamed = unshadow(proto)
+        if renamed:
+            _log.info("renamed %d subgraph value(s) that reused a name of an enclosing graph", renamed)
         graph = gs.import_onnx(proto)
         # Out-of-order protos give subgraphs stand-in copies of outer tensors; every pass relies
         # on the shared objects, so repair that once here.
@@ -105,31 +111,6 @@ class Model:
             if opset_id.domain == domain:
                 return int(opset_id.version)
         return None
-
-
-def _check_no_shadowing(graph: onnx.GraphProto, outer: frozenset[str], source: Path | None) -> None:
-    """ModelLoadError when a subgraph declares a name an enclosing graph declares too.
-
-    The checker allows a subgraph's own initializer or input to shadow an outer tensor, but
-    onnx-graphsurgeon resolves both to the outer one, which would silently change what the
-    model computes.
-    """
-    declared = {t.name for t in graph.input} | {t.name for t in graph.initializer}
-    declared |= {name for node in graph.node for name in node.output}
-    declared.discard("")
-    clash = sorted(declared & outer)
-    if clash:
-        where = f"{source}: " if source is not None else ""
-        raise ModelLoadError(
-            f"{where}subgraph '{graph.name}' declares {', '.join(repr(n) for n in clash[:5])}, also "
-            "declared in an enclosing graph; iropt's graph representation would merge the two and "
-            "change what the model computes: rename one of them"
-        )
-    visible = outer | declared
-    for node in graph.node:
-        for attribute in node.attribute:
-            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-                _check_no_shadowing(subgraph, visible, source)
 
 
 def load_model(path: str | os.PathLike[str]) -> Model:

@@ -751,48 +751,6 @@ def test_external_data_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(loaded.graph.tensors()["w"].values, model.graph.tensors()["w"].values)
 
 
-def test_subgraph_names_shadowing_outer_ones_are_refused(tmp_path: Path) -> None:
-    # The checker allows a Loop body's own initializer 'w' next to an outer 'w', but graphsurgeon
-    # would hand the body the outer one: refused rather than silently computed differently.
-    body = onnx.helper.make_graph(
-        [
-            onnx.helper.make_node("Add", ["v_in", "w"], ["v_out"]),
-            onnx.helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-        ],
-        "body",
-        [
-            onnx.helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
-            onnx.helper.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
-            onnx.helper.make_tensor_value_info("v_in", onnx.TensorProto.FLOAT, [3]),
-        ],
-        [
-            onnx.helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
-            onnx.helper.make_tensor_value_info("v_out", onnx.TensorProto.FLOAT, [3]),
-        ],
-        [onnx.numpy_helper.from_array(np.ones(3, np.float32), "w")],
-    )
-    graph = onnx.helper.make_graph(
-        [
-            onnx.helper.make_node("Mul", ["x", "w"], ["a"]),
-            onnx.helper.make_node("Loop", ["trip", "", "a"], ["y"], body=body),
-        ],
-        "g",
-        [
-            onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3]),
-            onnx.helper.make_tensor_value_info("trip", onnx.TensorProto.INT64, []),
-        ],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3])],
-        [onnx.numpy_helper.from_array(np.full(3, 2.0, np.float32), "w")],
-    )
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
-    onnx.checker.check_model(proto)
-    path = tmp_path / "shadow.onnx"
-    onnx.save(proto, str(path))
-
-    with pytest.raises(ModelLoadError, match="subgraph 'body' declares 'w', also declared in an enclosing graph"):
-        load_model(path)
-
-
 def test_external_data_may_not_escape_the_model_folder(tmp_path: Path) -> None:
     folder = tmp_path / "models"
     folder.mkdir()
