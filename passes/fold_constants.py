@@ -20,7 +20,12 @@
   graph output. Branch tensor and node names that clash with names elsewhere are renamed.
 
 Never folded: ops with random results (RandomNormal*, RandomUniform*, Multinomial, Bernoulli,
-Dropout in training mode), ops with subgraphs, and ops outside the default domain.
+Dropout in training mode), ops with subgraphs, ops outside the default domain, and
+`DequantizeLinear`: a constant int8 (or int4, float8) tensor through DequantizeLinear is how a
+quantized model stores its weights. Folding it would store them in float, at 4x the bytes, and
+take away the Q/DQ pattern ONNX Runtime's int8 fusions and TensorRT's explicit quantization
+look for, turning the quantized layers back into float ones. (A QuantizeLinear of a constant
+is folded: its result is such an int8 weight.)
 
 Size guard: folding `ConstantOfShape`, `Expand`, `Tile` and the like can turn a few bytes of
 shape into megabytes of initializer. A fold that would grow the model by more than `max_bytes`
@@ -162,7 +167,7 @@ class _Folder:
 
     def _try_fold(self, node: gs.Node) -> bool:
         """Replace `node` by the constants it computes; False when it stays."""
-        if not is_deterministic(node):
+        if not is_deterministic(node) or is_op(node, *_QUANTIZED_STORAGE_OPS):
             return False
         if self.options.fold_shapes and is_op(node, "Shape", "Size") and self._fold_static_shape(node):
             return True
@@ -357,6 +362,10 @@ def _is_dense_constant(tensor: gs.Tensor) -> bool:
         and not isinstance(tensor._values, SparseValues)
         and tensor._export_dtype is None
     )
+
+
+# Ops that hold quantized weights as the quantized model stores them (see the module docstring).
+_QUANTIZED_STORAGE_OPS = ("DequantizeLinear",)
 
 
 # Input positions that hold parameters (weights, biases, normalization statistics), by op.

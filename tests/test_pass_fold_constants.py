@@ -691,3 +691,42 @@ def test_fast_slice_matches_onnx_runtime(dims: list[int], data: st.DataObject) -
     (got,) = evaluate_node(node, inputs, 17)
     assert got is not None and got.shape == expected.shape
     np.testing.assert_array_equal(got, expected)
+
+
+# Weights as a quantized model stores them: constant int8 (int4) through DequantizeLinear. Opset 21
+# is where onnx's reference evaluator implements DequantizeLinear, so it could be folded.
+QUANTIZED_WEIGHT = """
+<ir_version: 10, opset_import: ["" : 21]>
+qmodel (float[N, 4] x) => (float[N, 3] y)
+  <{dtype}[4, 3] w_q = {{1, -2, 3, 4, -5, 6, 7, -1, 2, 3, 0, -3}}, float w_scale = {{0.25}},
+   float[3] b = {{0.5, -1.0, 2.0}}, float b_scale = {{0.5}}> {{
+    w = DequantizeLinear(w_q, w_scale)
+    b_q = QuantizeLinear(b, b_scale)
+    b_int8 = DequantizeLinear(b_q, b_scale)
+    xw = MatMul(x, w)
+    y = Add(xw, b_int8)
+}}
+"""
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_dequantize_linear_of_weights_is_kept(dtype: str) -> None:
+    proto = parse(QUANTIZED_WEIGHT.format(dtype=dtype))
+    # onnx's parser writes int4 literals one per int32 (ORT wants two per byte): make it anew.
+    parsed = proto.graph.initializer[0]
+    proto.graph.initializer[0].CopyFrom(
+        onnx.helper.make_tensor("w_q", parsed.data_type, parsed.dims, list(parsed.int32_data))
+    )
+    model = Model.from_onnx(proto)
+
+    result = run_pass("fold_constants", model)
+
+    # The quantized weight stays int8 (int4) behind its DequantizeLinear; the QuantizeLinear of a
+    # constant is folded into the int8 value it computes.
+    assert ops(model) == ["DequantizeLinear", "DequantizeLinear", "MatMul", "Add"]
+    assert result.stats["folded"] == 1
+    tensors = model.graph.tensors()
+    assert isinstance(tensors["b_q"], gs.Constant)
+    stored = {t.name: t.data_type for t in model.to_onnx().graph.initializer}
+    assert stored["w_q"] == getattr(onnx.TensorProto, dtype.upper())
+    assert_same_outputs(proto, model, random_feeds({"x": (2, 4)}))
