@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
@@ -23,6 +23,9 @@ from iropt.pass_infra import PassContext, ProgressFn, _no_progress
 from iropt.pass_manager import Instrument, PassManager, PassRecord, RunReport
 from iropt.pipeline import Pipeline, VerifyStep
 from iropt.registry import BACKENDS
+
+if TYPE_CHECKING:
+    from iropt.feeds import FeedSource
 
 # Verification runs on at most this many feeds of a file, folder or function source.
 MAX_VERIFY_FEEDS = 64
@@ -163,8 +166,26 @@ def _make_verifier(
     verifier = Verifier(reference, feeds, progress=progress)
     # Run the reference now: a model ONNX Runtime cannot run is bad input, reported before the
     # schedule runs rather than after.
-    verifier.reference_outputs()
+    try:
+        verifier.reference_outputs()
+    except UserError as error:
+        raise UserError(f"{error}{_generated_inputs_hint(source)}") from error
     return verifier, [source.description, *source.notes]
+
+
+def _generated_inputs_hint(source: FeedSource) -> str:
+    """What to try when the input model fails on generated inputs: often a dynamic dimension
+    the model in fact fixes (an exporter that traced a sequence length), set to 1 here."""
+    if not source.generated:
+        return ""
+    from iropt.feeds import GENERATED_DATA_WARNING
+
+    guesses = [note for note in source.notes if note != GENERATED_DATA_WARNING]
+    sizes = f"; {'; '.join(guesses)}" if guesses else ""
+    return (
+        f" (it ran on generated inputs{sizes}: give the sizes the model expects with "
+        "--shape NAME:DIMS, or real inputs with --inputs)"
+    )
 
 
 def final_criterion(pipeline: Pipeline) -> Criterion:

@@ -58,6 +58,8 @@ IN_MEMORY_LIMIT = EXTERNAL_DATA_THRESHOLD
 # ORT's log severity: 3 = errors only. Its warnings (unused initializers, fallbacks) are noise
 # in iropt's output; failures still come back as exceptions.
 _LOG_ERRORS_ONLY = 3
+# A failed run is raised as a UserError with ORT's message; ORT printing it too is noise.
+_LOG_FATAL_ONLY = 4
 
 ModelLike = Model | onnx.ModelProto | str | os.PathLike[str]
 
@@ -69,6 +71,8 @@ class OrtRunner:
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = _LOG_FATAL_ONLY
 
     @classmethod
     def from_model(cls, model: ModelLike, **session_options: Any) -> OrtRunner:
@@ -80,7 +84,7 @@ class OrtRunner:
         # (an unused input); a missing input is still ORT's error.
         wanted = {name: feeds[name] for name in self.input_names if name in feeds}
         try:
-            values = self.session.run(self.output_names, wanted)
+            values = self.session.run(self.output_names, wanted, self._run_options)
         except Exception as error:
             raise UserError(f"ONNX Runtime failed to run the model: {first_line(error)}") from error
         return {name: _as_array(value) for name, value in zip(self.output_names, values, strict=True)}

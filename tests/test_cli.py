@@ -234,6 +234,27 @@ def test_output_over_the_input_data_file_is_refused(
     assert {p.name: _digest(p) for p in source.parent.iterdir()} == before
 
 
+def test_model_failing_on_generated_sizes_says_how_to_give_them(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # Declared [batch, seq, 4], but the Reshape fixes seq at 3 (as exporters that trace a
+    # sequence length do): generated inputs with dynamic dimensions set to 1 cannot run.
+    model = tmp_path / "fixed_seq.onnx"
+    onnx.save(onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[batch, seq, 4] x) => (float[batch, 12] y) <int64[2] shape = {-1, 12}> {
+            y = Reshape(x, shape)
+        }
+    """), str(model))
+
+    assert main(["run", CLEANUP, str(model), "-o", str(tmp_path / "out.onnx")]) == 2
+
+    err = capfd.readouterr().err
+    assert "ONNX Runtime failed to run the model" in err
+    assert "dim 'seq' set to 1" in err and "--shape NAME:DIMS" in err
+    assert "[E:onnxruntime" not in err and "Traceback" not in err  # said once, by iropt
+    assert not (tmp_path / "out.onnx").exists()
+    assert main(["run", CLEANUP, str(model), "-o", str(tmp_path / "out.onnx"), "--shape", "x:2x3x4"]) == 0
+
+
 def test_missing_output_directory_is_refused(mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "nowhere" / "out.onnx"
     assert main(["run", CLEANUP, str(mlp), "-o", str(out)]) == 2
