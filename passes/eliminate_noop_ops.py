@@ -18,6 +18,11 @@ inference); when one is unknown the node stays.
 - Flatten of a rank-2 input with `axis` 1 (or 0 / 2 when the first / second static size is 1).
 - Squeeze without axes of a statically shaped input that has no size-1 axis.
 - Unsqueeze with an empty constant axes list.
+- Add or Sub of a constant 0, Mul or Div by a constant 1 (the constant on either side of Add
+  and Mul, on the right of Sub and Div), when the constant broadcasts into the other input's
+  shape without growing it (each of its dimensions 1 or equal to the static size it aligns
+  with). Exporters leave these behind as zero biases and unit scales. As in ONNX Runtime's
+  own no-op elimination, a -0.0 + 0.0 that gives +0.0 is taken to be the same value.
 
 (Squeeze with an empty axes input is not treated: ONNX shape inference and ONNX Runtime read it
 differently.) Graph output names never change: if `y` is a graph output the producer of `x` is
@@ -34,7 +39,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from iropt.graph_utils import is_op
+from iropt.evaluate import peek_values
+from iropt.graph_utils import constant_value, is_op
 from iropt.model import Model
 from iropt.pass_infra import Pass, PassContext, PassResult
 from iropt.passes._elim_common import ModelEdit, const_ints, dims_of, ints_param, rank_of, static_shape
@@ -48,10 +54,11 @@ NoopTest = Callable[[ModelEdit, gs.Node], bool]
 @register_pass("eliminate_noop_ops")
 @dataclass(kw_only=True)
 class EliminateNoopOps(Pass):
-    """Remove Transpose/Reshape/Cast/Pad/Slice/Expand/Concat/Flatten/Squeeze/Unsqueeze nodes that do nothing.
+    """Remove Transpose/Reshape/Cast/Pad/Slice/Expand/Concat/Flatten/Squeeze/Unsqueeze nodes that
+    do nothing, and Add/Sub of 0 and Mul/Div by 1.
 
     Stats: one count per op kind removed: `transpose`, `reshape`, `cast`, `pad`, `slice`,
-    `expand`, `concat`, `flatten`, `squeeze`, `unsqueeze`.
+    `expand`, `concat`, `flatten`, `squeeze`, `unsqueeze`, `add`, `sub`, `mul`, `div`.
     """
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
@@ -60,10 +67,8 @@ class EliminateNoopOps(Pass):
         for graph in edit.graphs:
             sweep = edit.sweep(graph)
             for node in sweep.nodes():
-                test = _TESTS.get(node.op) if is_op(node, *_TESTS) else None
-                if test is None or not node.inputs or not node.outputs or not test(edit, node):
-                    continue
-                if sweep.forward(node, node.inputs[0], node.outputs[0]):
+                source = _passed_through(edit, node) if node.inputs and node.outputs else None
+                if source is not None and sweep.forward(node, source, node.outputs[0]):
                     counts[node_kind(node)] += 1
             sweep.finish()
         return PassResult.from_stats(**counts)
@@ -72,6 +77,15 @@ class EliminateNoopOps(Pass):
 def node_kind(node: gs.Node) -> str:
     """The stats key of a no-op node (its op, lower case)."""
     return str(node.op).lower()
+
+
+def _passed_through(edit: ModelEdit, node: gs.Node) -> gs.Tensor | None:
+    """The input that `node`'s output provably equals, or None."""
+    if is_op(node, *_TESTS):
+        return node.inputs[0] if _TESTS[node.op](edit, node) else None
+    if is_op(node, *_IDENTITY_ELEMENTS):
+        return _arithmetic_operand(node)
+    return None
 
 
 def _transpose(edit: ModelEdit, node: gs.Node) -> bool:
@@ -139,11 +153,41 @@ def _slice(edit: ModelEdit, node: gs.Node) -> bool:
 
 
 def _expand(edit: ModelEdit, node: gs.Node) -> bool:
-    dims, target = dims_of(node.inputs[0]), const_ints(node.inputs[1]) if len(node.inputs) > 1 else None
-    if dims is None or target is None or len(target) > len(dims):
+    target = const_ints(node.inputs[1]) if len(node.inputs) > 1 else None
+    return target is not None and _broadcasts_into(target, node.inputs[0])
+
+
+def _broadcasts_into(shape: list[int], tensor: gs.Tensor) -> bool:
+    """True when broadcasting `shape` against `tensor` leaves `tensor`'s shape as it is."""
+    dims = dims_of(tensor)
+    if dims is None or len(shape) > len(dims):
         return False
-    aligned = dims[len(dims) - len(target):]
-    return all(t == 1 or (d is not None and t == d) for d, t in zip(aligned, target, strict=True))
+    aligned = dims[len(dims) - len(shape):]
+    return all(t == 1 or (d is not None and t == d) for d, t in zip(aligned, shape, strict=True))
+
+
+def _arithmetic_operand(node: gs.Node) -> gs.Tensor | None:
+    """For x + 0, 0 + x, x - 0, x * 1, 1 * x and x / 1: x, else None."""
+    if len(node.inputs) != 2:
+        return None
+    element, positions = _IDENTITY_ELEMENTS[node.op]
+    for position in positions:
+        value = _small_constant(node.inputs[position])
+        data = node.inputs[1 - position]
+        if value is not None and value.size and np.all(value == element) and _broadcasts_into(list(value.shape), data):
+            return data
+    return None
+
+
+def _small_constant(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant (an initializer or a Constant node's output) of up to
+    _MAX_IDENTITY_ELEMENTS elements, read without keeping a decoded copy on the tensor."""
+    if isinstance(tensor, gs.Constant):
+        if int(np.prod(tensor.shape or ())) > _MAX_IDENTITY_ELEMENTS:
+            return None
+        return peek_values(tensor)
+    value = constant_value(tensor)
+    return value if value is not None and value.size <= _MAX_IDENTITY_ELEMENTS else None
 
 
 def _concat(edit: ModelEdit, node: gs.Node) -> bool:
@@ -184,4 +228,13 @@ _TESTS: dict[str, NoopTest] = {
     "Squeeze": _squeeze,
     "Unsqueeze": _unsqueeze,
 }
-_STAT_KEYS = tuple(op.lower() for op in _TESTS)
+# Op -> (its identity element, the input positions a constant identity may take).
+_IDENTITY_ELEMENTS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "Add": (0, (0, 1)),
+    "Sub": (0, (1,)),
+    "Mul": (1, (0, 1)),
+    "Div": (1, (1,)),
+}
+# Zero biases and unit scales are per-channel vectors at most; a larger constant is not read.
+_MAX_IDENTITY_ELEMENTS = 1 << 16
+_STAT_KEYS = tuple(op.lower() for op in (*_TESTS, *_IDENTITY_ELEMENTS))

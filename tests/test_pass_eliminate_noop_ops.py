@@ -8,7 +8,10 @@ from helpers_elim import all_ops, model_text, ops, producer_of, rewritten, uncha
 from iropt.model import Model
 
 PASS = "eliminate_noop_ops"
-KEYS = ("transpose", "reshape", "cast", "pad", "slice", "expand", "concat", "flatten", "squeeze", "unsqueeze")
+KEYS = (
+    "transpose", "reshape", "cast", "pad", "slice", "expand", "concat", "flatten", "squeeze", "unsqueeze",
+    "add", "sub", "mul", "div",
+)
 MAX = 2**63 - 1
 
 
@@ -55,6 +58,12 @@ NOOPS = [
     ("squeeze", "float[2,3]", "b = Squeeze(a)", "", 17),
     ("squeeze", "float[2,3]", "b = Squeeze(a)", "", 11),
     ("unsqueeze", "float[2,3]", "b = Unsqueeze(a, k)", "k = Constant<value = int64[0] {}>()", 17),
+    ("add", "float[N,3]", "b = Add(a, z)", "z = Constant<value = float[3] {0, 0, 0}>()", 17),
+    ("add", "float[2,3]", "b = Add(z, a)", "z = Constant<value = float {0}>()", 17),
+    ("sub", "float[2,3]", "b = Sub(a, z)", "z = Constant<value = float[1] {0}>()", 17),
+    ("mul", "float[2,3]", "b = Mul(z, a)", "z = Constant<value = float[2,1] {1, 1}>()", 17),
+    ("mul", "float[N,3]", "b = Mul(a, z)", "z = Constant<value = float[1,3] {1, 1, 1}>()", 17),
+    ("div", "float[2,3]", "b = Div(a, z)", "z = Constant<value = float {1}>()", 17),
 ]
 
 
@@ -195,6 +204,15 @@ NOT_NOOPS = [
     ("float[N,3]", "b = Flatten<axis = 0>(a)", "", True),
     ("float[2,1]", "b = Squeeze(a)", "", True),
     ("float[2,1]", "b = Squeeze(a, k)", "k = Constant<value = int64[0] {}>()", True),
+    # Arithmetic: not the identity element, on the wrong side, or a constant that broadcasts
+    # the other input to a larger shape (also when that shape is unknown).
+    ("float[2,3]", "b = Add(a, z)", "z = Constant<value = float[3] {0, 0, 0.5}>()", True),
+    ("float[2,3]", "b = Sub(z, a)", "z = Constant<value = float {0}>()", True),
+    ("float[2,3]", "b = Div(z, a)", "z = Constant<value = float {1}>()", True),
+    ("float[2,3]", "b = Mul(a, z)", "z = Constant<value = float {0}>()", True),
+    ("float[N,1]", "b = Add(a, z)", "z = Constant<value = float[3] {0, 0, 0}>()", True),
+    ("float[2,3]", "b = Add(a, z)", "z = Constant<value = float[2,2,3] {0,0,0,0,0,0,0,0,0,0,0,0}>()", True),
+    ("float[N,3]", "b = Mul(a, z)", "z = Constant<value = float[3] {1, 1, 1}>()", False),
 ]
 
 
