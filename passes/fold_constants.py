@@ -10,7 +10,8 @@
   bytes only.
 - `Shape` and `Size` of a tensor whose shape is static (every dimension a known integer, as
   declared on the graph input or in value_info) become constants even though the tensor is not
-  one (`fold_shapes`). This trusts the declared shapes: a pass that changes a tensor's shape
+  one (`fold_shapes`); so does a `Slice` or `Gather` of a `Shape` that picks only known
+  dimensions of a tensor whose other dimensions are not known. This trusts the declared shapes: a pass that changes a tensor's shape
   must update or drop its value_info.
 - Nodes inside If/Loop/Scan bodies are folded too; they may read constants of the outer graph.
 - An `If` whose condition is a constant is replaced by the nodes of the branch it takes
@@ -171,6 +172,8 @@ class _Folder:
             return False
         if self.options.fold_shapes and is_op(node, "Shape", "Size") and self._fold_static_shape(node):
             return True
+        if self.options.fold_shapes and is_op(node, "Slice", "Gather") and self._fold_shape_selection(node):
+            return True
         present = [t for t in node.inputs if t.name]
         if not all(_is_dense_constant(t) for t in present):
             return False
@@ -215,6 +218,35 @@ class _Folder:
         else:
             value = np.array(dims, dtype=np.int64)
         _replace_by_constants(node, [value])
+        self.stats["shapes_folded"] += 1
+        return True
+
+    def _fold_shape_selection(self, node: gs.Node) -> bool:
+        """Slice or Gather of a Shape output that selects only known dimensions, while others
+        are not known (Shape [batch, seq, 64] -> Gather 2 is 64).
+
+        The node is evaluated on the positions 0..rank-1 instead of the dimensions, which says
+        which dimensions it selects, whatever its starts, ends, steps or indices.
+        """
+        source = node.inputs[0]
+        if len(node.outputs) != 1 or len(source.inputs) != 1 or not is_op(source.inputs[0], "Shape"):
+            return False
+        shape = source.inputs[0].inputs[0].shape if source.inputs[0].inputs else None
+        if shape is None or not all(_is_dense_constant(t) for t in node.inputs[1:] if t.name):
+            return False
+        dims = list(shape)
+        if self.model.opset >= 15:
+            dims = dims[source.inputs[0].attrs.get("start", 0) : source.inputs[0].attrs.get("end")]
+        inputs = [np.arange(len(dims), dtype=np.int64)]
+        inputs += [self._value(t) if t.name else None for t in node.inputs[1:]]
+        try:
+            (selected,) = evaluate_node(node, inputs, self.model.opset)
+        except EvaluationError:
+            return False
+        chosen = [dims[int(i)] for i in np.asarray(selected).reshape(-1)]
+        if not all(_is_static_dim(d) for d in chosen):
+            return False
+        _replace_by_constants(node, [np.array(chosen, dtype=np.int64).reshape(np.shape(selected))])
         self.stats["shapes_folded"] += 1
         return True
 

@@ -730,3 +730,76 @@ def test_dequantize_linear_of_weights_is_kept(dtype: str) -> None:
     stored = {t.name: t.data_type for t in model.to_onnx().graph.initializer}
     assert stored["w_q"] == getattr(onnx.TensorProto, dtype.upper())
     assert_same_outputs(proto, model, random_feeds({"x": (2, 4)}))
+
+
+# Shape of [N, 3, 4]: Slice and Gather picking only the known dimensions fold, the others stay.
+SHAPE_SELECTIONS = """
+<ir_version: 8, opset_import: ["" : 17]>
+picks (float[N, 3, 4] x) => (float[N, 12] y, float[N, 3, 4] z, int64 n)
+  <int64[1] zero = {0}, int64[1] one = {1}, int64[1] two = {2}, int64[1] three = {3},
+   int64 first_axis = {0}, int64 last_axis = {2}, int64[1] minus_one = {-1}> {
+    s = Shape(x)
+    tail = Slice(s, one, three)
+    last = Gather<axis = 0>(s, last_axis)
+    head = Slice(s, zero, two)
+    first = Gather(s, first_axis)
+    cols = ReduceProd<keepdims = 1>(tail)
+    flat = Concat<axis = 0>(minus_one, cols)
+    y = Reshape(x, flat)
+    last_1d = Unsqueeze(last, zero)
+    full = Concat<axis = 0>(head, last_1d)
+    z = Reshape(x, full)
+    n = Identity(first)
+}
+"""
+
+
+def test_shape_selections_of_known_dimensions_fold() -> None:
+    proto = parse(SHAPE_SELECTIONS)
+    model = Model.from_onnx(proto)
+
+    result = run_pass("fold_constants", model)
+
+    # tail -> [3, 4] and last -> 4 fold, and what they alone feed folds after them; head
+    # ([N, 3]) and first (N) depend on N and stay.
+    assert result.stats["shapes_folded"] == 2
+    tensors = model.graph.tensors()
+    np.testing.assert_array_equal(tensors["flat"].values, [-1, 12])
+    np.testing.assert_array_equal(tensors["last_1d"].values, [4])
+    assert all(isinstance(tensors[name], gs.Variable) for name in ("head", "first", "full"))
+    assert_same_outputs(proto, model, random_feeds({"x": (5, 3, 4)}))
+
+
+@pytest.mark.parametrize(
+    ("shape_attrs", "pick", "folds"),
+    [
+        ("", "Slice(s, k1, k3)", True),  # [3, 4]
+        ("", "Slice(s, k2, k0, k0, km1)", True),  # backwards: [4, 3]
+        ("", "Slice(s, k3, k1, k0, km1)", False),  # backwards: [M, 4]
+        ("", "Slice(s, km2, kbig)", False),  # [4, M]
+        ("", "Gather(s, km3)", True),  # 3 (negative index)
+        ("", "Gather(s, k03)", False),  # [N, 4]
+        ("<start = 1>", "Slice(s, k0, k2)", True),  # Shape starts at dim 1: [3, 4]
+        ("<start = 1, end = -1>", "Gather(s, k1)", True),  # 4
+        ("<start = -1>", "Gather(s, k0)", False),  # M
+    ],
+)
+def test_shape_selection_folds_only_known_dimensions(shape_attrs: str, pick: str, folds: bool) -> None:
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    picks (float[N, 3, 4, M] x) => (int64[?] y)
+      <int64[1] k0 = {{0}}, int64[1] k1 = {{1}}, int64[1] k2 = {{2}}, int64[1] k3 = {{3}},
+       int64[1] km1 = {{-1}}, int64[1] km2 = {{-2}}, int64[1] kbig = {{100}}, int64 km3 = {{-3}},
+       int64[2] k03 = {{0, 3}}> {{
+        s = Shape{shape_attrs}(x)
+        p = {pick}
+        y = Reshape(p, km1)
+    }}
+    """
+    proto = parse(text)
+    model = Model.from_onnx(proto)
+
+    result = run_pass("fold_constants", model)
+
+    assert result.stats["shapes_folded"] == int(folds)
+    assert_same_outputs(proto, model, random_feeds({"x": (2, 3, 4, 5)}))
