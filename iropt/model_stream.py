@@ -34,6 +34,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.descriptor import FieldDescriptor
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
+from iropt.errors import ModelSaveError
 from iropt.model import Model, iter_graphs
 
 # Smaller tensors go through graphsurgeon's exporter: copying them costs nothing that matters.
@@ -49,10 +50,16 @@ _RAW_DATA_FIELD = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 _LENGTH_DELIMITED = 2  # protobuf wire type of strings, bytes and embedded messages
 # Element kinds whose raw_data is the array's little-endian bytes: bool, ints, floats, complex.
 _RAW_KINDS = frozenset("biufc")
-# ONNX element types stored several to a byte, unlike their one-byte numpy (ml_dtypes) arrays.
-_PACKED_TYPES = frozenset(
+# ONNX element types whose raw_data holds one element per itemsize bytes, like their numpy (and
+# ml_dtypes) arrays. Not in it: strings, and the 4-, 2- and 6-bit types ONNX packs several to a
+# byte, with any type a later onnx adds, until it is known to be byte-aligned.
+_BYTE_ALIGNED_TYPES = frozenset(
     getattr(onnx.TensorProto, name)
-    for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+    for name in (
+        "FLOAT", "UINT8", "INT8", "UINT16", "INT16", "INT32", "INT64", "BOOL", "FLOAT16", "DOUBLE",
+        "UINT32", "UINT64", "COMPLEX64", "COMPLEX128", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ",
+        "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0",
+    )
     if hasattr(onnx.TensorProto, name)
 )
 
@@ -75,14 +82,25 @@ def _field_header(field: int, length: int) -> bytes:
 @dataclass(frozen=True)
 class StoredRaw:
     """The raw_data of a tensor still as read from the input file, read only when written:
-    each read is a fresh copy, so holding one per tensor until the write would double memory."""
+    each read is a fresh copy, so holding one per tensor until the write would double memory.
 
+    Its length is checked then too (against `nbytes`, what its type and dims call for): measuring
+    it beforehand would cost a copy, or an encoding, of every such tensor.
+    """
+
+    name: str
     tensor: onnx.TensorProto
     nbytes: int
 
     @property
     def data(self) -> bytes:
-        return self.tensor.raw_data
+        raw = self.tensor.raw_data
+        if len(raw) != self.nbytes:
+            raise ModelSaveError(
+                f"tensor '{self.name}' holds {len(raw)} bytes of raw data where its type and dims "
+                f"call for {self.nbytes}: the input model is broken"
+            )
+        return raw
 
 
 # Element bytes to write as raw_data: an array's buffer (1-D uint8) or a stored tensor's.
@@ -213,6 +231,18 @@ def export_streamed(model: Model, min_bytes: int = STREAM_MIN_BYTES) -> Streamed
     return StreamedModel(skeleton, records)
 
 
+def export_without_data(model: Model) -> onnx.ModelProto:
+    """`model` exported with its top-level tensors of STREAM_MIN_BYTES and more as element type
+    and dims only, without their data: enough for shape inference, which reads no weight, and
+    no weight is copied or encoded."""
+    large = [
+        t for t in model.graph.tensors().values()
+        if isinstance(t, gs.Constant) and not isinstance(t._values, SparseValues) and t._values.nbytes >= STREAM_MIN_BYTES
+    ]
+    with _placeholders(large, keep_dims=True):
+        return model.to_onnx()
+
+
 def _large_initializers(graph: gs.Graph, min_bytes: int) -> dict[str, tuple[gs.Constant, InitializerRecord]]:
     """The top-level constants worth streaming, with their records, by name."""
     pinned = _pinned_tensors(graph)
@@ -256,45 +286,39 @@ def _record_of(constant: gs.Constant, min_bytes: int) -> InitializerRecord | Non
 def _record_of_stored(name: str, stored: LazyValues) -> InitializerRecord | None:
     """A tensor still as read from the input file, its raw bytes written as they are.
 
-    Left to graphsurgeon (and so to the checker, which sees it in the skeleton): a tensor
-    without raw_data (typed fields such as float_data), and one whose raw_data does not hold
-    exactly its dims' worth of elements (a broken input, or a packed 4-bit type).
+    Left to graphsurgeon: a tensor without raw_data (typed fields such as float_data), and one of
+    a packed type (4-, 2- or 6-bit elements, several to a byte).
     """
     tensor = stored.tensor
-    if not tensor.HasField("raw_data") or tensor.data_location == onnx.TensorProto.EXTERNAL:
+    if (
+        not tensor.HasField("raw_data")
+        or tensor.data_location == onnx.TensorProto.EXTERNAL
+        or tensor.data_type not in _BYTE_ALIGNED_TYPES
+    ):
         return None
     header = _header_of(tensor)
-    if _raw_data_length(tensor, header.ByteSize()) != stored.nbytes:
-        return None
     header.name = name  # graphsurgeon's exporter renames the stored tensor too
-    return InitializerRecord(header.SerializeToString(), StoredRaw(tensor, stored.nbytes))
-
-
-def _raw_data_length(tensor: onnx.TensorProto, header_size: int) -> int | None:
-    """len(tensor.raw_data) from encoded sizes (reading raw_data itself would copy it): the
-    tensor's encoding is its header's plus the raw_data field (key, length varint, bytes).
-    None when that does not add up (unknown fields, say); the tensor is then not streamed."""
-    field = tensor.ByteSize() - header_size
-    key = len(_varint(_RAW_DATA_FIELD << 3 | _LENGTH_DELIMITED))
-    for width in range(1, 11):
-        length = field - key - width
-        if length >= 0 and len(_varint(length)) == width:
-            return length
-    return None
+    return InitializerRecord(header.SerializeToString(), StoredRaw(name, tensor, stored.nbytes))
 
 
 def _header_of(tensor: onnx.TensorProto) -> onnx.TensorProto:
-    """`tensor` without its data: every other field (doc_string, metadata_props, ...) copied."""
+    """`tensor` without its data: every other field (doc_string, metadata_props, ...) copied.
+
+    Field by field, never touching raw_data: `ListFields` would copy it, `ByteSize` encode it.
+    """
     header = onnx.TensorProto()
-    for field, value in tensor.ListFields():
+    for field in tensor.DESCRIPTOR.fields:
         if field.name == "raw_data":
             continue
         if _is_repeated(field):
-            getattr(header, field.name).extend(value)
-        elif field.type == field.TYPE_MESSAGE:
-            getattr(header, field.name).CopyFrom(value)
-        else:
-            setattr(header, field.name, value)
+            values = getattr(tensor, field.name)
+            if len(values):
+                getattr(header, field.name).extend(values)
+        elif tensor.HasField(field.name):
+            if field.type == field.TYPE_MESSAGE:
+                getattr(header, field.name).CopyFrom(getattr(tensor, field.name))
+            else:
+                setattr(header, field.name, getattr(tensor, field.name))
     return header
 
 
@@ -316,7 +340,7 @@ def _streamable_array(constant: gs.Constant, stored: object, min_bytes: int) -> 
 def _raw_is_array_bytes(dtype: np.dtype) -> bool:
     """Whether ONNX's raw_data of this element type is the array's own bytes: yes for bool,
     ints, floats, complex and the byte-sized ml_dtypes (bfloat16, float8); no for strings and
-    for the 4-bit and 2-bit types, which ONNX packs several to a byte."""
+    for the 4-, 2- and 6-bit types, which ONNX packs several to a byte."""
     if dtype.kind in _RAW_KINDS:
         return True
     if dtype.kind != "V":
@@ -325,16 +349,19 @@ def _raw_is_array_bytes(dtype: np.dtype) -> bool:
         onnx_type = onnx.helper.np_dtype_to_tensor_dtype(dtype)
     except (KeyError, TypeError, ValueError):
         return False
-    return onnx_type not in _PACKED_TYPES
+    return onnx_type in _BYTE_ALIGNED_TYPES
 
 
 @contextmanager
-def _placeholders(constants: list[gs.Constant]) -> Iterator[None]:
-    """Give the constants empty stand-ins of their element type, restoring their values after."""
+def _placeholders(constants: list[gs.Constant], *, keep_dims: bool = False) -> Iterator[None]:
+    """Give the constants stand-ins of their element type without data, restoring their values
+    after: empty ones (dims [0]), or with their own dims (`keep_dims`; not a valid tensor, but
+    what shape inference needs)."""
     saved = [constant._values for constant in constants]
     try:
         for constant in constants:
-            placeholder = onnx.TensorProto(name=constant.name, data_type=_onnx_type(constant), dims=[0])
+            dims = list(constant.shape) if keep_dims else [0]
+            placeholder = onnx.TensorProto(name=constant.name, data_type=_onnx_type(constant), dims=dims)
             constant.values = LazyValues(placeholder)
         yield
     finally:

@@ -10,8 +10,11 @@ dimension becomes a number (or an unknown one a symbol); a known dimension is ne
 and a shape whose rank disagrees with the inferred one is left as declared. A second run
 therefore learns nothing and reports `changed=False`, so the pass can sit in a fixpoint block.
 
-Models whose tensors pass the 2 GB protobuf limit are inferred through a temporary file
-(`infer_shapes_path`, with the tensors as external data). When ONNX shape inference raises, the
+Inference reads element types and dims, never weights: the model is exported with its large
+tensors as type and dims only (`iropt.model_stream.export_without_data`), so a run costs about
+the same for a model of 500 MB of weights as for one of 5 MB. What is still past the 2 GB
+protobuf limit is inferred through a temporary file (`infer_shapes_path`, with the tensors as
+external data). When ONNX shape inference raises, the
 model is left as it was, a warning is logged and the `failed` statistic is 1; in non-strict
 mode that is rare (an op it has no schema for, such as a custom op, merely stays unannotated).
 """
@@ -28,7 +31,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 
-from iropt.model import EXTERNAL_DATA_THRESHOLD, Model, tensor_bytes
+from iropt.model import EXTERNAL_DATA_THRESHOLD, Model
+from iropt.model_stream import export_without_data
 from iropt.pass_infra import Pass, PassContext, PassResult
 from iropt.registry import register_pass
 
@@ -47,7 +51,7 @@ class InferShapes(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         try:
-            inferred = _infer(model.to_onnx(), self.data_prop, ctx.work_dir)
+            inferred = _infer(export_without_data(model), self.data_prop, ctx.work_dir)
         except Exception as error:  # onnx raises several unrelated types (InferenceError, ValueError...)
             ctx.log.warning(
                 "infer_shapes: ONNX shape inference failed, the model is left unannotated: %s: %s",
@@ -69,7 +73,7 @@ class _Learned:
 
 
 def _infer(proto: onnx.ModelProto, data_prop: bool, work_dir: Path | None) -> onnx.ModelProto:
-    if tensor_bytes(proto) <= IN_MEMORY_LIMIT:
+    if proto.ByteSize() <= IN_MEMORY_LIMIT:
         return onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=data_prop)
     return _infer_via_file(proto, data_prop, work_dir)
 

@@ -171,7 +171,7 @@ def test_sparse_initializers_are_left_to_graphsurgeon(tmp_path: Path) -> None:
     assert _canonical(written) == _canonical(model.to_onnx())
 
 
-def test_stored_tensor_keeps_its_fields_and_a_broken_one_reaches_the_checker(tmp_path: Path) -> None:
+def test_stored_tensor_keeps_its_fields_and_a_broken_one_is_refused(tmp_path: Path) -> None:
     good = onnx.numpy_helper.from_array(np.ones(STREAM_MIN_BYTES, np.float32), "good")
     good.doc_string = "kept"
     entry = good.metadata_props.add()
@@ -192,22 +192,44 @@ def test_stored_tensor_keeps_its_fields_and_a_broken_one_reaches_the_checker(tmp
     streamed = export_streamed(model)
 
     stored = {t.name: list(t.dims) for t in streamed.skeleton.graph.initializer}
-    assert stored == {"good": [0], "broken": [STREAM_MIN_BYTES]}  # the broken one is not streamed
-    written = onnx.load_from_string(streamed.to_bytes())
-    assert _canonical(written) == _canonical(model.to_onnx())
-    assert written.graph.initializer[0].doc_string == "kept"
-    with pytest.raises(onnx.checker.ValidationError, match="raw_data size"):
+    assert stored == {"good": [0], "broken": [0]}
+    # The raw data's length is checked as it is written (measuring it before would copy it).
+    with pytest.raises(ModelSaveError, match="'broken' holds 262140 bytes of raw data where its type and dims call for 262144"):
         save_model(model, tmp_path / "out.onnx", check=onnx.checker.check_model)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+    del model.graph.nodes[0].inputs[1]
+    model.graph.nodes[0].inputs.append(model.graph.tensors()["good"])
+    model.graph.cleanup()
+    written = onnx.load_from_string(export_streamed(model).to_bytes())
+    assert _canonical(written) == _canonical(model.to_onnx())
+    assert written.graph.initializer[0].doc_string == "kept"
 
 
-@pytest.mark.parametrize("length", [0, 1, 127, 128, 16_383, 16_384, 2**21 - 1, 2**21])
-def test_raw_data_length_is_read_from_encoded_sizes(length: int) -> None:
-    tensor = onnx.TensorProto(name="t", data_type=onnx.TensorProto.UINT8, dims=[length], doc_string="d")
-    tensor.raw_data = bytes(length)
+def test_a_stored_tensor_header_has_every_field_but_the_data() -> None:
+    tensor = onnx.numpy_helper.from_array(np.arange(6, dtype=np.int32).reshape(2, 3), "t")
+    tensor.doc_string = "d"
+    entry = tensor.metadata_props.add()
+    entry.key, entry.value = "k", "v"
     header = model_stream._header_of(tensor)
-    assert model_stream._raw_data_length(tensor, header.ByteSize()) == length
-    assert not header.HasField("raw_data") and header.doc_string == "d"
+    assert not header.HasField("raw_data")
+    header.raw_data = tensor.raw_data
+    assert header == tensor
+
+
+def test_export_without_data_keeps_types_and_dims_for_shape_inference() -> None:
+    model = _weighted_model(np.random.default_rng(2))
+    proto = model_stream.export_without_data(model)
+    full = model.to_onnx()
+    assert [(t.name, t.data_type, list(t.dims)) for t in proto.graph.initializer] == [
+        (t.name, t.data_type, list(t.dims)) for t in full.graph.initializer
+    ]
+    kept = {t.name for t in proto.graph.initializer if t.raw_data}
+    assert kept == {"b"}  # the one tensor under STREAM_MIN_BYTES
+    def inferred(m: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+        return list(onnx.shape_inference.infer_shapes(m, strict_mode=True, data_prop=True).graph.value_info)
+    assert inferred(proto) == inferred(full)
+    # The model itself is untouched.
+    assert _canonical(model.to_onnx()) == _canonical(full)
 
 
 def test_a_model_past_the_protobuf_limit_goes_to_external_data(
