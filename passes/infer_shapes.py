@@ -31,7 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 
-from iropt.model import EXTERNAL_DATA_THRESHOLD, Model
+from iropt.model import EXTERNAL_DATA_THRESHOLD, Model, iter_graphs
 from iropt.model_stream import export_without_data
 from iropt.pass_infra import Pass, PassContext, PassResult
 from iropt.registry import register_pass
@@ -50,6 +50,8 @@ class InferShapes(Pass):
     data_prop: bool = True
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        if _fully_annotated(model.graph):
+            return PassResult.from_stats(inferred=0, refined=0)
         try:
             inferred = _infer(export_without_data(model), self.data_prop, ctx.work_dir)
         except Exception as error:  # onnx raises several unrelated types (InferenceError, ValueError...)
@@ -119,6 +121,17 @@ def _apply(graph: gs.Graph, proto: onnx.GraphProto, learned: _Learned) -> None:
             elif attr.type == onnx.AttributeProto.GRAPHS and isinstance(value, list):
                 for sub, sub_proto in zip(value, attr.graphs, strict=True):
                     _apply(sub, sub_proto, learned)
+
+
+def _fully_annotated(graph: gs.Graph) -> bool:
+    """True when every tensor of every graph has a dtype and a shape of known sizes: inference
+    could add nothing, and is skipped (in a fixpoint round on a statically shaped model, say)."""
+    for subgraph in iter_graphs(graph):
+        for tensor in _defined_tensors(subgraph):
+            shape = tensor.shape
+            if tensor.dtype is None or shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+                return False
+    return True
 
 
 def _defined_tensors(graph: gs.Graph) -> Iterator[gs.Variable]:

@@ -226,3 +226,16 @@ def test_large_models_go_through_a_file(monkeypatch: pytest.MonkeyPatch, tmp_pat
     # The weights themselves stayed in memory, untouched.
     np.testing.assert_array_equal(model.graph.tensors()["w"].values, onnx.numpy_helper.to_array(weight))
     assert_same_outputs(proto, model, random_feeds({"x": (3, 4)}))
+
+
+def test_a_fully_annotated_model_is_not_inferred_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = Model.from_onnx(parse(CHAIN))
+    first = create_pass("infer_shapes", {}).run(model, PassContext())
+    assert first.changed  # every tensor of CHAIN now has a dtype and a static shape
+
+    def no_inference(*args: object) -> onnx.ModelProto:
+        raise AssertionError("shape inference ran on a model with nothing left to learn")
+
+    monkeypatch.setattr(infer_shapes, "_infer", no_inference)
+    second = create_pass("infer_shapes", {}).run(model, PassContext())
+    assert not second.changed and second.stats == {"inferred": 0, "refined": 0}
