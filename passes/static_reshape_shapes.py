@@ -42,11 +42,12 @@ class StaticReshapeShapes(Pass):
         replaced = 0
         if model.opset < _MIN_OPSET:
             return PassResult.from_stats(replaced=replaced)
-        fresh = FreshNames(name for graph in iter_graphs(model.graph) for name in graph.tensors())
+        fresh: FreshNames | None = None  # made on first use: it reads every tensor name
         for graph in iter_graphs(model.graph):
             for node in graph.nodes:
                 target = _static_target(node) if is_op(node, "Reshape") else None
                 if target is not None:
+                    fresh = fresh or FreshNames(n for g in iter_graphs(model.graph) for n in g.tensors())
                     name = fresh(f"{node.outputs[0].name}_shape")
                     node.inputs[1] = gs.Constant(name, np.array(target, dtype=np.int64))
                     replaced += 1
