@@ -1,7 +1,10 @@
-"""merge_consecutive_reshapes: `Reshape(P(x), s)` -> `Reshape(x, s)` for P in Reshape/Flatten/Squeeze/Unsqueeze.
+"""merge_consecutive_reshapes: `Reshape(P(x), s)` -> `Reshape(x, s)` for P in Reshape/Flatten/Squeeze/Unsqueeze,
+and a Transpose that only moves size-1 axes.
 
 Algebra: Reshape, Flatten, Squeeze and Unsqueeze only change a tensor's shape, never the order
-or number of its elements. `Reshape(t, s)` depends on `t` only through its elements and, for
+or number of its elements. Neither does a Transpose whose axes of size other than 1 keep their
+relative order (LSTM's output [seq, 1, batch, hidden] as [seq, batch, 1, hidden], say): which
+axes are 1 must be known from its input's annotated shape, the others may be symbolic. `Reshape(t, s)` depends on `t` only through its elements and, for
 entries `s[i] == 0` (with `allowzero=0`), through `t.shape[i]`; a `-1` entry depends only on
 the element count, which P keeps. So when `s` is a constant, `Reshape(P(x), s)` equals
 `Reshape(x, s')` where `s'` is `s` with each copied dimension (`0`) replaced by the size of P's
@@ -25,6 +28,7 @@ from iropt.graph_utils import is_op
 from iropt.model import Model
 from iropt.pass_infra import Pass, PassContext, PassResult
 from iropt.passes._elim_common import GraphEdit, ModelEdit, const_ints, dims_of
+from iropt.passes.merge_consecutive_transposes import perm_of
 from iropt.registry import register_pass
 
 _SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -33,7 +37,8 @@ _SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 @register_pass("merge_consecutive_reshapes")
 @dataclass(kw_only=True)
 class MergeConsecutiveReshapes(Pass):
-    """Make a Reshape read past a preceding Reshape/Flatten/Squeeze/Unsqueeze when that is exact.
+    """Make a Reshape read past a preceding Reshape/Flatten/Squeeze/Unsqueeze (or a Transpose of
+    size-1 axes) when that is exact.
 
     Stats: `merged` (Reshapes rewired to read the earlier op's input).
     """
@@ -62,7 +67,7 @@ class _ChainStarts:
     def of(self, tensor: gs.Tensor) -> gs.Tensor:
         path = []
         while id(tensor) not in self._memo:
-            node = self._sweep.producer(tensor, *_SHAPE_OPS)
+            node = _shape_only_producer(self._sweep, tensor)
             if node is None or not node.inputs:
                 self._memo[id(tensor)] = (tensor, tensor)
                 break
@@ -74,8 +79,26 @@ class _ChainStarts:
         return start
 
 
+def _shape_only_producer(sweep: GraphEdit, tensor: gs.Tensor) -> gs.Node | None:
+    """The producer of `tensor` when it changes only the shape of its input, else None."""
+    node = sweep.producer(tensor, *_SHAPE_OPS, "Transpose")
+    if node is not None and is_op(node, "Transpose") and not _keeps_element_order(node):
+        return None
+    return node
+
+
+def _keeps_element_order(transpose: gs.Node) -> bool:
+    """True when the Transpose moves only axes of size 1: the elements stay in the same order."""
+    dims = dims_of(transpose.inputs[0]) if transpose.inputs else None
+    perm = perm_of(transpose, None if dims is None else len(dims))
+    if dims is None or perm is None or len(perm) != len(dims):
+        return False
+    moved = [axis for axis in perm if dims[axis] != 1]
+    return moved == sorted(moved)
+
+
 def _merge(edit: ModelEdit, sweep: GraphEdit, starts: _ChainStarts, reshape: gs.Node) -> bool:
-    first = sweep.producer(reshape.inputs[0], *_SHAPE_OPS)
+    first = _shape_only_producer(sweep, reshape.inputs[0])
     if first is None or not first.inputs:
         return False
     shape = const_ints(reshape.inputs[1])
@@ -98,7 +121,7 @@ def _remove_dead_chain(sweep: GraphEdit, node: gs.Node | None) -> None:
         data = node.inputs[0]
         if not sweep.remove_if_dead(node):
             return
-        node = sweep.producer(data, *_SHAPE_OPS)
+        node = _shape_only_producer(sweep, data)
 
 
 def _resolve_copies(first: gs.Node, shape: list[int]) -> list[int] | None:

@@ -96,6 +96,49 @@ def test_reshape_after_flatten_squeeze_unsqueeze(opset: int, first: str) -> None
     assert not any(op in ops(model) for op in ("Flatten", "Squeeze", "Unsqueeze"))
 
 
+@pytest.mark.parametrize(
+    ("x_type", "perm", "sizes"),
+    [
+        ("float[4,1,3,2]", "[0, 2, 1, 3]", {}),
+        # LSTM's output [seq, 1, batch, hidden] as [seq, batch, 1, hidden]: S and N symbolic.
+        ("float[S,1,N,2]", "[0, 2, 1, 3]", {"S": 3, "N": 4}),
+        ("float[1,1,6,2]", "[1, 0, 2, 3]", {}),
+    ],
+)
+def test_reshape_after_a_transpose_of_size_one_axes(x_type: str, perm: str, sizes: dict[str, int]) -> None:
+    text = model_text(
+        f"({x_type} x) => (float[?, 2] y)",
+        f"""
+        s = Constant<value = int64[2] {{-1, 2}}>()
+        t = Transpose<perm = {perm}>(x)
+        y = Reshape(t, s)
+        """,
+    )
+    model, result = rewritten(text, PASS, sizes=sizes)
+    assert result.stats == {"merged": 1}
+    assert producer_of(model, "y") == ("Reshape", ["x", "s"])
+    assert "Transpose" not in ops(model)
+
+
+@pytest.mark.parametrize(
+    ("x_type", "perm"),
+    [
+        ("float[4,1,3,2]", "[0, 3, 1, 2]"),  # 3 and 2 change places: the element order changes
+        ("float[S,M,N,2]", "[0, 2, 1, 3]"),  # M might not be 1
+    ],
+)
+def test_reshape_after_a_reordering_transpose_is_left_alone(x_type: str, perm: str) -> None:
+    text = model_text(
+        f"({x_type} x) => (float[?, 2] y)",
+        f"""
+        s = Constant<value = int64[2] {{-1, 2}}>()
+        t = Transpose<perm = {perm}>(x)
+        y = Reshape(t, s)
+        """,
+    )
+    unchanged(text, PASS)
+
+
 def test_allowzero_keeps_literal_zero() -> None:
     text = model_text(
         "(float[0,3] x) => (float[0,5] y)",
