@@ -769,6 +769,109 @@ def build_digits_cnn() -> Golden:
 
 
 # --------------------------------------------------------------------------------------------
+# Traced PyTorch modules: what the TorchScript exporter writes for dynamic batch sizes
+# --------------------------------------------------------------------------------------------
+
+DECODER_VOCAB, DECODER_SEQ, DECODER_WIDTH = 200, 16, 64
+LSTM_VOCAB, LSTM_SEQ = 100, 7
+
+
+def _traced_modules() -> dict[str, Any]:
+    """The torch modules behind the traced_* models (built lazily so torch stays optional)."""
+    import torch
+    from torch import nn
+
+    class Decoder(nn.Module):
+        """Embedding + learned positions, one pre-norm causal encoder layer, vocabulary head."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(DECODER_VOCAB, DECODER_WIDTH)
+            self.positions = nn.Parameter(torch.randn(1, DECODER_SEQ, DECODER_WIDTH) * 0.02)
+            self.layer = nn.TransformerEncoderLayer(
+                DECODER_WIDTH, 4, 2 * DECODER_WIDTH, dropout=0.0, batch_first=True, norm_first=True
+            )
+            self.head = nn.Linear(DECODER_WIDTH, DECODER_VOCAB)
+
+        def forward(self, ids: Any) -> Any:
+            n = ids.shape[1]
+            mask = torch.triu(torch.full((n, n), float("-inf")), 1)
+            return self.head(self.layer(self.embed(ids) + self.positions[:, :n], src_mask=mask))
+
+    class Tagger(nn.Module):
+        """Embedding, two-layer LSTM called without a state, Linear on the last step."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(LSTM_VOCAB, 32)
+            self.lstm = nn.LSTM(32, 48, num_layers=2, batch_first=True)
+            self.head = nn.Linear(48, 5)
+
+        def forward(self, ids: Any) -> Any:
+            states, _ = self.lstm(self.embed(ids))
+            return self.head(states[:, -1])
+
+    return {"traced_decoder": Decoder, "traced_lstm": Tagger}
+
+
+def _trace(name: str, seq: int, vocab: int, seed: int) -> tuple[onnx.ModelProto, Arrays]:
+    """Export module `name` with the TorchScript exporter (dynamic batch), checked against torch."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise RuntimeError(f"{name} needs torch to rebuild (pip install torch), or keep the committed files") from exc
+    torch.manual_seed(seed)
+    module = _traced_modules()[name]().eval()
+    ids = np.random.default_rng(seed).integers(0, vocab, (2, seq)).astype(np.int64)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated, and says so
+        path = Path(tmp) / f"{name}.onnx"
+        torch.onnx.export(
+            module, (torch.from_numpy(ids),), path, dynamo=False, opset_version=OPSET,
+            input_names=["ids"], output_names=["logits"],
+            dynamic_axes={"ids": {0: BATCH}, "logits": {0: BATCH}},
+        )
+        model = onnx.load(str(path))
+    model.graph.name = name
+    model.producer_name = "iropt-golden (torch " + model.producer_version + ")"
+    model.producer_version = "1"
+    with torch.no_grad():
+        want = module(torch.from_numpy(ids)).numpy()
+    got = run_reference(model, {"ids": ids})["logits"]
+    if not np.allclose(got, want, rtol=1e-4, atol=1e-4):
+        raise RuntimeError(f"{name}: ONNX Runtime and torch disagree after export")
+    return model, {"ids": ids}
+
+
+def build_traced_decoder() -> Golden:
+    """A causal transformer layer as the TorchScript exporter writes it for a dynamic batch."""
+    model, inputs = _trace("traced_decoder", DECODER_SEQ, DECODER_VOCAB, seed=1009)
+    return Golden(
+        name="traced_decoder",
+        description="torch nn.TransformerEncoderLayer (pre-norm, causal mask) with embedding, positions and "
+        "a vocabulary head, exported with the TorchScript exporter, batch dynamic: every Reshape target "
+        "is computed at run time from Shape/Gather/Concat chains.",
+        features=["torch export", "dynamic batch", "run-time Reshape targets", "attention", "Gather embedding"],
+        model=model,
+        inputs=inputs,
+    )
+
+
+def build_traced_lstm() -> Golden:
+    """A two-layer LSTM as the TorchScript exporter writes it when called without a state."""
+    model, inputs = _trace("traced_lstm", LSTM_SEQ, LSTM_VOCAB, seed=1010)
+    return Golden(
+        name="traced_lstm",
+        description="torch Embedding + two-layer nn.LSTM (no initial state given) + Linear on the last "
+        "step, exported with the TorchScript exporter, batch dynamic: the zero initial states are "
+        "built at run time (Shape -> Gather -> Concat -> ConstantOfShape -> Slice).",
+        features=["torch export", "dynamic batch", "LSTM", "zero initial states built at run time"],
+        model=model,
+        inputs=inputs,
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Running, saving, manifest
 # --------------------------------------------------------------------------------------------
 
@@ -781,6 +884,8 @@ BUILDERS: dict[str, Callable[[], Golden]] = {
     "unet": build_unet,
     "control_flow": build_control_flow,
     "digits_cnn": build_digits_cnn,
+    "traced_decoder": build_traced_decoder,
+    "traced_lstm": build_traced_lstm,
 }
 
 
