@@ -106,15 +106,7 @@ def test_reshape_after_flatten_squeeze_unsqueeze(opset: int, first: str) -> None
     ],
 )
 def test_reshape_after_a_transpose_of_size_one_axes(x_type: str, perm: str, sizes: dict[str, int]) -> None:
-    text = model_text(
-        f"({x_type} x) => (float[?, 2] y)",
-        f"""
-        s = Constant<value = int64[2] {{-1, 2}}>()
-        t = Transpose<perm = {perm}>(x)
-        y = Reshape(t, s)
-        """,
-    )
-    model, result = rewritten(text, PASS, sizes=sizes)
+    model, result = rewritten(_transpose_then_reshape(x_type, perm), PASS, sizes=sizes)
     assert result.stats == {"merged": 1}
     assert producer_of(model, "y") == ("Reshape", ["x", "s"])
     assert "Transpose" not in ops(model)
@@ -128,7 +120,11 @@ def test_reshape_after_a_transpose_of_size_one_axes(x_type: str, perm: str, size
     ],
 )
 def test_reshape_after_a_reordering_transpose_is_left_alone(x_type: str, perm: str) -> None:
-    text = model_text(
+    unchanged(_transpose_then_reshape(x_type, perm), PASS)
+
+
+def _transpose_then_reshape(x_type: str, perm: str) -> str:
+    return model_text(
         f"({x_type} x) => (float[?, 2] y)",
         f"""
         s = Constant<value = int64[2] {{-1, 2}}>()
@@ -136,7 +132,6 @@ def test_reshape_after_a_reordering_transpose_is_left_alone(x_type: str, perm: s
         y = Reshape(t, s)
         """,
     )
-    unchanged(text, PASS)
 
 
 def test_allowzero_keeps_literal_zero() -> None:
