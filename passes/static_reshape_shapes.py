@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from iropt.graph_utils import FreshNames, constant_value, is_op
+from iropt.graph_utils import FreshNames, is_op
 from iropt.model import Model, iter_graphs
 from iropt.pass_infra import Pass, PassContext, PassResult
 from iropt.registry import register_pass
@@ -56,7 +56,7 @@ class StaticReshapeShapes(Pass):
 
 def _static_target(node: gs.Node) -> list[int] | None:
     """The constant target that reshapes like `node`, or None."""
-    if len(node.inputs) != 2 or len(node.outputs) != 1 or constant_value(node.inputs[1]) is not None:
+    if len(node.inputs) != 2 or len(node.outputs) != 1 or _is_constant(node.inputs[1]):
         return None
     shape = node.outputs[0].shape
     if shape is None:
@@ -66,3 +66,8 @@ def _static_target(node: gs.Node) -> list[int] | None:
     if len(unknown) > 1 or 0 in dims:
         return None
     return [-1 if d is None else d for d in dims]
+
+
+def _is_constant(tensor: gs.Tensor) -> bool:
+    """An initializer or a Constant node's output (its value is not read: nothing is decoded)."""
+    return isinstance(tensor, gs.Constant) or (len(tensor.inputs) == 1 and is_op(tensor.inputs[0], "Constant"))
