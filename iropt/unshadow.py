@@ -52,11 +52,14 @@ def _subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
 
 
 def _shadows(graph: onnx.GraphProto, outer: frozenset[str]) -> bool:
+    subgraphs = list(_subgraphs(graph))
+    if not outer and not subgraphs:  # a graph without subgraphs: nothing to collect names for
+        return False
     declared = _declared(graph)
     if declared & outer:
         return True
     visible = outer | declared
-    return any(_shadows(subgraph, visible) for subgraph in _subgraphs(graph))
+    return any(_shadows(subgraph, visible) for subgraph in subgraphs)
 
 
 def _all_names(graph: onnx.GraphProto) -> set[str]:
