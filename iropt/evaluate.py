@@ -84,6 +84,22 @@ def peek_values(tensor: gs.Constant) -> np.ndarray:
     return np.asarray(values)
 
 
+def peek_constant(tensor: gs.Tensor, max_elements: int | None = None) -> np.ndarray | None:
+    """The value of an initializer or of a Constant node's output, read with `peek_values` (so
+    a pass that only looks leaves the tensor as it was written); None for any other tensor, and
+    for one of more than `max_elements` elements (told from its shape, before anything is read)."""
+    if not isinstance(tensor, gs.Constant):
+        producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+        if producer is None or producer.op != "Constant" or producer.domain not in _DEFAULT_DOMAINS:
+            return None
+        tensor = producer.attrs.get("value")
+        if not isinstance(tensor, gs.Constant):
+            return None
+    if max_elements is not None and int(np.prod(tensor.shape or ())) > max_elements:
+        return None
+    return peek_values(tensor)
+
+
 def has_subgraph(node: gs.Node) -> bool:
     """True when an attribute of `node` is a graph (If, Loop, Scan, SequenceMap bodies)."""
     for value in node.attrs.values():

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from iropt.evaluate import peek_values
+from iropt.evaluate import peek_constant, peek_values
 from iropt.graph_utils import is_op
 from iropt.model import Model, iter_graphs
 from iropt.pass_infra import Pass, PassContext, PassResult
@@ -63,21 +63,15 @@ def _drop_zero_states(node: gs.Node) -> int:
 
 def _all_zeros(tensor: gs.Tensor, hops: int) -> bool:
     """True when every element of `tensor` is provably 0."""
-    if isinstance(tensor, gs.Constant):
-        return _zeros(peek_values(tensor))
+    value = peek_constant(tensor)
+    if value is not None:
+        return value.size > 0 and not np.any(value)
     if len(tensor.inputs) != 1:
         return False
     producer = tensor.inputs[0]
-    if is_op(producer, "Constant"):
-        value = producer.attrs.get("value")
-        return isinstance(value, gs.Constant) and _zeros(peek_values(value))
     if is_op(producer, "ConstantOfShape"):
         fill = producer.attrs.get("value")
         return fill is None or not np.any(peek_values(fill))
     if is_op(producer, *_ZERO_PRESERVING) and producer.inputs and hops > 0:
         return _all_zeros(producer.inputs[0], hops - 1)
     return False
-
-
-def _zeros(value: np.ndarray) -> bool:
-    return value.size > 0 and not np.any(value)

@@ -39,8 +39,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from iropt.evaluate import peek_values
-from iropt.graph_utils import constant_value, is_op
+from iropt.evaluate import peek_constant
+from iropt.graph_utils import is_op
 from iropt.model import Model
 from iropt.pass_infra import Pass, PassContext, PassResult
 from iropt.passes._elim_common import ModelEdit, const_ints, dims_of, ints_param, rank_of, static_shape
@@ -172,22 +172,11 @@ def _arithmetic_operand(node: gs.Node) -> gs.Tensor | None:
         return None
     element, positions = _IDENTITY_ELEMENTS[node.op]
     for position in positions:
-        value = _small_constant(node.inputs[position])
+        value = peek_constant(node.inputs[position], _MAX_IDENTITY_ELEMENTS)
         data = node.inputs[1 - position]
         if value is not None and value.size and np.all(value == element) and _broadcasts_into(list(value.shape), data):
             return data
     return None
-
-
-def _small_constant(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of a constant (an initializer or a Constant node's output) of up to
-    _MAX_IDENTITY_ELEMENTS elements, read without keeping a decoded copy on the tensor."""
-    if isinstance(tensor, gs.Constant):
-        if int(np.prod(tensor.shape or ())) > _MAX_IDENTITY_ELEMENTS:
-            return None
-        return peek_values(tensor)
-    value = constant_value(tensor)
-    return value if value is not None and value.size <= _MAX_IDENTITY_ELEMENTS else None
 
 
 def _concat(edit: ModelEdit, node: gs.Node) -> bool:
