@@ -843,31 +843,30 @@ def _trace(name: str, seq: int, vocab: int, seed: int) -> tuple[onnx.ModelProto,
     return model, {"ids": ids}
 
 
+def _traced_golden(name: str, seq: int, vocab: int, seed: int, description: str, features: list[str]) -> Golden:
+    model, inputs = _trace(name, seq, vocab, seed)
+    return Golden(name=name, description=description, features=features, model=model, inputs=inputs)
+
+
 def build_traced_decoder() -> Golden:
     """A causal transformer layer as the TorchScript exporter writes it for a dynamic batch."""
-    model, inputs = _trace("traced_decoder", DECODER_SEQ, DECODER_VOCAB, seed=1009)
-    return Golden(
-        name="traced_decoder",
-        description="torch nn.TransformerEncoderLayer (pre-norm, causal mask) with embedding, positions and "
+    return _traced_golden(
+        "traced_decoder", DECODER_SEQ, DECODER_VOCAB, 1009,
+        "torch nn.TransformerEncoderLayer (pre-norm, causal mask) with embedding, positions and "
         "a vocabulary head, exported with the TorchScript exporter, batch dynamic: every Reshape target "
         "is computed at run time from Shape/Gather/Concat chains.",
-        features=["torch export", "dynamic batch", "run-time Reshape targets", "attention", "Gather embedding"],
-        model=model,
-        inputs=inputs,
+        ["torch export", "dynamic batch", "run-time Reshape targets", "attention", "Gather embedding"],
     )
 
 
 def build_traced_lstm() -> Golden:
     """A two-layer LSTM as the TorchScript exporter writes it when called without a state."""
-    model, inputs = _trace("traced_lstm", LSTM_SEQ, LSTM_VOCAB, seed=1010)
-    return Golden(
-        name="traced_lstm",
-        description="torch Embedding + two-layer nn.LSTM (no initial state given) + Linear on the last "
+    return _traced_golden(
+        "traced_lstm", LSTM_SEQ, LSTM_VOCAB, 1010,
+        "torch Embedding + two-layer nn.LSTM (no initial state given) + Linear on the last "
         "step, exported with the TorchScript exporter, batch dynamic: the zero initial states are "
         "built at run time (Shape -> Gather -> Concat -> ConstantOfShape -> Slice).",
-        features=["torch export", "dynamic batch", "LSTM", "zero initial states built at run time"],
-        model=model,
-        inputs=inputs,
+        ["torch export", "dynamic batch", "LSTM", "zero initial states built at run time"],
     )
 
 
