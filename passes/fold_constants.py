@@ -11,8 +11,8 @@
 - `Shape` and `Size` of a tensor whose shape is static (every dimension a known integer, as
   declared on the graph input or in value_info) become constants even though the tensor is not
   one (`fold_shapes`); so does a `Slice` or `Gather` of a `Shape` that picks only known
-  dimensions of a tensor whose other dimensions are not known. This trusts the declared shapes: a pass that changes a tensor's shape
-  must update or drop its value_info.
+  dimensions of a tensor whose other dimensions are not known. This trusts the declared
+  shapes: a pass that changes a tensor's shape must update or drop its value_info.
 - Nodes inside If/Loop/Scan bodies are folded too; they may read constants of the outer graph.
 - An `If` whose condition is a constant is replaced by the nodes of the branch it takes
   (`inline_if`). The branch's results are written straight into the If's output tensors, so
