@@ -9,7 +9,9 @@ of its parameters.
 Global budgets (`params_ratio` with allocation "error") are met greedily: starting from every
 layer whole, repeatedly take the move, over all layers and all lower ranks, with the least added
 error per parameter saved, until the kept parameters fit the budget. Looking past the next rank
-lets a layer whose error curve has a knee jump over it instead of stalling.
+lets a layer whose error curve has a knee jump over it instead of stalling. The last move can
+overshoot the budget by a whole rank step of a large layer; what it overshoots is then spent
+again on raising ranks where that buys the most error back.
 """
 
 from __future__ import annotations
@@ -153,4 +155,37 @@ def allocate(plans: Sequence[Plan], ratio: float, multiple: int, min_saving: flo
         total -= current[index] - params[index][choice]
         state[index], current[index] = choice, params[index][choice]
         current_error[index] = errors[index][choice]
+    _give_back(plans, params, errors, state, current, current_error, budget - total)
     return [options[i][s] if s >= 0 else None for i, s in enumerate(state)]
+
+
+def _give_back(
+    plans: Sequence[Plan],
+    params: list[list[int]],
+    errors: list[list[float]],
+    state: list[int],
+    current: list[int],
+    current_error: list[float],
+    slack: float,
+) -> None:
+    """Spend what the last (coarse) move saved beyond the budget on higher ranks, most error back first.
+
+    Only raises ranks and only while the budget holds, so it ends and never breaks the budget.
+    """
+    while True:
+        best: tuple[float, int, int] | None = None
+        for index, plan in enumerate(plans):
+            for choice in range(-1, state[index]):  # every state with more parameters; -1 = whole
+                more = (plan.layer.params if choice < 0 else params[index][choice]) - current[index]
+                if more <= 0 or more > slack:
+                    continue
+                gain = (current_error[index] - (0.0 if choice < 0 else errors[index][choice])) / more
+                if best is None or gain > best[0]:
+                    best = (gain, index, choice)
+        if best is None:
+            return
+        _, index, choice = best
+        after = plans[index].layer.params if choice < 0 else params[index][choice]
+        slack -= after - current[index]
+        state[index], current[index] = choice, after
+        current_error[index] = 0.0 if choice < 0 else errors[index][choice]
