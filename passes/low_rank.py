@@ -26,6 +26,7 @@ from iropt.compress.lowrank.engine import (
     refit,
     summary,
 )
+from iropt.compress.lowrank.factorize import whitening
 from iropt.compress.lowrank.layers import OP_TYPES, Layer, RowSource, find_layer
 from iropt.compress.lowrank.moments import Moments, collect_cross_moments, collect_moments
 from iropt.errors import OptionError
@@ -125,10 +126,9 @@ class LowRank(Pass):
                 "weight SVD, which minimizes the weight error rather than the output error"
             )
         whiten = self.method == "whitened" and spec is not None
-        plans = [
-            plan_layer(layer, self.conv_method, moments[layer.source] if whiten else None, self.damping)
-            for layer in layers
-        ]
+        # One square root per input: a layer's Q, K and V projections read the same tensor.
+        roots = {s: whitening(m.second, self.damping) for s, m in moments.items()} if whiten else {}
+        plans = [plan_layer(layer, self.conv_method, roots.get(layer.source)) for layer in layers]
         ranks = choose_ranks(plans, self.rule())
         original = model.copy() if self.refit and spec is not None else None
         names = FreshNames(t.name for t in model.graph.tensors().values())

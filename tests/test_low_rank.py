@@ -16,7 +16,7 @@ import pytest
 from helpers_quant import build, checked, rand, run, write_feeds
 
 from iropt.compress.lowrank.engine import apply_rank, plan_layer
-from iropt.compress.lowrank.factorize import plain_spectrum
+from iropt.compress.lowrank.factorize import plain_spectrum, whitening
 from iropt.compress.lowrank.layers import Layer, find_layer
 from iropt.compress.lowrank.moments import Moments
 from iropt.dsl import load_schedule
@@ -61,7 +61,7 @@ def full_rank_matches(model: Model, feeds: dict[str, np.ndarray], conv_method: s
     for node in list(model.graph.nodes):
         layer = find_layer(node)
         if isinstance(layer, Layer):
-            plan = plan_layer(layer, conv_method, None, 0.0)  # type: ignore[arg-type]
+            plan = plan_layer(layer, conv_method, None)  # type: ignore[arg-type]
             apply_rank(model.graph, plan, plan.full(), names, None)
     checked(model)
     for name, value in run(reference, feeds).items():
@@ -116,7 +116,7 @@ def test_whitened_output_error_on_calibration_data_equals_the_bound(tmp_path: Pa
     (report,) = result.info["layers"]
     measured = relative_error(model, reference, {"x": x})
     # With no damping the dropped whitened singular values are the output error itself.
-    plan = plan_layer(find_layer(reference.graph.nodes[0]), "channel", _moments(x), 0.0)  # type: ignore[arg-type]
+    plan = plan_layer(find_layer(reference.graph.nodes[0]), "channel", whitening(_moments(x).second, 0.0))  # type: ignore[arg-type]
     bound = np.sqrt(1.0 - plan.energy((8,)))
     assert report["error_kind"] == "output"
     assert measured == pytest.approx(report["predicted_error"], rel=1e-3)

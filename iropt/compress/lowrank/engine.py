@@ -17,6 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from iropt.compress.lowrank.factorize import (
+    Whitening,
     output_error,
     plain_spectrum,
     spatial_matrix,
@@ -38,8 +39,8 @@ ConvMethod = Literal["channel", "spatial", "tucker"]
 Allocation = Literal["error", "uniform"]
 
 
-def plan_layer(layer: Layer, conv_method: ConvMethod, moments: Moments | None, damping: float) -> Plan:
-    """The layer's decomposition: whitened by `moments` when given (matrix forms), plain otherwise.
+def plan_layer(layer: Layer, conv_method: ConvMethod, white: Whitening | None) -> Plan:
+    """The layer's decomposition: whitened by `white` when given (matrix forms), plain otherwise.
 
     A Conv whose kernel is 1 x 1 (or 1-D for `spatial`) takes the matrix form whatever
     `conv_method` says: the other forms would not be smaller.
@@ -50,8 +51,8 @@ def plan_layer(layer: Layer, conv_method: ConvMethod, moments: Moments | None, d
             return Plan(layer, "tucker", modes=tucker(weight))
         if conv_method == "spatial" and weight.ndim == 4 and min(weight.shape[2:]) > 1:
             return Plan(layer, "spatial", spectrum=plain_spectrum(spatial_matrix(weight)))
-    if moments is not None:
-        return Plan(layer, "matrix", spectrum=whitened_spectrum(layer.matrix, moments.second, damping))
+    if white is not None:
+        return Plan(layer, "matrix", spectrum=whitened_spectrum(layer.matrix, white))
     return Plan(layer, "matrix", spectrum=plain_spectrum(layer.matrix))
 
 

@@ -60,16 +60,29 @@ def plain_spectrum(matrix: np.ndarray) -> Spectrum:
     return Spectrum(s, u, vt, whitened=False)
 
 
-def whitened_spectrum(matrix: np.ndarray, second: np.ndarray, damping: float) -> Spectrum:
-    """SVD of `S^T W` with `S S^T` = the damped input second moment `second` (K x K)."""
+@dataclass(frozen=True)
+class Whitening:
+    """`S = Q L^1/2` for a damped input second moment `C = Q L Q^T`; shared by layers with one input."""
+
+    vectors: np.ndarray  # Q, K x K
+    root: np.ndarray  # L^1/2, length K
+
+
+def whitening(second: np.ndarray, damping: float) -> Whitening:
+    """The square root of `second` (K x K) with its eigenvalues damped by `damping` times their mean."""
     eigenvalues, vectors = np.linalg.eigh(second)
     eigenvalues = np.clip(eigenvalues, 0.0, None)
     largest = float(eigenvalues.max(initial=0.0))
     eigenvalues = eigenvalues + damping * float(eigenvalues.mean())
     eigenvalues = np.maximum(eigenvalues, EIGEN_FLOOR * max(largest, EIGEN_FLOOR))
-    root = np.sqrt(eigenvalues)
-    u, s, vt = np.linalg.svd(root[:, None] * (vectors.T @ matrix), full_matrices=False)
-    return Spectrum(s, vectors @ (u / root[:, None]), vt, whitened=True)
+    return Whitening(vectors, np.sqrt(eigenvalues))
+
+
+def whitened_spectrum(matrix: np.ndarray, white: Whitening) -> Spectrum:
+    """SVD of `S^T W`, its left vectors mapped back by `S^-T`."""
+    root = white.root
+    u, s, vt = np.linalg.svd(root[:, None] * (white.vectors.T @ matrix), full_matrices=False)
+    return Spectrum(s, white.vectors @ (u / root[:, None]), vt, whitened=True)
 
 
 def output_error(
