@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GOLDEN, markdown_table, median_seconds
 
 from iropt.dsl import load_schedule
-from iropt.model import Model
-from iropt.pass_infra import PassContext, PassResult
-from iropt.pass_manager import PassManager
-from iropt.registry import create_pass
+from iropt.infra.pass_base import PassContext, PassResult
+from iropt.infra.pass_manager import PassManager
+from iropt.infra.registry import create_pass
+from iropt.ir.model import Model
 
 BENCH = Path(__file__).resolve().parent
 RATIOS = (0.9, 0.75, 0.5)
@@ -150,7 +150,7 @@ def latency_ms(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
 def held_out_layer_errors(original: Model, factorized: Model, result: PassResult,
                           feeds: dict[str, np.ndarray]) -> list[float]:
     """Each factorized layer alone on held-out inputs: ||x W - x A B|| / ||x W|| (x from the fp32 network)."""
-    from iropt.calibration import with_outputs
+    from iropt.compress.calibration import with_outputs
 
     weights = {n.name: n for n in original.graph.nodes if n.op == "MatMul"}
     nodes = {n.name: n for n in factorized.graph.nodes}

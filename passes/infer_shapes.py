@@ -11,7 +11,7 @@ and a shape whose rank disagrees with the inferred one is left as declared. A se
 therefore learns nothing and reports `changed=False`, so the pass can sit in a fixpoint block.
 
 Inference reads element types and dims, never weights: the model is exported with its large
-tensors as type and dims only (`iropt.model_stream.export_without_data`), so a run costs about
+tensors as type and dims only (`iropt.io.stream.export_without_data`), so a run costs about
 the same for a model of 500 MB of weights as for one of 5 MB. What is still past the 2 GB
 protobuf limit is inferred through a temporary file (`infer_shapes_path`, with the tensors as
 external data). When ONNX shape inference raises, the
@@ -21,7 +21,6 @@ mode that is rare (an op it has no schema for, such as a custom op, merely stays
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,12 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 
-from iropt.model import EXTERNAL_DATA_THRESHOLD, Model, iter_graphs
-from iropt.model_stream import export_without_data
-from iropt.pass_infra import Pass, PassContext, PassResult
-from iropt.registry import register_pass
+from iropt.infra.pass_base import Pass, PassContext, PassResult
+from iropt.infra.registry import register_pass
+from iropt.io.save import spilled_model_file
+from iropt.io.stream import export_without_data
+from iropt.ir.graph import iter_graphs
+from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, Model
 
 # Above this many bytes of tensor data the model cannot be serialized in memory for inference.
 IN_MEMORY_LIMIT = EXTERNAL_DATA_THRESHOLD
@@ -82,17 +83,8 @@ def _infer(proto: onnx.ModelProto, data_prop: bool, work_dir: Path | None) -> on
 
 def _infer_via_file(proto: onnx.ModelProto, data_prop: bool, work_dir: Path | None) -> onnx.ModelProto:
     """Shape inference for models over the protobuf limit: tensors go to an external file."""
-    with tempfile.TemporaryDirectory(dir=work_dir, prefix="iropt-infer-shapes-") as tmp:
-        source = Path(tmp) / "model.onnx"
-        target = Path(tmp) / "inferred.onnx"
-        onnx.save_model(
-            proto,
-            str(source),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location="model.data",
-            size_threshold=1024,
-        )
+    with spilled_model_file(proto, work_dir) as source:
+        target = source.with_name("inferred.onnx")
         onnx.shape_inference.infer_shapes_path(
             str(source), str(target), strict_mode=False, data_prop=data_prop
         )

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from iropt.calibration import limit_rows
+from iropt.compress.calibration import limit_rows
 from iropt.compress.lowrank.engine import (
     Allocation,
     ConvMethod,
@@ -30,11 +30,11 @@ from iropt.compress.lowrank.factorize import whitening
 from iropt.compress.lowrank.layers import OP_TYPES, Layer, RowSource, find_layer
 from iropt.compress.lowrank.moments import Moments, collect_cross_moments, collect_moments
 from iropt.errors import OptionError
-from iropt.feeds import iter_feeds
-from iropt.graph_utils import FreshNames
-from iropt.model import Model
-from iropt.pass_infra import Pass, PassContext, PassKind, PassResult
-from iropt.registry import register_pass
+from iropt.infra.pass_base import Pass, PassContext, PassKind, PassResult
+from iropt.infra.registry import register_pass
+from iropt.ir.graph import fresh_names
+from iropt.ir.model import Model
+from iropt.verify.feeds import iter_feeds
 
 Feeds = dict[str, np.ndarray]
 DEFAULT_ENERGY = 0.99
@@ -131,7 +131,7 @@ class LowRank(Pass):
         plans = [plan_layer(layer, self.conv_method, roots.get(layer.source)) for layer in layers]
         ranks = choose_ranks(plans, self.rule())
         original = model.copy() if self.refit and spec is not None else None
-        names = FreshNames(t.name for t in model.graph.tensors().values())
+        names = fresh_names([model.graph])
         reports, rewritten = [], []
         for plan, rank in zip(plans, ranks, strict=True):
             if rank is None:

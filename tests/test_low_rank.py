@@ -21,11 +21,11 @@ from iropt.compress.lowrank.layers import Layer, find_layer
 from iropt.compress.lowrank.moments import Moments
 from iropt.dsl import load_schedule
 from iropt.errors import OptionError
-from iropt.graph_utils import FreshNames
-from iropt.model import Model
-from iropt.pass_infra import PassContext, PassResult
-from iropt.pass_manager import PassManager
-from iropt.registry import create_pass
+from iropt.infra.pass_base import PassContext, PassResult
+from iropt.infra.pass_manager import PassManager
+from iropt.infra.registry import create_pass
+from iropt.ir.graph import fresh_names
+from iropt.ir.model import Model
 
 LOG = logging.getLogger("iropt.test_low_rank")
 
@@ -57,7 +57,7 @@ def matmul_model(rng: np.random.Generator, k: int = 32, n: int = 48) -> Model:
 def full_rank_matches(model: Model, feeds: dict[str, np.ndarray], conv_method: str = "channel") -> None:
     """Factorize every layer at full rank with the library and compare with the original."""
     reference = model.copy()
-    names = FreshNames(model.graph.tensors())
+    names = fresh_names([model.graph])
     for node in list(model.graph.nodes):
         layer = find_layer(node)
         if isinstance(layer, Layer):

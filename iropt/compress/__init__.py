@@ -1,4 +1,4 @@
-"""Compression machinery used by lossy passes: calibration, quantization, low-rank factorization.
-
-May import `iropt` layers below it (ir, io, verify, infra); never a pass, never a runtime.
+"""Machinery that lossy passes share: calibration, layer-sensitivity ranking, quantization
+(quant/), low-rank factorization (lowrank/). The passes stay thin files in iropt.passes.
+Imports: iropt.infra and below, iropt.rewrite.
 """

@@ -21,8 +21,8 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from iropt.evaluate import peek_constant
-from iropt.graph_utils import is_op
+from iropt.ir.channels import weight_layout
+from iropt.ir.graph import constant_value, is_op
 
 LayerKind = Literal["matmul", "gemm", "conv"]
 OP_TYPES: tuple[str, ...] = ("Gemm", "MatMul", "Conv")
@@ -131,7 +131,7 @@ def find_layer(node: gs.Node) -> Layer | str:
 
 def _constant_weight(node: gs.Node, index: int) -> np.ndarray | str:
     tensor = node.inputs[index]
-    value = peek_constant(tensor)
+    value = constant_value(tensor)
     if value is None:
         return "the weight is not a constant"
     if value.dtype.kind != "f":
@@ -142,30 +142,29 @@ def _constant_weight(node: gs.Node, index: int) -> np.ndarray | str:
 
 
 def _matmul(node: gs.Node) -> Layer | str:
-    if peek_constant(node.inputs[0]) is not None:
+    if constant_value(node.inputs[0]) is not None:
         return "the constant is the left operand"
     weight = _constant_weight(node, 1)
     if isinstance(weight, str):
         return weight
     if weight.ndim != 2:
         return f"the weight has {weight.ndim} dimensions, not 2"
-    return Layer(node, "matmul", weight, weight.astype(np.float64), None,
+    return Layer(node, "matmul", weight, _in_by_out(node, weight), None,
                  RowSource(node.inputs[0].name), _positions(node.outputs[0], 1))
 
 
 def _gemm(node: gs.Node) -> Layer | str:
-    if peek_constant(node.inputs[0]) is not None:
+    if constant_value(node.inputs[0]) is not None:
         return "the constant is the left operand"
     weight = _constant_weight(node, 1)
     if isinstance(weight, str):
         return weight
     alpha = float(node.attrs.get("alpha", 1.0))
     beta = float(node.attrs.get("beta", 1.0))
-    matrix = weight.astype(np.float64)
-    matrix = alpha * (matrix.T if node.attrs.get("transB", 0) else matrix)
+    matrix = alpha * _in_by_out(node, weight)
     bias = None
     if len(node.inputs) > 2 and node.inputs[2].name:
-        value = peek_constant(node.inputs[2])
+        value = constant_value(node.inputs[2])
         if value is not None and value.size in (1, matrix.shape[1]) and value.ndim <= 2 and (
             value.ndim < 2 or value.shape[0] == 1
         ):
@@ -175,11 +174,12 @@ def _gemm(node: gs.Node) -> Layer | str:
 
 
 def _conv(node: gs.Node) -> Layer | str:
-    if int(node.attrs.get("group", 1)) != 1:
-        return f"grouped Conv (group={node.attrs['group']})"
     weight = _constant_weight(node, 1)
     if isinstance(weight, str):
         return weight
+    layout = weight_layout(node, weight.ndim)
+    if layout is None or layout.groups != 1:
+        return f"grouped Conv (group={node.attrs.get('group')})"
     rank = weight.ndim - 2
     kernel = tuple(int(k) for k in weight.shape[2:])
     geometry = PatchGeometry(
@@ -189,13 +189,21 @@ def _conv(node: gs.Node) -> Layer | str:
         pads=tuple(node.attrs.get("pads", (0,) * (2 * rank))),
         auto_pad=str(node.attrs.get("auto_pad", "NOTSET")),
     )
-    matrix = weight.reshape(weight.shape[0], -1).T.astype(np.float64)
+    # Output channels first (the layout's out axis is 0), the rest flattened as the patch is.
+    matrix = weight.reshape(weight.shape[layout.out_axis], -1).T.astype(np.float64)
     bias = None
     if len(node.inputs) > 2 and node.inputs[2].name:
-        value = peek_constant(node.inputs[2])
+        value = constant_value(node.inputs[2])
         bias = None if value is None else value.astype(np.float64).reshape(-1)
     source = RowSource(node.inputs[0].name, geometry=geometry)
     return Layer(node, "conv", weight, matrix, bias, source, _positions(node.outputs[0], 2))
+
+
+def _in_by_out(node: gs.Node, weight: np.ndarray) -> np.ndarray:
+    """A Gemm or 2-D MatMul weight as K x N (input channels by output channels), float64."""
+    layout = weight_layout(node, weight.ndim)
+    assert layout is not None
+    return np.moveaxis(weight.astype(np.float64), (layout.in_axis, layout.out_axis), (0, 1))
 
 
 def _positions(output: gs.Tensor, feature_axes_from_end: int) -> int:

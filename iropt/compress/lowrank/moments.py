@@ -12,10 +12,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from iropt.calibration import rows_of, split_batches, with_outputs
+from iropt.compress.calibration import rows_of, split_batches, with_outputs
 from iropt.compress.lowrank.layers import RowSource
-from iropt.model import Model
-from iropt.pass_infra import ProgressFn, Runner
+from iropt.ir.model import Model
+from iropt.util.progress import ProgressFn
+from iropt.verify.runner import Runner
 
 Feeds = Mapping[str, np.ndarray]
 # Rows multiplied at once: bounds the patch matrix of a Conv with many output positions.
