@@ -6,7 +6,7 @@
    digits_cnn.calib.npz), top-1 on the 450 held-out test images. Ranks are multiples of 8 (the
    default) and, since these layers are only 16-32 channels wide, of 4 as well. A table and a plot
    (bench/lowrank_digits.png) of accuracy against the weights kept.
-2. A trained text encoder (bench/text_encoder.py) on real text: `params_ratio=0.8` of its MatMul
+2. A trained text encoder (bench/minilm_encoder.py) on real text: `params_ratio=0.8` of its MatMul
    weights with weight SVD, whitened SVD at the same rank in every layer of a shape, and
    whitened SVD with the error-driven allocation; the cosine of the pooled sentence embedding
    against fp32 on held-out sentences, the predicted and measured relative error per layer, and
@@ -168,16 +168,16 @@ def held_out_layer_errors(original: Model, factorized: Model, result: PassResult
 
 
 def text_section(tmp: Path) -> str:
-    import text_encoder
+    import minilm_encoder
 
-    model = Model.from_onnx(onnx.load(str(text_encoder.build(tmp))))
-    text = text_encoder.sentences()
+    model = Model.from_onnx(onnx.load(str(minilm_encoder.build(tmp))))
+    text = minilm_encoder.sentences()
     order = np.random.default_rng(0).permutation(len(text))
     calibration_text = [text[i] for i in order[:CALIBRATION_SENTENCES]]
     eval_text = [text[i] for i in order[CALIBRATION_SENTENCES : CALIBRATION_SENTENCES + EVAL_SENTENCES]]
     calibration = tmp / "text_calibration.npz"
-    np.savez(calibration, **text_encoder.encode(calibration_text))
-    feeds = text_encoder.encode(eval_text)
+    np.savez(calibration, **minilm_encoder.encode(calibration_text))
+    feeds = minilm_encoder.encode(eval_text)
     reference = session(model.to_onnx()).run(None, feeds)[0]
     batch = {k: v[:8] for k, v in feeds.items()}
     base_ms = latency_ms(model.to_onnx(), batch)
@@ -208,9 +208,9 @@ def text_section(tmp: Path) -> str:
     )
     best = max(float(r[2]) for r in rows)
     return "\n".join([
-        f"### Text encoder (all-MiniLM-L6-v2, bench/text_encoder.py): params_ratio {TEXT_RATIO} of the "
+        f"### Text encoder (all-MiniLM-L6-v2, bench/minilm_encoder.py): params_ratio {TEXT_RATIO} of the "
         f"MatMul weights; {CALIBRATION_SENTENCES} calibration and {EVAL_SENTENCES} held-out sentences "
-        f"of Python's help topics, {text_encoder.SEQ_LEN} tokens\n",
+        f"of Python's help topics, {minilm_encoder.SEQ_LEN} tokens\n",
         table,
         f"\nGoal cosine >= 0.95 at params_ratio {TEXT_RATIO}: {'PASS' if best >= 0.95 else 'FAIL'} "
         f"(best mean {best:.4f})\n",
