@@ -190,6 +190,7 @@ def text_section(tmp: Path) -> str:
         cos = cosines(session(candidate.to_onnx()).run(None, feeds)[0], reference)
         ms = latency_ms(candidate.to_onnx(), batch)
         ranks = sorted({r["rank"][0] for r in result.info["layers"]})
+        print(f"<!-- {label}: cosine {cos.mean():.4f}, {seconds:.0f} s -->", file=sys.stderr, flush=True)
         rows.append([label, f"{kept_ratio(result):.3f}", f"{cos.mean():.4f}", f"{cos.min():.4f}",
                      f"{ms:.1f} ({base_ms / ms:.2f}x)", f"{seconds:.1f}",
                      f"{len(result.info['layers'])} layers, ranks {min(ranks)}-{max(ranks)}" if ranks else "-"])

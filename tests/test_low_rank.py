@@ -290,18 +290,22 @@ def test_options_are_checked() -> None:
         create_pass("low_rank", {"exclude_op_types": ["Relu"]})
 
 
-def test_refit_does_not_worsen_the_network_output(tmp_path: Path) -> None:
-    rng = np.random.default_rng(10)
-    model = build(
-        """
-        agraph (float[B, 48] x) => (float[B, 48] y) {
+def two_layer_mlp(rng: np.random.Generator, k: int, hidden: int, n: int) -> Model:
+    return build(
+        f"""
+        agraph (float[B, {k}] x) => (float[B, {n}] y) {{
             h = MatMul(x, w1)
             r = Relu(h)
             y = MatMul(r, w2)
-        }
+        }}
         """,
-        {"w1": rand(rng, 48, 96), "w2": rand(rng, 96, 48)},
+        {"w1": rand(rng, k, hidden), "w2": rand(rng, hidden, n)},
     )
+
+
+def test_refit_does_not_worsen_the_network_output(tmp_path: Path) -> None:
+    rng = np.random.default_rng(10)
+    model = two_layer_mlp(rng, 48, 96, 48)
     x = correlated(rng, 512, 48)
     calibration = write_feeds(tmp_path, {"x": x})
     plain, refitted = model.copy(), model.copy()
@@ -313,16 +317,7 @@ def test_refit_does_not_worsen_the_network_output(tmp_path: Path) -> None:
 
 def test_low_rank_then_quantize_in_one_schedule(tmp_path: Path) -> None:
     rng = np.random.default_rng(11)
-    model = build(
-        """
-        agraph (float[B, 64] x) => (float[B, 32] y) {
-            h = MatMul(x, w1)
-            r = Relu(h)
-            y = MatMul(r, w2)
-        }
-        """,
-        {"w1": rand(rng, 64, 64), "w2": rand(rng, 64, 32)},
-    )
+    model = two_layer_mlp(rng, 64, 64, 32)
     x = correlated(rng, 64, 64)
     calibration = write_feeds(tmp_path, {"x": x})
     schedule = tmp_path / "lr_int8.opt"

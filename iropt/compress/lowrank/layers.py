@@ -141,10 +141,15 @@ def _constant_weight(node: gs.Node, index: int) -> np.ndarray | str:
     return value
 
 
-def _matmul(node: gs.Node) -> Layer | str:
+def _right_weight(node: gs.Node) -> np.ndarray | str:
+    """The constant right operand of a MatMul or Gemm (the left one is the activation)."""
     if constant_value(node.inputs[0]) is not None:
         return "the constant is the left operand"
-    weight = _constant_weight(node, 1)
+    return _constant_weight(node, 1)
+
+
+def _matmul(node: gs.Node) -> Layer | str:
+    weight = _right_weight(node)
     if isinstance(weight, str):
         return weight
     if weight.ndim != 2:
@@ -154,9 +159,7 @@ def _matmul(node: gs.Node) -> Layer | str:
 
 
 def _gemm(node: gs.Node) -> Layer | str:
-    if constant_value(node.inputs[0]) is not None:
-        return "the constant is the left operand"
-    weight = _constant_weight(node, 1)
+    weight = _right_weight(node)
     if isinstance(weight, str):
         return weight
     alpha = float(node.attrs.get("alpha", 1.0))

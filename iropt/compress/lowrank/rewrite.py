@@ -44,10 +44,9 @@ class Builder:
 
     def node(self, op: str, inputs: Sequence[gs.Tensor], attrs: dict[str, Any] | None = None) -> gs.Tensor:
         """Append a node writing a fresh intermediate tensor, and return that tensor."""
-        index = len(self.nodes) + 1
-        output = gs.Variable(self.names(f"{self.base}_lowrank{index}"), dtype=self.dtype)
-        self.nodes.append(gs.Node(op, name=self.names(f"{self.base}_lowrank{index}"),
-                                  attrs=attrs or {}, inputs=list(inputs), outputs=[output]))
+        name = self.names(f"{self.base}_lowrank{len(self.nodes) + 1}")
+        output = gs.Variable(self.names(f"{name}_out"), dtype=self.dtype)
+        self.nodes.append(gs.Node(op, name=name, attrs=attrs or {}, inputs=list(inputs), outputs=[output]))
         return output
 
     def finish(self, graph: gs.Graph) -> list[gs.Node]:
