@@ -32,10 +32,15 @@ class PassKind(enum.Enum):
 
 @dataclass
 class PassResult:
-    """What a pass did: `changed`, and counts such as `{"fused": 12}`."""
+    """What a pass did: `changed`, counts such as `{"fused": 12}`, and report-only `info`.
+
+    `info` carries what a pass found that is not a count (the nodes it kept in float32 and
+    why); it goes into the JSON report, never into the table.
+    """
 
     changed: bool
     stats: dict[str, int] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_stats(cls, **stats: int) -> PassResult:

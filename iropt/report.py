@@ -29,6 +29,7 @@ def _record(record: PassRecord) -> dict[str, Any]:
         "block": record.block,
         "changed": record.changed,
         "stats": record.stats,
+        "info": {k: _plain(v) for k, v in record.info.items()},
         "seconds": record.seconds,
         "nodes": _pair(record.nodes),
         "parameters": _pair(record.parameters),
