@@ -25,6 +25,10 @@ class Backend(abc.ABC):
     def compile(self, model: Model) -> Runner:
         """Build a runnable object (session, engine) for `model`."""
 
+    def check(self, model: Model) -> None:
+        """Raise UserError when `model` cannot run on this target as asked; before anything is written."""
+        del model
+
     def emit(self, model: Model, onnx_path: Path) -> list[Path]:
         """Write the back end's own artefacts beside `onnx_path`; returns the files written."""
         del model, onnx_path

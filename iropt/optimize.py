@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
+from iropt.backend import Backend
 from iropt.criteria import EXACT_CRITERION, LOSSY_CRITERION, Criterion
 from iropt.errors import IroptError, UserError, VerificationError, first_line
 from iropt.instruments import CheckerInstrument, IRDumpInstrument, SizeInstrument, TimingInstrument
@@ -111,9 +112,12 @@ def optimize(options: RunOptions, progress: ProgressFn = _no_progress) -> RunOut
         if not outcome.verified:
             outcome.culprit = _bisect(verifier.reference, pipeline, verifier, outcome.criterion, ctx)
     if outcome.verified or options.force:
+        backend = _backend(pipeline, options.build_progress) if options.emit else None
+        if backend is not None:
+            backend.check(model)
         outcome.output = save_model(model, output, check=_checker(options.model, options.check_each))
-        if options.emit:
-            outcome.emitted = _emit(model, pipeline, output, options.build_progress)
+        if backend is not None:
+            outcome.emitted = backend.emit(model, output)
     outcome.total_seconds = time.perf_counter() - start
     return outcome
 
@@ -243,16 +247,13 @@ def _bisect(
     return bisect_failure(reference, pipeline, verifier, failed, ctx)
 
 
-def _emit(
-    model: Model, pipeline: Pipeline, output: Path, build_progress: Callable[[str, int, int], None] | None
-) -> list[Path]:
+def _backend(pipeline: Pipeline, build_progress: Callable[[str, int, int], None] | None) -> Backend | None:
     if pipeline.target is None:
-        return []
-    backend = BACKENDS.create(pipeline.target.name, dict(pipeline.target.options))
+        return None
+    backend: Backend = BACKENDS.create(pipeline.target.name, dict(pipeline.target.options))
     if build_progress is not None and hasattr(backend, "progress"):
         backend.progress = build_progress
-    written: list[Path] = backend.emit(model, output)
-    return written
+    return backend
 
 
 def raise_if_unverified(outcome: RunOutcome) -> None:

@@ -4,7 +4,13 @@
 end offers, so verification can check the session against the original model. `emit` writes
 what ORT itself makes of the model when asked: its graph-optimized ONNX model
 (`<stem>.ort-optimized.onnx`, `save_optimized=True`) or an ORT-format file (`<stem>.ort`,
-`save_ort_format=True`) for the minimal ONNX Runtime builds.
+`save_ort_format=True`) for the minimal ONNX Runtime builds; both at the `basic` level unless
+`portable=false`, since higher levels tie the file to the providers and CPU it was made on.
+
+Execution providers fall back quietly in ONNX Runtime: a provider that fails to start is
+dropped with a warning on stderr, and nodes no asked-for provider takes run on the CPU. The
+session is checked for both (`provider_fallback`); the fallback is logged, and with
+`strict_providers=True` it is an error.
 
 `make_session` is the one place sessions are built; the verification reference runner uses it
 with graph optimizations disabled, so the reference is the model as written.
@@ -13,6 +19,7 @@ with graph optimizations disabled, so the reference is the model as written.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -60,6 +67,13 @@ IN_MEMORY_LIMIT = EXTERNAL_DATA_THRESHOLD
 _LOG_ERRORS_ONLY = 3
 # A failed run is raised as a UserError with ORT's message; ORT printing it too is noise.
 _LOG_FATAL_ONLY = 4
+CPU = "CPUExecutionProvider"
+# The session option that makes ORT refuse to place nodes on the CPU provider nobody asked for,
+# and the words of its refusal.
+_NO_CPU_FALLBACK = "session.disable_cpu_ep_fallback"
+_CPU_FALLBACK_REFUSED = "fallback to CPU EP has been explicitly disabled"
+
+_log = logging.getLogger("iropt.ort")
 
 ModelLike = Model | onnx.ModelProto | str | os.PathLike[str]
 
@@ -108,12 +122,14 @@ def make_session(
     inter_op_threads: int = 0,
     optimized_model_path: Path | None = None,
     save_ort_format: bool = False,
+    strict_providers: bool = False,
 ) -> ort.InferenceSession:
     """An InferenceSession for `model` (a Model, a ModelProto or a path).
 
     `optimized_model_path` makes ORT write the model after its graph optimizations (as an ORT
-    format file with `save_ort_format=True`). Raises UserError for an unknown provider or a
-    model ORT cannot load.
+    format file with `save_ort_format=True`). A provider fallback (see `provider_fallback`) is
+    logged as a warning, or with `strict_providers` raised as a UserError. Raises UserError for
+    an unknown provider or a model ORT cannot load.
     """
     check_providers(providers)
     if optimization_level not in _LEVELS:
@@ -129,26 +145,81 @@ def make_session(
         options.optimized_model_filepath = str(optimized_model_path)
         if save_ort_format:
             options.add_session_config_entry("session.save_model_format", "ORT")
+    create = functools.partial(_create_checked, options=options, providers=providers, strict=strict_providers)
     if isinstance(model, (str, os.PathLike)):
-        return _create(str(model), options, providers)
+        return create(str(model))
     write: Callable[[Path], Path]
     if isinstance(model, Model):
         if graph_stats(model).parameter_bytes <= IN_MEMORY_LIMIT:  # an estimate: checked below
             # Serialized by the streaming writer: the weights are copied once, not four times.
             streamed = export_streamed(model)
             if streamed.byte_size() <= PROTOBUF_LIMIT:
-                return _create(streamed.to_bytes(), options, providers)
+                return create(streamed.to_bytes())
         write = functools.partial(save_model, model, external_data=True)
     else:
         if tensor_bytes(model) <= IN_MEMORY_LIMIT:
-            return _create(model.SerializeToString(), options, providers)
+            return create(model.SerializeToString())
         write = functools.partial(save_proto, model, external_data=True)
     _externalize_optimized(options, optimized_model_path, save_ort_format)
     # Too big for one protobuf message: written with its data beside it for ORT to read. ORT
     # reads (or maps) the data while the session is created; on Linux a mapped file stays
     # valid after its name is removed, elsewhere the cleanup error is ignored.
     with tempfile.TemporaryDirectory(prefix="iropt-ort-", ignore_cleanup_errors=True) as tmp:
-        return _create(str(write(Path(tmp) / "model.onnx")), options, providers)
+        return create(str(write(Path(tmp) / "model.onnx")))
+
+
+def _create_checked(
+    model: str | bytes, *, options: ort.SessionOptions, providers: Sequence[str], strict: bool
+) -> ort.InferenceSession:
+    """A session, with the providers it really runs on checked against `providers`."""
+    session, cpu_nodes = None, False
+    if CPU not in providers:
+        session = _create_without_cpu(model, options, providers)
+        cpu_nodes = session is None
+    if session is None and not (cpu_nodes and strict):
+        session = _create(model, options, providers)
+    fallback = provider_fallback(providers, session.get_providers() if session else [], cpu_nodes)
+    if fallback is not None:
+        if strict:
+            raise UserError(
+                f"{fallback}; strict_providers=true refuses a fallback (install or enable the provider, "
+                f"or list {CPU} to allow it)"
+            )
+        _log.warning("%s (strict_providers=true makes this an error)", fallback)
+    assert session is not None
+    return session
+
+
+def _create_without_cpu(
+    model: str | bytes, options: ort.SessionOptions, providers: Sequence[str]
+) -> ort.InferenceSession | None:
+    """The session when no node needs the CPU provider, else None (only ORT knows where nodes go)."""
+    options.add_session_config_entry(_NO_CPU_FALLBACK, "1")
+    severity, options.log_severity_level = options.log_severity_level, _LOG_FATAL_ONLY
+    try:
+        return _create(model, options, providers)
+    except UserError as error:
+        if _CPU_FALLBACK_REFUSED not in str(error):
+            raise
+        return None
+    finally:
+        options.log_severity_level = severity
+        options.add_session_config_entry(_NO_CPU_FALLBACK, "0")
+
+
+def provider_fallback(asked: Sequence[str], running: Sequence[str], cpu_nodes: bool) -> str | None:
+    """What fell back, in words: asked-for providers the session lacks, nodes sent to the CPU."""
+    if cpu_nodes:
+        return (
+            f"ort: asked for {', '.join(asked)}, but some nodes would run on {CPU}, which was not asked for"
+        )
+    missing = [p for p in asked if p not in running]
+    if missing:
+        return (
+            f"ort: execution provider(s) {', '.join(missing)} did not start; the session runs on "
+            f"{', '.join(running) or 'nothing'}"
+        )
+    return None
 
 
 def _externalize_optimized(
@@ -188,18 +259,23 @@ def check_providers(providers: Sequence[str]) -> None:
 class OrtBackend(Backend):
     """ONNX Runtime: an InferenceSession with the given providers, threads and optimization level.
 
-    `save_optimized` writes ORT's own optimized model beside the output
-    (`<stem>.ort-optimized.onnx`); `save_ort_format` writes an ORT-format file (`<stem>.ort`).
-    Both are tied to this ORT version and, beyond `basic`, to the providers and hardware they
-    were made on.
+    `providers` in order of preference; a provider that does not start, or nodes that land on
+    the CPU provider when it was not listed, are reported, and with `strict_providers` refused
+    (exit 2, nothing written). `save_optimized` writes ORT's own optimized model beside the
+    output (`<stem>.ort-optimized.onnx`); `save_ort_format` writes an ORT-format file for the
+    minimal builds (`<stem>.ort`). Both are saved at the `basic` level, which any provider and
+    CPU can load (`portable`); `portable=false` saves them at `optimization_level`, tied to the
+    providers and hardware they were made on. Either way they are tied to this ORT version.
     """
 
-    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    providers: list[str] = field(default_factory=lambda: [CPU])
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     optimization_level: OptimizationLevel = "all"
+    strict_providers: bool = False
     save_optimized: bool = False
     save_ort_format: bool = False
+    portable: bool = True
 
     def __post_init__(self) -> None:
         check_providers(self.providers)
@@ -210,10 +286,19 @@ class OrtBackend(Backend):
             "optimization_level": self.optimization_level,
             "intra_op_threads": self.intra_op_threads,
             "inter_op_threads": self.inter_op_threads,
+            "strict_providers": self.strict_providers,
         }
 
     def compile(self, model: Model) -> OrtRunner:
         return OrtRunner(make_session(model, **self._session_options()))
+
+    def check(self, model: Model) -> None:
+        """Open a session on the asked providers, so a fallback is found before anything is written.
+
+        With the CPU provider alone there is nothing to fall back from, and no session is built.
+        """
+        if list(self.providers) != [CPU]:
+            make_session(model, **self._session_options())
 
     def emit(self, model: Model, onnx_path: Path) -> list[Path]:
         """Write the requested ORT artefacts beside `onnx_path`; returns them."""
@@ -231,9 +316,10 @@ class OrtBackend(Backend):
         # session never leaves half a file under the final name.
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
             staged = Path(tmp) / target.name
-            make_session(
-                model, optimized_model_path=staged, save_ort_format=ort_format, **self._session_options()
-            )
+            options = self._session_options()
+            if self.portable:
+                options["optimization_level"] = "basic"
+            make_session(model, optimized_model_path=staged, save_ort_format=ort_format, **options)
             for produced in sorted(Path(tmp).iterdir()):
                 os.replace(produced, target.parent / produced.name)
         return target
