@@ -48,12 +48,13 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from iropt.backend import Backend
 from iropt.errors import OptionError, UserError
-from iropt.model import EXTERNAL_DATA_THRESHOLD, Model, save_proto, tensor_bytes
-from iropt.registry import register_backend
-from iropt.suggest import did_you_mean
-from iropt.trt_lint import LintIssue, format_lint, lint_qdq_for_tensorrt
+from iropt.infra.backend import Backend
+from iropt.infra.registry import register_backend
+from iropt.io.save import save_proto
+from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, Model, tensor_bytes
+from iropt.lowering.tensorrt_lint import LintIssue, format_lint, lint_qdq_for_tensorrt
+from iropt.util.suggest import did_you_mean
 
 INSTALL_HINT = "TensorRT is not installed: pip install iropt[tensorrt] (or tensorrt-rtx)"
 NO_GPU_MESSAGE = "running a TensorRT engine needs an NVIDIA GPU; the engine was built"

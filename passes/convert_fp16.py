@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from iropt.calibration import limit_rows
+from iropt.compress.calibration import limit_rows
 from iropt.compress.fp16 import (
     DEFAULT_BLOCK_OP_TYPES,
     FP16_MAX,
@@ -39,12 +39,12 @@ from iropt.compress.fp16 import (
     tidy_casts,
 )
 from iropt.compress.fp16.policy import FLOAT
+from iropt.compress.quant.placement import tensor_types
 from iropt.errors import OptionError
-from iropt.feeds import iter_feeds
-from iropt.model import Model
-from iropt.pass_infra import Pass, PassContext, PassKind, PassResult
-from iropt.quant_placement import tensor_types
-from iropt.registry import register_pass
+from iropt.infra.pass_base import Pass, PassContext, PassKind, PassResult
+from iropt.infra.registry import register_pass
+from iropt.ir.model import Model
+from iropt.verify.feeds import iter_feeds
 
 # Feeds generated when no data is given: enough to see typical magnitudes, not real data.
 GENERATED_FEEDS = 4

@@ -20,7 +20,7 @@ Dynamic mode (`iropt.quant_dynamic`) needs no calibration: MatMul/Gemm get int8 
 DynamicQuantizeLinear + MatMulInteger, which ORT fuses into DynamicQuantizeMatMul.
 
 With format `ort` and `skip_slow_layers` (default), layers that ORT's CPU kernels run slower in
-int8 than in float stay float (`iropt.quant_placement.ort_slow_reason`): ConvTranspose, a Conv
+int8 than in float stay float (`iropt.compress.quant.placement.ort_slow_reason`): ConvTranspose, a Conv
 with fewer than 8 input channels and a small output (the first layer of a small image model), a
 Conv followed by HardSwish or a similar activation that ORT fuses into float convs only. A pool
 after a float layer stays float too.
@@ -45,7 +45,7 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from iropt.calibration import (
+from iropt.compress.calibration import (
     CalibrationMethod,
     TensorStats,
     collect_statistics,
@@ -54,15 +54,9 @@ from iropt.calibration import (
     rows_of,
     split_batches,
 )
-from iropt.errors import OptionError, UserError
-from iropt.feeds import iter_feeds
-from iropt.graph_utils import is_op
-from iropt.model import Model
-from iropt.pass_infra import Pass, PassContext, PassKind, PassResult, Runner
-from iropt.passes.toposort import sorted_nodes
-from iropt.quant_dynamic import DYNAMIC_OP_TYPES, dynamic_candidates, quantize_dynamic
-from iropt.quant_params import SCHEMES, QParams, QuantFormat, Scheme, activation_params
-from iropt.quant_placement import (
+from iropt.compress.quant.dynamic import DYNAMIC_OP_TYPES, dynamic_candidates, quantize_dynamic
+from iropt.compress.quant.params import SCHEMES, QParams, QuantFormat, Scheme, activation_params
+from iropt.compress.quant.placement import (
     DEFAULT_OP_TYPES,
     SUPPORTED_OP_TYPES,
     Plan,
@@ -72,9 +66,16 @@ from iropt.quant_placement import (
     plan_quantization,
     tensor_types,
 )
-from iropt.quant_rewrite import RewriteStats, insert_qdq
-from iropt.quant_sensitivity import LayerScore, Metric, SensitivityResult, analyze, score
-from iropt.registry import register_pass
+from iropt.compress.quant.rewrite import RewriteStats, insert_qdq
+from iropt.compress.sensitivity import LayerScore, Metric, SensitivityResult, analyze, score
+from iropt.errors import OptionError, UserError
+from iropt.infra.pass_base import Pass, PassContext, PassKind, PassResult
+from iropt.infra.registry import register_pass
+from iropt.ir.graph import is_op
+from iropt.ir.model import Model
+from iropt.passes.toposort import sorted_nodes
+from iropt.verify.feeds import iter_feeds
+from iropt.verify.runtime import Runner
 
 STATIC_MIN_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights)
 DYNAMIC_MIN_OPSET = 11  # DynamicQuantizeLinear

@@ -21,10 +21,10 @@ import onnx.parser
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from iropt.model import Model
-from iropt.pass_infra import PassContext, PassResult, TargetSpec
+from iropt.infra.pass_base import PassContext, PassResult, TargetSpec
+from iropt.infra.registry import create_pass
+from iropt.ir.model import Model
 from iropt.passes.quantize import Quantize
-from iropt.registry import create_pass
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden_models"
 

@@ -19,12 +19,13 @@ import onnxruntime as ort
 import pytest
 from helpers_quant import GOLDEN, build, cosine, rand, write_feeds
 
-from iropt.cli import main
+from iropt.app.cli import main
 from iropt.compress.fp16 import cast_problems
 from iropt.errors import OptionError
-from iropt.model import Model, load_model
-from iropt.pass_infra import PassContext, PassResult
-from iropt.registry import create_pass
+from iropt.infra.pass_base import PassContext, PassResult
+from iropt.infra.registry import create_pass
+from iropt.io.load import load_model
+from iropt.ir.model import Model
 
 F16 = onnx.TensorProto.FLOAT16
 F32 = onnx.TensorProto.FLOAT

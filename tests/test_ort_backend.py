@@ -11,11 +11,12 @@ import pytest
 from helpers_verify import affine_feeds, affine_model, affine_numpy, custom_op_model
 
 from iropt.errors import OptionError, UserError
-from iropt.lowering import ort as ort_backend
-from iropt.lowering.ort import OrtBackend, OrtRunner, make_session
-from iropt.model import save_model
-from iropt.options import option_specs
-from iropt.registry import BACKENDS
+from iropt.infra.options import option_specs
+from iropt.infra.registry import BACKENDS
+from iropt.io.save import save_model
+from iropt.lowering.ort import OrtBackend
+from iropt.verify import runtime as ort_backend
+from iropt.verify.runtime import OrtRunner, make_session
 
 RTOL, ATOL = 1e-6, 1e-6
 
@@ -181,7 +182,7 @@ def test_strict_providers_refuses_a_cpu_fallback() -> None:
 
 @needs_azure
 def test_run_with_strict_providers_exits_2_and_writes_nothing(tmp_path: Path) -> None:
-    from iropt.cli import main
+    from iropt.app.cli import main
 
     schedule = tmp_path / "s.opt"
     schedule.write_text(f'target ort(providers=["{AZURE}"], strict_providers=true)\neliminate_identity\n')
@@ -198,7 +199,7 @@ def _domains(path: Path) -> set[str]:
 
 
 def test_saved_artefacts_are_portable_by_default(tmp_path: Path) -> None:
-    from iropt.model import load_model
+    from iropt.io.load import load_model
 
     model = load_model(GOLDEN / "conv_bn.onnx")
     feeds = dict(np.load(GOLDEN / "conv_bn.inputs.npz"))

@@ -15,8 +15,8 @@ import onnx_graphsurgeon as gs
 import pytest
 from helpers_quant import checked, cosine, mlp_model, quantize, run, write_feeds
 
-from iropt.model import Model
-from iropt.quant_sensitivity import score
+from iropt.compress.sensitivity import score
+from iropt.ir.model import Model
 
 
 def _fragile_mlp() -> Model:

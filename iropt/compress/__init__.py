@@ -1,4 +1,4 @@
-"""Machinery that lossy passes share: calibration statistics, pruning, low-rank, precision policy.
-
-May import iropt.ir/io/verify/infra; never the CLI, passes or back ends.
+"""Machinery that lossy passes share: calibration, layer-sensitivity ranking, quantization
+(quant/), the float16 policy (fp16/). The passes stay thin files in iropt.passes. Imports:
+iropt.infra and below, iropt.rewrite.
 """

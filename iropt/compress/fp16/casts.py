@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from iropt.graph_utils import detach, is_op, replace_uses
+from iropt.ir.graph import detach, is_op, replace_uses
 
 # (from, to) pairs that keep every value: skipping such a Cast before another Cast is exact.
 _LOSSLESS = {

@@ -20,7 +20,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from iropt.compress.fp16.policy import FLOAT, FLOAT16, Decision
-from iropt.graph_utils import FreshNames, node_subgraphs
+from iropt.ir.evaluate import peek_values
+from iropt.ir.graph import FreshNames, node_subgraphs
 
 _NUMPY: dict[int, np.dtype[Any]] = {FLOAT: np.dtype(np.float32), FLOAT16: np.dtype(np.float16)}
 _SUFFIX: dict[int, str] = {FLOAT: "fp32", FLOAT16: "fp16"}
@@ -138,15 +139,14 @@ def _cast(source: gs.Tensor, target: gs.Variable, to: int, names: FreshNames) ->
 def _convert_weight(
     tensor: gs.Constant, readers: list[_Reader], keep_original: bool, names: FreshNames, stats: ConversionStats
 ) -> None:
-    values = np.asarray(tensor.values)
-    stats.float_weight_elements += int(values.size)
+    stats.float_weight_elements += int(np.prod(tensor.shape or ()))
     wants = defaultdict(list)
     for reader in readers:
         wants[reader.want].append(reader)
     if FLOAT16 not in wants:
         return
-    stats.half_weight_elements += int(values.size)
-    half = values.astype(np.float16)
+    stats.half_weight_elements += int(np.prod(tensor.shape or ()))
+    half = peek_values(tensor).astype(np.float16)
     if FLOAT not in wants and not keep_original:
         tensor.values = half
         return
@@ -161,7 +161,7 @@ def _retype_attributes(node: gs.Node) -> None:
         node.attrs["to"] = FLOAT16
     value = node.attrs.get("value")
     if node.op in ("Constant", "ConstantOfShape") and isinstance(value, gs.Constant):
-        array = np.asarray(value.values)
+        array = peek_values(value)
         if array.dtype == np.float32:
             value.values = array.astype(np.float16)
     assert not node_subgraphs(node), "nodes with subgraphs stay float32"

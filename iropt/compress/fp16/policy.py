@@ -32,7 +32,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from iropt.compress.fp16.ranges import Observed
-from iropt.graph_utils import constant_value, node_subgraphs
+from iropt.ir.evaluate import peek_constant, peek_values
+from iropt.ir.graph import node_subgraphs
 
 FLOAT: int = onnx.TensorProto.FLOAT
 FLOAT16: int = onnx.TensorProto.FLOAT16
@@ -197,12 +198,12 @@ def _weight_reason(node: gs.Node, dtypes: Mapping[str, int]) -> str | None:
     for tensor in node.inputs:
         if not isinstance(tensor, gs.Constant) or dtypes.get(tensor.name) != FLOAT:
             continue
-        reason = weight_problem(tensor.name, np.asarray(tensor.values))
+        reason = weight_problem(tensor.name, peek_values(tensor))
         if reason is not None:
             return reason
     value = node.attrs.get("value")
     if node.op in ("Constant", "ConstantOfShape") and isinstance(value, gs.Constant):
-        return weight_problem(f"{node.op} value", np.asarray(value.values))
+        return weight_problem(f"{node.op} value", peek_values(value))
     return None
 
 
@@ -280,7 +281,7 @@ def _reduction_axes(node: gs.Node) -> list[int] | None:
     if "axes" in node.attrs:
         return [int(a) for a in node.attrs["axes"]]
     if len(node.inputs) > 1 and node.inputs[1].name:
-        value = constant_value(node.inputs[1])
+        value = peek_constant(node.inputs[1])
         if value is None:
             return None  # axes computed at run time: count every element, the worst case
         return [int(a) for a in np.asarray(value).reshape(-1)]

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from iropt.calibration import split_batches, with_outputs
-from iropt.model import Model
-from iropt.pass_infra import ProgressFn, Runner
+from iropt.compress.calibration import split_batches, with_outputs
+from iropt.ir.model import Model
+from iropt.util.progress import ProgressFn
+from iropt.verify.runtime import Runner
 
 
 @dataclass

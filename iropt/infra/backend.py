@@ -1,0 +1,35 @@
+"""The back-end interface: turn a final model into something a serving system runs.
+
+Back ends live in `iropt.lowering` and register with `@register_backend("ort")`. Every back end
+offers the same `compile(model) -> Runner` with `run(feeds) -> outputs`, so verification can
+check what a back end produced against the original model, and `emit` writes the artefacts a
+serving system loads (an ORT-optimized model, a TensorRT engine) next to the optimized ONNX.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import ClassVar
+
+from iropt.ir.model import Model
+from iropt.verify.runtime import Runner
+
+
+class Backend(abc.ABC):
+    """A target: options are typed keyword-only constructor parameters, like a pass's."""
+
+    name: ClassVar[str] = ""
+
+    @abc.abstractmethod
+    def compile(self, model: Model) -> Runner:
+        """Build a runnable object (session, engine) for `model`."""
+
+    def check(self, model: Model) -> None:
+        """Raise UserError when `model` cannot run on this target as asked; before anything is written."""
+        del model
+
+    def emit(self, model: Model, onnx_path: Path) -> list[Path]:
+        """Write the back end's own artefacts beside `onnx_path`; returns the files written."""
+        del model, onnx_path
+        return []

@@ -1,0 +1,253 @@
+"""Running a model in ONNX Runtime: the one place sessions are built, and the reference runner.
+
+Verification runs the reference (ORT on the CPU with its graph optimizations off, so the model as
+written, not ORT's rewrite of it) and candidates through `Runner`, the interface every back end's
+compiled model also offers (`run(feeds) -> outputs`). The ORT back end (`iropt.lowering.ort`)
+builds its sessions here too.
+
+Execution providers fall back quietly in ONNX Runtime: a provider that fails to start is
+dropped with a warning on stderr, and nodes that no asked-for provider takes run on the CPU.
+`make_session` checks the session for both (`provider_fallback`): the fallback is logged, and
+with `strict_providers=True` it is a UserError.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from iropt.errors import UserError, first_line
+from iropt.io.save import save_model, save_proto
+from iropt.io.stream import export_streamed
+from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, PROTOBUF_LIMIT, Model, graph_stats, tensor_bytes
+
+OptimizationLevel = Literal["disable", "basic", "extended", "layout", "all"]
+
+_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    # ORT_ENABLE_LAYOUT arrived in ORT 1.22; older versions fold it into "all".
+    "layout": getattr(
+        ort.GraphOptimizationLevel, "ORT_ENABLE_LAYOUT", ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    ),
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+# Models whose tensors exceed the protobuf limit cannot be handed to ORT as bytes; they go
+# through a temporary file with external data. A module constant so tests can lower it.
+IN_MEMORY_LIMIT = EXTERNAL_DATA_THRESHOLD
+
+# ORT's log severity: 3 = errors only. Its warnings (unused initializers, fallbacks) are noise
+# in iropt's output; failures still come back as exceptions.
+_LOG_ERRORS_ONLY = 3
+# A failed run is raised as a UserError with ORT's message; ORT printing it too is noise.
+_LOG_FATAL_ONLY = 4
+CPU = "CPUExecutionProvider"
+# The session option that makes ORT refuse to place nodes on a CPU provider nobody asked for,
+# and the words of its refusal.
+_NO_CPU_FALLBACK = "session.disable_cpu_ep_fallback"
+_CPU_FALLBACK_REFUSED = "fallback to CPU EP has been explicitly disabled"
+
+_log = logging.getLogger("iropt.ort")
+
+ModelLike = Model | onnx.ModelProto | str | os.PathLike[str]
+
+
+class OrtRunner:
+    """Runs an InferenceSession: `run(feeds) -> {output_name: array}`."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = _LOG_FATAL_ONLY
+
+    @classmethod
+    def from_model(cls, model: ModelLike, **session_options: Any) -> OrtRunner:
+        """A runner for `model`; `session_options` are those of `make_session`."""
+        return cls(make_session(model, **session_options))
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # Only the session's own inputs: a feed may carry arrays for inputs a rewrite removed
+        # (an unused input); a missing input is still ORT's error.
+        wanted = {name: feeds[name] for name in self.input_names if name in feeds}
+        try:
+            values = self.session.run(self.output_names, wanted, self._run_options)
+        except Exception as error:
+            raise UserError(f"ONNX Runtime failed to run the model: {first_line(error)}") from error
+        return {name: _as_array(value) for name, value in zip(self.output_names, values, strict=True)}
+
+
+def _as_array(value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    # Sequence and map outputs: kept as an object array so every output is an ndarray.
+    array = np.empty(1, dtype=object)
+    array[0] = value
+    return array
+
+
+def make_session(
+    model: ModelLike,
+    *,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    optimization_level: OptimizationLevel = "all",
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 0,
+    optimized_model_path: Path | None = None,
+    save_ort_format: bool = False,
+    strict_providers: bool = False,
+) -> ort.InferenceSession:
+    """An InferenceSession for `model` (a Model, a ModelProto or a path).
+
+    `optimized_model_path` makes ORT write the model after its graph optimizations (as an ORT
+    format file with `save_ort_format=True`). A provider fallback (see `provider_fallback`) is
+    logged as a warning, or with `strict_providers` raised as a UserError. Raises UserError for
+    an unknown provider or a model ORT cannot load.
+    """
+    check_providers(providers)
+    if optimization_level not in _LEVELS:
+        raise UserError(
+            f"unknown optimization_level '{optimization_level}'; choose one of: {', '.join(_LEVELS)}"
+        )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _LEVELS[optimization_level]
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    options.log_severity_level = _LOG_ERRORS_ONLY
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+        if save_ort_format:
+            options.add_session_config_entry("session.save_model_format", "ORT")
+    create = functools.partial(_create_checked, options=options, providers=providers, strict=strict_providers)
+    if isinstance(model, (str, os.PathLike)):
+        return create(str(model))
+    write: Callable[[Path], Path]
+    if isinstance(model, Model):
+        if graph_stats(model).parameter_bytes <= IN_MEMORY_LIMIT:  # an estimate: checked below
+            # Serialized by the streaming writer: the weights are copied once, not four times.
+            streamed = export_streamed(model)
+            if streamed.byte_size() <= PROTOBUF_LIMIT:
+                return create(streamed.to_bytes())
+        write = functools.partial(save_model, model, external_data=True)
+    else:
+        if tensor_bytes(model) <= IN_MEMORY_LIMIT:
+            return create(model.SerializeToString())
+        write = functools.partial(save_proto, model, external_data=True)
+    _externalize_optimized(options, optimized_model_path, save_ort_format)
+    # Too big for one protobuf message: written with its data beside it for ORT to read. ORT
+    # reads (or maps) the data while the session is created; on Linux a mapped file stays
+    # valid after its name is removed, elsewhere the cleanup error is ignored.
+    with tempfile.TemporaryDirectory(prefix="iropt-ort-", ignore_cleanup_errors=True) as tmp:
+        return create(str(write(Path(tmp) / "model.onnx")))
+
+
+def _create_checked(
+    model: str | bytes, *, options: ort.SessionOptions, providers: Sequence[str], strict: bool
+) -> ort.InferenceSession:
+    """A session, with the providers it really runs on checked against `providers`."""
+    session, cpu_nodes = None, False
+    if CPU not in providers:
+        session = _create_without_cpu(model, options, providers)
+        cpu_nodes = session is None
+    if session is None and not (cpu_nodes and strict):
+        session = _create(model, options, providers)
+    fallback = provider_fallback(providers, session.get_providers() if session else [], cpu_nodes)
+    if fallback is not None:
+        if strict:
+            raise UserError(
+                f"{fallback}; strict_providers=true refuses a fallback (install or enable the provider, "
+                f"or list {CPU} to allow it)"
+            )
+        _log.warning("%s (strict_providers=true makes this an error)", fallback)
+    assert session is not None
+    return session
+
+
+def _create_without_cpu(
+    model: str | bytes, options: ort.SessionOptions, providers: Sequence[str]
+) -> ort.InferenceSession | None:
+    """The session when no node needs the CPU provider, else None (only ORT knows where nodes go)."""
+    options.add_session_config_entry(_NO_CPU_FALLBACK, "1")
+    severity, options.log_severity_level = options.log_severity_level, _LOG_FATAL_ONLY
+    try:
+        return _create(model, options, providers)
+    except UserError as error:
+        if _CPU_FALLBACK_REFUSED not in str(error):
+            raise
+        return None
+    finally:
+        options.log_severity_level = severity
+        options.add_session_config_entry(_NO_CPU_FALLBACK, "0")
+
+
+def provider_fallback(asked: Sequence[str], running: Sequence[str], cpu_nodes: bool) -> str | None:
+    """What fell back, in words: asked-for providers the session lacks, nodes sent to the CPU."""
+    if cpu_nodes:
+        return f"ort: asked for {', '.join(asked)}, but some nodes would run on {CPU}, which was not asked for"
+    missing = [p for p in asked if p not in running]
+    if missing:
+        return (
+            f"ort: execution provider(s) {', '.join(missing)} did not start; the session runs on "
+            f"{', '.join(running) or 'nothing'}"
+        )
+    return None
+
+
+def _externalize_optimized(
+    options: ort.SessionOptions, optimized_model_path: Path | None, save_ort_format: bool
+) -> None:
+    """A large optimized model must be written with its tensors beside it, as ONNX demands."""
+    if optimized_model_path is not None and not save_ort_format:
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", optimized_model_path.name + ".data"
+        )
+
+
+def _create(
+    model: str | bytes, options: ort.SessionOptions, providers: Sequence[str]
+) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(model, sess_options=options, providers=list(providers))
+    except Exception as error:
+        raise UserError(f"ONNX Runtime cannot run this model: {first_line(error)}") from error
+
+
+def check_providers(providers: Sequence[str]) -> None:
+    """UserError unless every provider is available in this ONNX Runtime build."""
+    available = ort.get_available_providers()
+    if not providers:
+        raise UserError(f"ort: give at least one provider; available here: {', '.join(available)}")
+    for provider in providers:
+        if provider not in available:
+            raise UserError(
+                f"ort: execution provider '{provider}' is not available in this ONNX Runtime build; "
+                f"available: {', '.join(available)}"
+            )
+
+
+
+
+class Runner(Protocol):
+    """Anything that runs a model: an ONNX Runtime session, a TensorRT engine."""
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+RunnerFactory = Callable[[Model], Runner]
+
+
+def reference_runner(model: Model) -> Runner:
+    """ONNX Runtime on the CPU with graph optimizations disabled; UserError if ORT cannot load it."""
+    return OrtRunner(make_session(model, providers=["CPUExecutionProvider"], optimization_level="disable"))
