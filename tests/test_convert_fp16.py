@@ -301,3 +301,31 @@ def test_cli_bad_option_exits_2(tmp_path: Path) -> None:
     out = tmp_path / "o.onnx"
     assert main(["-q", "run", str(schedule), str(GOLDEN / "mlp.onnx"), "-o", str(out)]) == 2
     assert not out.exists()
+
+
+def test_emulation_shows_the_overflow_the_cpu_hides_and_range_check_prevents_it(tmp_path: Path) -> None:
+    from iropt.compress.fp16.emulate import emulate_half
+
+    text = """
+        g (float[2, 4] x) => (float[2, 4] y) {
+            a = Mul(x, c)
+            b = Mul(a, c)
+            y = Div(b, c)
+        }
+        """
+    x = np.array([[1, 2, 3, 4], [-1, -2, -3, -4]], np.float32)
+    weights = {"c": np.array(300, np.float32)}
+    expected = x * 300
+    naive = build(text, weights)
+    convert(naive, range_check=False)
+    proto = checked(naive)
+    # ONNX Runtime's CPU provider computes the chain in float32 between its own Casts: no overflow.
+    assert np.allclose(run(proto, {"x": x})["y"], expected, rtol=1e-3)
+    emulated = emulate_half(proto)
+    onnx.checker.check_model(emulated, full_check=True)
+    assert not np.isfinite(run(emulated, {"x": x})["y"]).all()  # 9e5 passes float16's 65504
+    checked_model = build(text, weights)
+    result = convert(checked_model, write_feeds(tmp_path, {"x": x}))
+    assert set(kept(result)) == {"Mul#1", "Div#2"}  # b = 9e5 stays float32, with its reader
+    got = run(emulate_half(checked(checked_model)), {"x": x})["y"]
+    assert np.allclose(got, expected, rtol=1e-3)
