@@ -29,7 +29,7 @@ def _record(record: PassRecord) -> dict[str, Any]:
         "block": record.block,
         "changed": record.changed,
         "stats": record.stats,
-        "info": {k: _plain(v) for k, v in record.info.items()},
+        "info": _plain(record.info),
         "seconds": record.seconds,
         "nodes": _pair(record.nodes),
         "parameters": _pair(record.parameters),

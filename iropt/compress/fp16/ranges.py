@@ -9,16 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from iropt.compress.calibration import split_batches, with_outputs
 from iropt.ir.model import Model
 from iropt.util.progress import ProgressFn
-
-if TYPE_CHECKING:  # the runtime comes through the caller's factory, never imported here
-    from iropt.verify.runtime import Runner
+from iropt.verify.runner import Runner
 
 
 @dataclass
