@@ -296,6 +296,12 @@ def _set_agreement(expected: np.ndarray, got: np.ndarray) -> float:
     return float(np.mean(shares))
 
 
+def _reason(error: Exception) -> str:
+    """ONNX Runtime's message without its error-code preamble, shortened for a table cell."""
+    text = str(error).strip().splitlines()[0]
+    return text.rsplit(" : ", 1)[-1][:90]
+
+
 def convert_iropt(path: Path, inputs: Path, calibration: Path) -> tuple[onnx.ModelProto, float, list[str]]:
     model = load_model(path)
     start = time.perf_counter()
@@ -338,13 +344,13 @@ def bench_model(
         if keep is not None:
             onnx.save(proto, str(keep))
     except Exception as error:
-        mine = Outcome(error=f"failed: {str(error).splitlines()[0][:80]}")
+        mine = Outcome(error=f"failed: {_reason(error)}")
     results.append(mine)
     try:
         proto, seconds = convert_peer(path)
         peer = measure(proto, reference, feeds, seconds, original.ByteSize())
     except Exception as error:
-        peer = Outcome(error=f"failed: {str(error).splitlines()[0][:80]}")
+        peer = Outcome(error=f"failed: {_reason(error)}")
     results.append(peer)
     del name
     return results[0], results[1]
@@ -426,6 +432,16 @@ def _cpu_behaviour(model: onnx.ModelProto) -> str:
 # --- report ---------------------------------------------------------------------------------
 
 
+def _facts(outcome: Outcome) -> list[str]:
+    """Top-k agreement, fp16 weights, size, Casts, strict loading, conversion time; "-" when it failed."""
+    if outcome.error:
+        return ["-"] * 6
+    return [
+        _fmt(outcome.index_match, 3), f"{outcome.half_weights:.1%}", f"{outcome.size_ratio:.2f}",
+        str(outcome.casts), outcome.strict, f"{outcome.seconds * 1e3:.0f}",
+    ]
+
+
 def _fmt(value: float | None, digits: int = 7) -> str:
     if value is None:
         return "-"
@@ -471,11 +487,7 @@ def main(argv: list[str] | None = None) -> int:
                 name,
                 mine.error or _fmt(mine.cosine), mine.error or _fmt(mine.emulated),
                 peer.error or _fmt(peer.cosine), peer.error or _fmt(peer.emulated),
-                f"{_fmt(mine.index_match, 3)} / {_fmt(peer.index_match, 3)}",
-                f"{mine.half_weights:.1%} / {peer.half_weights:.1%}",
-                f"{mine.size_ratio:.2f} / {peer.size_ratio:.2f}",
-                f"{mine.casts} / {peer.casts}", f"{mine.strict} / {peer.strict}",
-                f"{mine.seconds * 1e3:.0f} / {peer.seconds * 1e3:.0f}",
+                *(f"{a} / {b}" for a, b in zip(_facts(mine), _facts(peer), strict=True)),
             ])
             kept_rows += [[name, item] for item in mine.kept]
         latency = latency_rows(timed)

@@ -81,6 +81,8 @@ def test_golden_model_converts_with_cosine_above_0999(name: str) -> None:
         assert cosine(expected, converted[output]) >= 0.999, output
     assert result.changed and result.stats["half_nodes"] > 0
     assert result.info["half_weight_fraction"] >= 0.9
+    emulated = result.info["emulated_cosine"]
+    assert emulated and all(value >= 0.999 for value in emulated.values())
     weights = [i for i in proto.graph.initializer if i.data_type in (F16, F32)]
     assert weights and all(i.data_type == F16 for i in weights)
 
@@ -329,3 +331,24 @@ def test_emulation_shows_the_overflow_the_cpu_hides_and_range_check_prevents_it(
     assert set(kept(result)) == {"Mul#1", "Div#2"}  # b = 9e5 stays float32, with its reader
     got = run(emulate_half(checked(checked_model)), {"x": x})["y"]
     assert np.allclose(got, expected, rtol=1e-3)
+    assert result.info["emulated_cosine"]["y"] >= 0.9999
+
+
+def test_rounding_the_cpu_hides_is_reported_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # (x + 1000) - 1000 in float16 loses x (float16 steps by 0.5 near 1000); ONNX Runtime's CPU
+    # provider computes the pair in float32 and would not show it.
+    model = build(
+        """
+        g (float[2, 4] x) => (float[2, 4] y) {
+            a = Add(x, c)
+            y = Sub(a, c)
+        }
+        """,
+        {"c": np.array(1000, np.float32)},
+    )
+    x = np.linspace(0.01, 0.2, 8, dtype=np.float32).reshape(2, 4)
+    with caplog.at_level(logging.WARNING):
+        result = convert(model, write_feeds(tmp_path, {"x": x}))
+    assert np.allclose(run(checked(model), {"x": x})["y"], x, atol=1e-4)  # what the CPU shows
+    assert not result.info["emulated_cosine"]["y"] >= 0.99
+    assert "float16 rounding emulated" in caplog.text

@@ -12,6 +12,9 @@ compute in float32, as GPU kernels accumulate; storage, range and overflow are f
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -74,3 +77,19 @@ def _emulated(node: onnx.NodeProto, types: dict[str, int]) -> list[onnx.NodeProt
         result.append(helper.make_node("Cast", [raw], [half], to=_HALF, name=f"{output}__round"))
         result.append(helper.make_node("Cast", [half], [output], to=_FLOAT, name=f"{output}__widen"))
     return result
+
+
+def output_cosines(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Cosine similarity per float output present in both (NaN when the candidate is not finite)."""
+    cosines = {}
+    for name, expected in reference.items():
+        got = candidate.get(name)
+        if got is None or expected.dtype.kind != "f":
+            continue
+        x, y = expected.astype(np.float64).ravel(), np.asarray(got, dtype=np.float64).ravel()
+        if not np.isfinite(y).all():
+            cosines[name] = float("nan")
+            continue
+        denominator = float(np.linalg.norm(x) * np.linalg.norm(y))
+        cosines[name] = float(np.dot(x, y) / denominator) if denominator else float(np.array_equal(x, y))
+    return cosines

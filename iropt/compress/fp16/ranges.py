@@ -28,6 +28,9 @@ class Observed:
     amax: dict[str, float] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     samples: int = 0
+    # The first batch and the model's outputs on it: a reference for checking the conversion.
+    first_feed: dict[str, np.ndarray] = field(default_factory=dict)
+    first_outputs: dict[str, np.ndarray] = field(default_factory=dict)
 
     def update(self, name: str, values: np.ndarray) -> None:
         if values.dtype.kind != "f":
@@ -57,8 +60,12 @@ def observe(
     if progress is not None:
         batches = progress(batches, "fp16 ranges")
     observed = Observed()
+    graph_outputs = [tensor.name for tensor in model.graph.outputs]
     for batch in batches:
         outputs = runner.run(batch)
+        if not observed.samples:
+            observed.first_feed = dict(batch)
+            observed.first_outputs = {name: outputs[name] for name in graph_outputs if name in outputs}
         for name in wanted:
             value = batch.get(name) if name in inputs else outputs.get(name)
             if value is not None:
