@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from iropt.compress.calibration import split_batches, with_outputs
+from iropt.compress.calibration import collect_statistics
 from iropt.ir.model import Model
 from iropt.util.progress import ProgressFn
 from iropt.verify.runner import Runner
@@ -27,19 +27,10 @@ class Observed:
 
     amax: dict[str, float] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    samples: int = 0
     # The first batch and the model's outputs on it: a reference for checking the conversion.
     first_feed: dict[str, np.ndarray] = field(default_factory=dict)
     first_outputs: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def update(self, name: str, values: np.ndarray) -> None:
-        if values.dtype.kind != "f":
-            return
-        self.shapes.setdefault(name, tuple(int(d) for d in values.shape))
-        magnitude = np.abs(values)
-        magnitude = magnitude[np.isfinite(magnitude)]
-        if magnitude.size:
-            self.amax[name] = max(self.amax.get(name, 0.0), float(magnitude.max()))
 
 def observe(
     model: Model,
@@ -52,23 +43,22 @@ def observe(
 ) -> Observed:
     """Run `model` on `feeds` and record `tensors` (graph inputs are read from the feeds)."""
     wanted = list(dict.fromkeys(tensors))
-    inputs = {tensor.name for tensor in model.graph.inputs}
-    runner = runner_factory(with_outputs(model, [name for name in wanted if name not in inputs]))
-    batches: Iterable[dict[str, np.ndarray]] = (
-        batch for feed in feeds for batch in split_batches(feed, batch_size)
-    )
-    if progress is not None:
-        batches = progress(batches, "fp16 ranges")
-    observed = Observed()
     graph_outputs = [tensor.name for tensor in model.graph.outputs]
-    for batch in batches:
-        outputs = runner.run(batch)
-        if not observed.samples:
-            observed.first_feed = dict(batch)
-            observed.first_outputs = {name: outputs[name] for name in graph_outputs if name in outputs}
+    observed = Observed()
+
+    def first_run(batch: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        if observed.first_feed:
+            return
+        observed.first_feed = dict(batch)
+        observed.first_outputs = {name: outputs[name] for name in graph_outputs if name in outputs}
         for name in wanted:
-            value = batch.get(name) if name in inputs else outputs.get(name)
+            value = batch.get(name, outputs.get(name))
             if value is not None:
-                observed.update(name, np.asarray(value))
-        observed.samples += 1
+                observed.shapes[name] = tuple(int(d) for d in np.shape(value))
+
+    stats = collect_statistics(
+        model, wanted, feeds, runner_factory, batch_size=batch_size, histograms=False,
+        progress=progress, on_outputs=first_run,
+    )
+    observed.amax = {name: s.amax for name, s in stats.items() if s.count}
     return observed
