@@ -120,7 +120,7 @@ class ConvertFp16(Pass):
         if observed is not None and observed.first_feed:
             info["emulated_cosine"] = _emulated_check(model, observed, ctx)
         return PassResult(
-            changed=True,
+            changed=stats.changed,
             stats={
                 "half_nodes": stats.half_nodes,
                 "kept_float32": len(decision.kept),

@@ -352,3 +352,12 @@ def test_rounding_the_cpu_hides_is_reported_with_a_warning(tmp_path: Path, caplo
     assert np.allclose(run(checked(model), {"x": x})["y"], x, atol=1e-4)  # what the CPU shows
     assert not result.info["emulated_cosine"]["y"] >= 0.99
     assert "float16 rounding emulated" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["transformer", "control_flow", "traced_decoder"])
+def test_a_second_run_changes_nothing(name: str) -> None:
+    model = load_model(GOLDEN / f"{name}.onnx")
+    assert convert(model, range_check=False).changed
+    once = model.to_onnx().SerializeToString()
+    again = convert(model, range_check=False)
+    assert not again.changed and model.to_onnx().SerializeToString() == once

@@ -25,8 +25,9 @@ from iropt.ir.graph import FreshNames, node_subgraphs
 
 _NUMPY: dict[int, np.dtype[Any]] = {FLOAT: np.dtype(np.float32), FLOAT16: np.dtype(np.float16)}
 _SUFFIX: dict[int, str] = {FLOAT: "fp32", FLOAT16: "fp16"}
-# Inputs that are read for their shape only: any precision will do, so no Cast is added.
-_SHAPE_READERS = ("Shape", "Size")
+# Readers that take any precision (a Cast, or an op that reads the shape only): no Cast is
+# added in front of them.
+_ANY_PRECISION_READERS = ("Shape", "Size", "Cast")
 
 
 @dataclass
@@ -37,6 +38,11 @@ class ConversionStats:
     casts: int = 0
     float_weight_elements: int = 0
     half_weight_elements: int = 0
+    retyped: int = 0  # tensors and attributes that became float16
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.casts or self.half_weight_elements or self.retyped)
 
 
 @dataclass
@@ -66,11 +72,13 @@ def convert_graph(
         home = _home(tensor, decision, io_type, id(tensor) in inputs, read_inside)
         if id(tensor) in outputs and id(tensor) not in inputs and home != io_type and tensor.inputs:
             tensor = _split_output(tensor, home, io_type, readers, names, new_nodes)
+        if home == FLOAT16 and tensor.dtype != _NUMPY[FLOAT16]:
+            stats.retyped += 1
         tensor.dtype = _NUMPY[home]
         _cast_for_readers(tensor, home, readers, names, new_nodes)
     for node in graph.nodes:
-        if decision.is_half(node):
-            _retype_attributes(node)
+        if decision.is_half(node) and _retype_attributes(node):
+            stats.retyped += 1
     stats.casts = len(new_nodes)
     graph.nodes.extend(new_nodes)
     return stats
@@ -120,7 +128,7 @@ def _cast_for_readers(
 ) -> None:
     casts: dict[int, gs.Variable] = {}
     for reader in readers:
-        if reader.want == home or reader.node.op in _SHAPE_READERS:
+        if reader.want == home or reader.node.op in _ANY_PRECISION_READERS:
             reader.node.inputs[reader.index] = tensor
             continue
         if reader.want not in casts:
@@ -155,13 +163,16 @@ def _convert_weight(
         reader.node.inputs[reader.index] = copy
 
 
-def _retype_attributes(node: gs.Node) -> None:
-    """Attributes that carry a float32 type or value on a float16 node."""
+def _retype_attributes(node: gs.Node) -> bool:
+    """Attributes that carry a float32 type or value on a float16 node; True if one changed."""
+    assert not node_subgraphs(node), "nodes with subgraphs stay float32"
     if node.op == "Cast" and node.attrs.get("to") == FLOAT:
         node.attrs["to"] = FLOAT16
+        return True
     value = node.attrs.get("value")
     if node.op in ("Constant", "ConstantOfShape") and isinstance(value, gs.Constant):
         array = peek_values(value)
         if array.dtype == np.float32:
             value.values = array.astype(np.float16)
-    assert not node_subgraphs(node), "nodes with subgraphs stay float32"
+            return True
+    return False

@@ -108,7 +108,7 @@ def decide(
     pinned = _read_by_subgraphs(graph)
     candidates = []
     for index, node in enumerate(graph.nodes):
-        if not _touches_float(node, dtypes):
+        if not _touches_float(node, dtypes) or _widens_half(node, dtypes):
             continue
         label = node_label(node, index)
         if node.op == "Constant":
@@ -122,6 +122,11 @@ def decide(
     for node, label in candidates:
         _settle_constant(node, label, decision, dtypes, pinned)
     return decision
+
+
+def _widens_half(node: gs.Node, dtypes: Mapping[str, int]) -> bool:
+    """A Cast from float16 to float32: a precision boundary already, left as it is."""
+    return node.op == "Cast" and node.attrs.get("to") == FLOAT and dtypes.get(node.inputs[0].name) == FLOAT16
 
 
 def _touches_float(node: gs.Node, dtypes: Mapping[str, int]) -> bool:
