@@ -104,8 +104,9 @@ class ConvertFp16(Pass):
             return PassResult(changed=False, stats={"half_nodes": 0}, info=_info(decision, 0.0))
         casts_before = _count_casts(model)
         stats = convert_graph(model.graph, dtypes, decision, keep_io_types=self.keep_io_types)
-        model.graph.toposort()
-        tidy_casts(model.graph)
+        if stats.changed:  # a model already converted is left exactly as it was
+            model.graph.toposort()
+            tidy_casts(model.graph)
         problems = cast_problems(model.graph)
         if problems:  # the rewrite's own invariant: a bug, not bad input
             raise AssertionError("convert_fp16 left inconsistent Casts: " + "; ".join(problems))

@@ -74,7 +74,7 @@ def convert_graph(
             tensor = _split_output(tensor, home, io_type, readers, names, new_nodes)
         if home == FLOAT16 and tensor.dtype != _NUMPY[FLOAT16]:
             stats.retyped += 1
-        tensor.dtype = _NUMPY[home]
+            tensor.dtype = _NUMPY[FLOAT16]
         _cast_for_readers(tensor, home, readers, names, new_nodes)
     for node in graph.nodes:
         if decision.is_half(node) and _retype_attributes(node):
