@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -52,6 +51,7 @@ from iropt.backend import Backend, EmitContext, StagedArtefacts
 from iropt.criteria import Criterion
 from iropt.errors import IroptError, OptionError, UserError
 from iropt.feeds import ShapeRange
+from iropt.lowering.files import write_file
 from iropt.lowering.tensorrt_precision import (
     PrecisionReport,
     layers_from_json,
@@ -277,7 +277,10 @@ class BuildReport:
         if self.precisions is not None:
             lines.append(self.precisions.summary())
             lines += [f"  {line}" for line in self.precisions.missed_lines()]
-        lines.append(self.engine_run)
+        if self.engine_run == ENGINE_NOT_RUN:
+            lines.append(f"{ENGINE_NOT_RUN}: verification ran the ONNX model in ONNX Runtime, not the engine")
+        else:
+            lines.append(self.engine_run)
         lines += [f"note: {note}" for note in self.notes]
         return lines
 
@@ -370,6 +373,8 @@ class TensorRTBackend(Backend):
         assert report is not None
         if context.reference is not None:
             check_engine(engine, context.reference, report, context.criterion)
+        elif _gpu_visible():
+            report.engine_run = "engine not run: verification is off"
 
         def write() -> list[Path]:
             write_file(target, engine)
@@ -798,13 +803,3 @@ def _build_failure(api: TensorRTApi, errors: list[str], workspace: int) -> str:
 def _with_lint(message: str, issues: list[LintIssue]) -> str:
     """A failure message with the Q/DQ lint's findings, which usually name the cause and the fix."""
     return f"{message}\n{format_lint(issues)}" if issues else message
-
-
-def write_file(target: Path, data: bytes) -> None:
-    """Write atomically, with the mode every iropt artefact gets (0666 less the umask, as models):
-    staged in a scratch folder beside `target`, then renamed, so readers never see half a file."""
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
-        staged = Path(tmp) / target.name
-        with open(staged, "wb") as handle:
-            handle.write(data)
-        os.replace(staged, target)
