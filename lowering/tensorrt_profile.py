@@ -121,7 +121,7 @@ def _default(name: str, declared: tuple[int, ...]) -> ProfileInput:
     unset = [axis for axis, d in enumerate(declared) if d < 0 and axis > 0]
     if unset:
         example = ",".join(
-            "x".join(str(d if d >= 0 else size) for d in declared) for size in (DYNAMIC_MIN, 4, 8)
+            "x".join(_example_dim(axis, d, bound) for axis, d in enumerate(declared)) for bound in range(3)
         )
         raise UserError(
             f"input '{name}' has dynamic dimension(s) {', '.join(map(str, unset))} (shape {list(declared)}, "
@@ -133,6 +133,14 @@ def _default(name: str, declared: tuple[int, ...]) -> ProfileInput:
         tuple(size if d < 0 else d for d in declared) for size in (DYNAMIC_MIN, DYNAMIC_OPT, DYNAMIC_MAX)
     )
     return ProfileInput(name, declared, low, opt, high, "default")
+
+
+def _example_dim(axis: int, declared: int, bound: int) -> str:
+    """One dimension of an example MIN,OPT,MAX (bound 0, 1, 2): sizes to edit, not advice."""
+    if declared >= 0:
+        return str(declared)
+    sizes = (DYNAMIC_MIN, DYNAMIC_OPT, DYNAMIC_MAX) if axis == 0 else (256, 512, 1024)
+    return str(sizes[bound])
 
 
 def failure_hint(profile: Sequence[ProfileInput]) -> str:
