@@ -7,6 +7,8 @@ one thing that differs from a model TensorRT accepts.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from iropt.lowering.tensorrt import tensorrt_flavor
-from iropt.model import Model
+from iropt.model import Model, load_model
 
 OPSET = 17
 
@@ -193,3 +195,31 @@ def qdq_conv(
     g.node("Conv", inputs, "conv", outputs=["y"], pads=[1, 1, 1, 1])
     g.output("y", [batch, 4, 8, 8])
     return g.model()
+
+
+# --- golden models as engines: fp32, fp16, int8 -----------------------------------------------
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden_models"
+ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def golden_variant(name: str, precision: str) -> Model:
+    """Golden model `name` as TensorRT builds it in `precision`: as it is (fp32); converted to
+    float16 with onnxconverter-common, inputs and outputs kept float32 (fp16); or run through
+    golden_models/int8_tensorrt.opt with its inputs as calibration data (int8: Q/DQ)."""
+    source = GOLDEN / f"{name}.onnx"
+    if precision == "fp32":
+        return load_model(source)
+    if precision == "fp16":
+        from onnxconverter_common import float16
+
+        return Model.from_onnx(float16.convert_float_to_float16(onnx.load(str(source)), keep_io_types=True))
+    from iropt.optimize import RunOptions, optimize
+
+    with tempfile.TemporaryDirectory() as tmp:
+        outcome = optimize(RunOptions(
+            schedule=str(GOLDEN / "int8_tensorrt.opt"), model=source, output=Path(tmp) / "q.onnx",
+            calibration=str(GOLDEN / f"{name}.inputs.npz"), emit=False, verify=False,
+        ))
+        assert outcome.output is not None
+        return load_model(outcome.output)
