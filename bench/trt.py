@@ -25,11 +25,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from common import golden_models, markdown_table  # noqa: E402
-from helpers_trt import ENGINE_PRECISIONS, golden_variant  # noqa: E402
+from common import golden_models, markdown_table
+from helpers_trt import ENGINE_PRECISIONS, golden_variant
 
-from iropt.errors import UserError  # noqa: E402
-from iropt.lowering.tensorrt import TensorRTBackend, load_tensorrt  # noqa: E402
+from iropt.errors import UserError
+from iropt.lowering.tensorrt import TensorRTBackend, load_tensorrt
 
 
 def measure(name: str, precision: str, level: int, repeats: int) -> list[str]:

@@ -221,7 +221,7 @@ def test_int8_builds_a_qdq_model_strongly_typed_and_runs_it_in_int8() -> None:
 
 @requires_tensorrt
 def test_fp16_comes_from_the_graph() -> None:
-    with pytest.raises(UserError, match="no float16 tensors.*convert_fp16"):
+    with pytest.raises(UserError, match=r"no float16 tensors.*convert_fp16"):
         TensorRTBackend(precision="fp16").build_engine(conv_model())
     backend = TensorRTBackend(precision="fp16", require_precision=True)
     assert backend.build_engine(float16_conv_model())

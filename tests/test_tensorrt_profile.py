@@ -80,7 +80,7 @@ def test_the_command_line_beats_the_target() -> None:
 
 
 def test_an_unknown_input_name_is_suggested() -> None:
-    with pytest.raises(UserError, match="--shape names input 'inputs'.*'input'"):
+    with pytest.raises(UserError, match=r"--shape names input 'inputs'.*'input'"):
         resolve_profile([("input", [-1, 4])], parse_shape_ranges(["inputs:1x4"]), {})
 
 
