@@ -42,16 +42,19 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx
 
-from iropt.backend import Backend, EmitContext, StagedArtefacts
-from iropt.criteria import Criterion
 from iropt.errors import IroptError, OptionError, UserError
-from iropt.feeds import ShapeRange
+from iropt.infra.backend import Backend, EmitContext, StagedArtefacts
+from iropt.infra.pass_base import Capabilities
+from iropt.infra.registry import register_backend
+from iropt.io.save import save_proto
+from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, Model, tensor_bytes
 from iropt.lowering.files import write_file
+from iropt.lowering.tensorrt_lint import LintIssue, format_lint, lint_qdq_for_tensorrt
 from iropt.lowering.tensorrt_precision import (
     PrecisionReport,
     layers_from_json,
@@ -68,9 +71,8 @@ from iropt.lowering.tensorrt_profile import (
     resolve_profile,
     target_ranges,
 )
-from iropt.model import EXTERNAL_DATA_THRESHOLD, Model, save_proto, tensor_bytes
-from iropt.registry import register_backend
-from iropt.trt_lint import LintIssue, format_lint, lint_qdq_for_tensorrt
+from iropt.verify.criteria import Criterion
+from iropt.verify.feeds import ShapeRange
 
 __all__ = [
     "DYNAMIC_MAX",
@@ -322,6 +324,8 @@ class TensorRTBackend(Backend):
     builder_optimization_level: 0 (fast build) to 5 (slow build, fastest engine).
     engine_path: where `emit` writes the engine (default: beside the ONNX, `.engine`).
     """
+
+    capabilities: ClassVar[Capabilities] = Capabilities(quant_format="tensorrt", fp16=True, strongly_typed=True)
 
     precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     require_precision: bool = False
@@ -591,8 +595,9 @@ def check_engine(engine: bytes, reference: Model, report: BuildReport, criterion
     if not _gpu_visible():
         report.engine_run = ENGINE_NOT_RUN
         return
-    from iropt.feeds import feed_source
-    from iropt.verify import compare, reference_runner
+    from iropt.verify.compare import compare
+    from iropt.verify.feeds import feed_source
+    from iropt.verify.runtime import reference_runner
 
     runner = TensorRTRunner.load(engine, load_tensorrt())
     reference_run = reference_runner(reference)

@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from iropt.errors import UserError
-from iropt.feeds import ShapeRange
-from iropt.suggest import did_you_mean
+from iropt.util.suggest import did_you_mean
+from iropt.verify.feeds import ShapeRange
 
 # Defaults for a dynamic batch (first) dimension that no shape gives.
 DYNAMIC_MIN = 1

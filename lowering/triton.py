@@ -23,8 +23,8 @@ from pathlib import Path
 import onnx
 
 from iropt.errors import UserError
-from iropt.feeds import ShapeRange
 from iropt.lowering.files import copy_file, write_file
+from iropt.verify.feeds import ShapeRange
 
 DEFAULT_MAX_BATCH = 8
 VERSION = "1"

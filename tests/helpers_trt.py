@@ -16,8 +16,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from iropt.io.load import load_model
+from iropt.ir.model import Model
 from iropt.lowering.tensorrt import tensorrt_flavor
-from iropt.model import Model, load_model
 
 OPSET = 17
 
@@ -214,7 +215,7 @@ def golden_variant(name: str, precision: str) -> Model:
         from onnxconverter_common import float16
 
         return Model.from_onnx(float16.convert_float_to_float16(onnx.load(str(source)), keep_io_types=True))
-    from iropt.optimize import RunOptions, optimize
+    from iropt.app.optimize import RunOptions, optimize
 
     with tempfile.TemporaryDirectory() as tmp:
         outcome = optimize(RunOptions(

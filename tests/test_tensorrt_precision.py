@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from helpers_trt import QdqGraph, conv_model, float16_conv_model, qdq_conv, requires_tensorrt
 
-from iropt.cli import main
+from iropt.app.cli import main
+from iropt.io.save import save_model
+from iropt.ir.model import Model
 from iropt.lowering.tensorrt import PrecisionGateError, TensorRTBackend
 from iropt.lowering.tensorrt_precision import (
     layers_from_json,
@@ -23,7 +25,6 @@ from iropt.lowering.tensorrt_precision import (
     precision_report,
     requested_precisions,
 )
-from iropt.model import Model, save_model
 
 
 def half_quantized_conv() -> Model:

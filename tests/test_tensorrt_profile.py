@@ -11,12 +11,13 @@ import pytest
 from helpers_trt import conv_model, requires_tensorrt
 from onnx import TensorProto, helper
 
-from iropt.cli import main
+from iropt.app.cli import main
 from iropt.errors import UserError
-from iropt.feeds import ShapeRange, parse_shape_overrides, parse_shape_ranges
+from iropt.io.save import save_model
+from iropt.ir.model import Model
 from iropt.lowering.tensorrt import TensorRTBackend, load_tensorrt
 from iropt.lowering.tensorrt_profile import failure_hint, resolve_profile, target_ranges
-from iropt.model import Model, save_model
+from iropt.verify.feeds import ShapeRange, parse_shape_overrides, parse_shape_ranges
 
 # --- parsing --shape ---------------------------------------------------------------------------
 

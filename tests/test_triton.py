@@ -12,10 +12,10 @@ from google.protobuf import text_format
 from helpers_trt import requires_tensorrt
 from tritonclient.grpc import model_config_pb2
 
-from iropt.cli import main
+from iropt.app.cli import main
 from iropt.errors import UserError
-from iropt.feeds import parse_shape_ranges
 from iropt.lowering.triton import DEFAULT_MAX_BATCH, TRITON_TYPES, triton_config, write_repository
+from iropt.verify.feeds import parse_shape_ranges
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden_models"
 GOLDEN_MODELS = sorted(p.stem for p in GOLDEN.glob("*.onnx"))

@@ -1,0 +1,3 @@
+"""Machinery that lossy passes share: calibration, layer-sensitivity ranking, quantization
+(quant/). The passes stay thin files in iropt.passes. Imports: iropt.infra and below, iropt.rewrite.
+"""
