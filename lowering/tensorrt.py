@@ -422,7 +422,7 @@ class TensorRTBackend(Backend):
             engine = self._build(api, proto, report, logger, capture, lint)
         report.warnings = capture.warnings()
         report.engine_bytes = len(engine)
-        report.precisions = _precision_gate(api, engine, proto, capture)
+        report.precisions = _precision_gate(api, engine, proto, capture, report.profile)
         if report.precisions.missed and self.require_precision:
             raise PrecisionGateError(
                 "require_precision: these nodes asked for a precision the engine does not run them in "
@@ -558,17 +558,26 @@ def _declared_inputs(proto: onnx.ModelProto) -> list[tuple[str, list[int]]]:
 # --- the precision gate and the numerical gate ---------------------------------------------------
 
 
-def _precision_gate(api: TensorRTApi, engine: bytes, proto: onnx.ModelProto, capture: _LogCapture) -> PrecisionReport:
-    """Layer information from the engine inspector where the engine loads here, else the log."""
+def _precision_gate(
+    api: TensorRTApi, engine: bytes, proto: onnx.ModelProto, capture: _LogCapture, profile: Sequence[ProfileInput]
+) -> PrecisionReport:
+    """Layer information from the engine inspector where the engine loads here (a GPU), else
+    from the build log; the log also when the inspector's JSON names no precision."""
     requested = requested_precisions(proto)
-    text = _inspector_json(api, engine)
+    text = _inspector_json(api, engine, profile)
     if text is not None:
-        return precision_report(layers_from_json(text), requested, "inspector")
+        report = precision_report(layers_from_json(text), requested, "inspector")
+        if report.realized:
+            return report
     return precision_report(layers_from_log(capture.verbose()), requested, "build log")
 
 
-def _inspector_json(api: TensorRTApi, engine: bytes) -> str | None:
-    """The inspector's JSON, or None when the engine cannot be deserialized (no GPU)."""
+def _inspector_json(api: TensorRTApi, engine: bytes, profile: Sequence[ProfileInput]) -> str | None:
+    """The inspector's JSON, or None when the engine cannot be deserialized (no GPU).
+
+    With dynamic inputs the inspector is given an execution context at the profile's opt
+    shapes: without one, TensorRT writes "N/A due to dynamic shapes" for every tensor's type.
+    """
     if not _gpu_visible():
         return None
     trt = api.module
@@ -578,6 +587,11 @@ def _inspector_json(api: TensorRTApi, engine: bytes) -> str | None:
         if loaded is None:
             return None
         inspector = loaded.create_engine_inspector()
+        context = loaded.create_execution_context() if profile else None
+        if context is not None:
+            for entry in profile:
+                context.set_input_shape(entry.name, entry.opt)
+            inspector.execution_context = context
         return str(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
 
 

@@ -22,6 +22,17 @@ from iropt.lowering.tensorrt import tensorrt_flavor
 
 OPSET = 17
 
+def _gpu_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+# Running an engine (and loading it for the engine inspector) needs an NVIDIA GPU.
+GPU = _gpu_available()
+
 requires_tensorrt = pytest.mark.skipif(
     tensorrt_flavor() is None, reason="TensorRT (tensorrt or tensorrt_rtx) not installed"
 )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_trt import conv_model, custom_op_model, float16_conv_model, qdq_conv, requires_tensorrt
+from helpers_trt import GPU, conv_model, custom_op_model, float16_conv_model, qdq_conv, requires_tensorrt
 
 from iropt.errors import OptionError, UserError
 from iropt.infra.options import option_specs
@@ -30,18 +30,6 @@ from iropt.lowering.tensorrt import (
     tensorrt_flavor,
 )
 from iropt.verify.feeds import parse_shape_ranges
-
-
-def _gpu_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
-
-
-GPU = _gpu_available()
-
 
 # --- options and installation ---------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers_trt import QdqGraph, conv_model, float16_conv_model, qdq_conv, requires_tensorrt
+from helpers_trt import GPU, QdqGraph, conv_model, float16_conv_model, qdq_conv, requires_tensorrt
 
 from iropt.app.cli import main
 from iropt.io.save import save_model
@@ -198,3 +198,14 @@ def test_the_report_holds_the_precisions(tmp_path: Path) -> None:
     assert build["precision_report"]["missed"] == []
     assert build["engine_bytes"] == (tmp_path / "q.opt.engine").stat().st_size
     assert build["build_seconds"] > 0 and data["seconds"]["target_build"] == build["build_seconds"]
+
+
+@requires_tensorrt
+@pytest.mark.skipif(not GPU, reason="the engine inspector needs the engine loaded, which needs an NVIDIA GPU")
+def test_with_a_gpu_the_inspector_gives_the_precisions() -> None:
+    backend = TensorRTBackend()
+    backend.build_engine(qdq_conv(batch="batch"))
+    report = backend.last_build
+    assert report is not None and report.precisions is not None
+    assert report.precisions.source == "inspector"
+    assert report.precisions.realized["conv"] == "int8" and report.precisions.missed == []

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers_trt import conv_model, requires_tensorrt
+from helpers_trt import GPU, conv_model, requires_tensorrt
 from onnx import TensorProto, helper
 
 from iropt.app.cli import main
@@ -165,3 +165,18 @@ def test_a_failed_engine_build_leaves_nothing_written(tmp_path: Path, capsys: py
     err = capsys.readouterr().err
     assert "failed to build the engine" in err and "net.opt.onnx was not written" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "trt.opt"]
+
+
+@requires_tensorrt
+@pytest.mark.skipif(not GPU, reason="running a TensorRT engine needs an NVIDIA GPU (and torch with CUDA)")
+def test_with_a_gpu_the_engine_is_checked_at_min_opt_and_max(tmp_path: Path) -> None:
+    source = save_model(conv_model(), tmp_path / "net.onnx")
+    schedule = tmp_path / "trt.opt"
+    schedule.write_text("target tensorrt\neliminate_identity\n")
+    report = tmp_path / "report.json"
+    assert main(["-q", "run", str(schedule), str(source), "--shape", "x:1x3x8x8,2x3x8x8,4x3x8x8",
+                 "--report", str(report)]) == 0
+    build = json.loads(report.read_text())["target_build"]
+    assert [check["shape"] for check in build["engine_checks"]] == ["min", "opt", "max"]
+    assert all(check["passed"] for check in build["engine_checks"])
+    assert build["engine_run"].startswith("engine run on the GPU at 3 shape(s)")
