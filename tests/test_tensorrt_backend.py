@@ -188,6 +188,10 @@ def test_builder_failure_quotes_the_builder_and_names_the_fix() -> None:
     message = str(caught.value)
     assert "failed to build the engine" in message and "workspace" in message
     assert "raise the back end's workspace option (now 1,024 bytes)" in message
+    # The dynamic dimensions and how to give their range (tensorrt_profile.failure_hint).
+    assert "the optimization profile was:" in message
+    assert "x: min 1x3x8x8, opt 1x3x8x8, max 8x3x8x8 (default); dynamic dimension(s) 0 (1..8, opt 1)" in message
+    assert "--shape x:1x3x8x8,1x3x8x8,8x3x8x8" in message
 
 
 @requires_tensorrt

@@ -52,20 +52,12 @@ def test_fp32_engine(name: str) -> None:
 
 
 @requires_tensorrt
-@pytest.mark.parametrize("name", INT8_MODELS)
-def test_int8_engine(name: str) -> None:
-    report = build(name, "int8").last_build
+@pytest.mark.parametrize(
+    ("name", "precision"), [(n, "int8") for n in INT8_MODELS] + [(n, "fp16") for n in FP16_MODELS]
+)
+def test_quantized_and_float16_engines(name: str, precision: str) -> None:
+    report = build(name, precision).last_build
     assert report is not None and report.precisions is not None
     precisions = report.precisions
-    assert precisions.requested and "int8" in precisions.realized.values()
-    assert {node for node, _, _ in precisions.missed} == KNOWN_MISSES.get((name, "int8"), set())
-
-
-@requires_tensorrt
-@pytest.mark.parametrize("name", FP16_MODELS)
-def test_fp16_engine(name: str) -> None:
-    report = build(name, "fp16").last_build
-    assert report is not None and report.precisions is not None
-    precisions = report.precisions
-    assert precisions.requested and "fp16" in precisions.realized.values()
-    assert {node for node, _, _ in precisions.missed} == KNOWN_MISSES.get((name, "fp16"), set())
+    assert precisions.requested and precision in precisions.realized.values()
+    assert {node for node, _, _ in precisions.missed} == KNOWN_MISSES.get((name, precision), set())

@@ -15,7 +15,7 @@ from iropt.app.cli import main
 from iropt.errors import UserError
 from iropt.io.save import save_model
 from iropt.ir.model import Model
-from iropt.lowering.tensorrt import TensorRTBackend, load_tensorrt
+from iropt.lowering.tensorrt import load_tensorrt
 from iropt.lowering.tensorrt_profile import failure_hint, resolve_profile, target_ranges
 from iropt.verify.feeds import ShapeRange, parse_shape_overrides, parse_shape_ranges
 
@@ -106,16 +106,11 @@ def image_model() -> Model:
     return Model.from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
-@requires_tensorrt
-def test_a_failed_build_names_the_profile_and_the_fix() -> None:
-    if load_tensorrt().flavor != "tensorrt_rtx":
-        pytest.skip("a tiny workspace fails the build in tensorrt_rtx; TensorRT may find a tactic anyway")
-    with pytest.raises(UserError) as caught:
-        TensorRTBackend(workspace=1024).build_engine(conv_model())
-    message = str(caught.value)
-    assert "the optimization profile was:" in message
-    assert "x: min 1x3x8x8, opt 1x3x8x8, max 8x3x8x8 (default); dynamic dimension(s) 0 (1..8, opt 1)" in message
-    assert "--shape x:1x3x8x8,1x3x8x8,8x3x8x8" in message
+def trt_schedule(folder: Path, target: str = "target tensorrt") -> str:
+    """A schedule file with `target` and one exact pass."""
+    schedule = folder / "trt.opt"
+    schedule.write_text(f"{target}\neliminate_identity\n")
+    return str(schedule)
 
 
 @requires_tensorrt
@@ -123,9 +118,7 @@ def test_run_refuses_an_unranged_image_size_before_the_schedule(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source = save_model(image_model(), tmp_path / "images.onnx")
-    schedule = tmp_path / "trt.opt"
-    schedule.write_text("target tensorrt\neliminate_identity\n")
-    assert main(["run", str(schedule), str(source), "-o", str(tmp_path / "out.onnx")]) == 2
+    assert main(["run", trt_schedule(tmp_path), str(source), "-o", str(tmp_path / "out.onnx")]) == 2
     err = capsys.readouterr().err
     assert "--shape x:MIN,OPT,MAX" in err and "Traceback" not in err
     assert not (tmp_path / "out.onnx").exists()
@@ -136,10 +129,9 @@ def test_run_builds_the_given_range_prints_and_reports_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source = save_model(image_model(), tmp_path / "images.onnx")
-    schedule = tmp_path / "trt.opt"
-    schedule.write_text("target tensorrt(builder_optimization_level=0)\neliminate_identity\n")
+    schedule = trt_schedule(tmp_path, "target tensorrt(builder_optimization_level=0)")
     report = tmp_path / "report.json"
-    code = main(["run", str(schedule), str(source), "--shape", "x:1x3x16x16,1x3x32x32,1x3x64x64",
+    code = main(["run", schedule, str(source), "--shape", "x:1x3x16x16,1x3x32x32,1x3x64x64",
                  "--report", str(report)])
     assert code == 0
     out = capsys.readouterr().out
@@ -159,9 +151,7 @@ def test_a_failed_engine_build_leaves_nothing_written(tmp_path: Path, capsys: py
     if load_tensorrt().flavor != "tensorrt_rtx":
         pytest.skip("a tiny workspace fails the build in tensorrt_rtx; TensorRT may find a tactic anyway")
     source = save_model(conv_model(), tmp_path / "net.onnx")
-    schedule = tmp_path / "trt.opt"
-    schedule.write_text("target tensorrt(workspace=1KiB)\neliminate_identity\n")
-    assert main(["run", str(schedule), str(source)]) == 2
+    assert main(["run", trt_schedule(tmp_path, "target tensorrt(workspace=1KiB)"), str(source)]) == 2
     err = capsys.readouterr().err
     assert "failed to build the engine" in err and "net.opt.onnx was not written" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "trt.opt"]
@@ -171,10 +161,8 @@ def test_a_failed_engine_build_leaves_nothing_written(tmp_path: Path, capsys: py
 @pytest.mark.skipif(not GPU, reason="running a TensorRT engine needs an NVIDIA GPU (and torch with CUDA)")
 def test_with_a_gpu_the_engine_is_checked_at_min_opt_and_max(tmp_path: Path) -> None:
     source = save_model(conv_model(), tmp_path / "net.onnx")
-    schedule = tmp_path / "trt.opt"
-    schedule.write_text("target tensorrt\neliminate_identity\n")
     report = tmp_path / "report.json"
-    assert main(["-q", "run", str(schedule), str(source), "--shape", "x:1x3x8x8,2x3x8x8,4x3x8x8",
+    assert main(["-q", "run", trt_schedule(tmp_path), str(source), "--shape", "x:1x3x8x8,2x3x8x8,4x3x8x8",
                  "--report", str(report)]) == 0
     build = json.loads(report.read_text())["target_build"]
     assert [check["shape"] for check in build["engine_checks"]] == ["min", "opt", "max"]
