@@ -3,7 +3,8 @@
 Engines are built with whichever TensorRT is installed (tensorrt_rtx builds without a GPU),
 strongly typed, from the graph's own precision:
 - fp32: the golden model as it is;
-- fp16: converted with onnxconverter-common (`convert_float_to_float16`, keep_io_types=True);
+- fp16: converted by iropt's `convert_fp16` where it is registered, else by onnxconverter-common
+  (`convert_float_to_float16`, keep_io_types=True);
 - int8: golden_models/int8_tensorrt.opt (Q/DQ in TensorRT's format), calibrated on the model's
   inputs.npz; the time of that schedule is reported apart from the engine build.
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from common import golden_models, markdown_table
-from helpers_trt import ENGINE_PRECISIONS, golden_variant
+from helpers_trt import ENGINE_PRECISIONS, fp16_converter, golden_variant
 
 from iropt.errors import UserError
 from iropt.lowering.tensorrt import TensorRTBackend, load_tensorrt
@@ -68,7 +69,7 @@ def main() -> None:
     ]
     headers = ["model", "precision", "opt level", "prepare s", "build s", "engine KiB", "parse failures",
                "nodes by precision", "asked, not got"]
-    print(f"TensorRT: {load_tensorrt().label}; wall time {time.perf_counter() - start:.0f} s")
+    print(f"TensorRT: {load_tensorrt().label}; fp16 by {fp16_converter()}; wall time {time.perf_counter() - start:.0f} s")
     print(markdown_table(headers, rows))
 
 

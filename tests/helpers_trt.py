@@ -215,23 +215,35 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden_models"
 ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
 
 
+def fp16_converter() -> str:
+    """What makes the fp16 variants: iropt's convert_fp16 pass where it is registered, else
+    onnxconverter-common's convert_float_to_float16."""
+    from iropt.infra.registry import PASSES
+
+    return "convert_fp16" if "convert_fp16" in PASSES.names() else "onnxconverter-common"
+
+
 def golden_variant(name: str, precision: str) -> Model:
     """Golden model `name` as TensorRT builds it in `precision`: as it is (fp32); converted to
-    float16 with onnxconverter-common, inputs and outputs kept float32 (fp16); or run through
+    float16, inputs and outputs kept float32 (fp16, see `fp16_converter`); or run through
     golden_models/int8_tensorrt.opt with its inputs as calibration data (int8: Q/DQ)."""
     source = GOLDEN / f"{name}.onnx"
     if precision == "fp32":
         return load_model(source)
-    if precision == "fp16":
+    if precision == "fp16" and fp16_converter() == "onnxconverter-common":
         from onnxconverter_common import float16
 
         return Model.from_onnx(float16.convert_float_to_float16(onnx.load(str(source)), keep_io_types=True))
     from iropt.app.optimize import RunOptions, optimize
 
     with tempfile.TemporaryDirectory() as tmp:
+        schedule, calibration = str(GOLDEN / "int8_tensorrt.opt"), str(GOLDEN / f"{name}.inputs.npz")
+        if precision == "fp16":
+            schedule = str(Path(tmp) / "fp16.opt")
+            Path(schedule).write_text("convert_fp16\n")
         outcome = optimize(RunOptions(
-            schedule=str(GOLDEN / "int8_tensorrt.opt"), model=source, output=Path(tmp) / "q.onnx",
-            calibration=str(GOLDEN / f"{name}.inputs.npz"), emit=False, verify=False,
+            schedule=schedule, model=source, output=Path(tmp) / "variant.onnx",
+            calibration=calibration, emit=False, verify=False,
         ))
         assert outcome.output is not None
         return load_model(outcome.output)

@@ -1,5 +1,5 @@
 """Golden models as TensorRT engines: every model in fp32, a short set in int8 (Q/DQ from
-golden_models/int8_tensorrt.opt) and in fp16; no parse failure, an engine, and the precision
+golden_models/int8_tensorrt.opt) and in fp16 (`helpers_trt.fp16_converter`); no parse failure, an engine, and the precision
 report: the nodes that ask for int8/fp16 run in it, except the known exceptions below.
 
 bench/trt.py builds the full set (every model in every precision, two optimization levels)
