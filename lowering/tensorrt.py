@@ -6,7 +6,7 @@
 - *Precision from the graph.* Networks are built strongly typed, with every TensorRT that has
   the flag (10.x, 11.x, TensorRT-RTX): each layer runs in the type the model gives it. fp16
   needs a model converted to float16 (`convert_fp16`), int8 an explicitly quantized model
-  (`quantize(format="tensorrt")`: Q/DQ nodes; `iropt.trt_lint` checks TensorRT's Q/DQ rules and
+  (`quantize(format="tensorrt")`: Q/DQ nodes; `tensorrt_lint` checks TensorRT's Q/DQ rules and
   its findings are added to a failed build's message). The FP16/INT8 builder flags, removed in
   TensorRT 11, are never used: the same graph builds the same way on 10.x. `precision` states
   what the model must contain ("auto": whatever it has).
@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,9 +50,8 @@ from iropt.errors import IroptError, OptionError, UserError
 from iropt.infra.backend import Backend, EmitContext, StagedArtefacts
 from iropt.infra.pass_base import Capabilities
 from iropt.infra.registry import register_backend
-from iropt.io.save import save_proto
+from iropt.io.save import spilled_model_file, write_bytes_atomically
 from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, Model, tensor_bytes
-from iropt.lowering.files import write_file
 from iropt.lowering.tensorrt_lint import LintIssue, format_lint, lint_qdq_for_tensorrt
 from iropt.lowering.tensorrt_precision import (
     PrecisionReport,
@@ -381,7 +379,7 @@ class TensorRTBackend(Backend):
             report.engine_run = "engine not run: verification is off"
 
         def write() -> list[Path]:
-            write_file(target, engine)
+            write_bytes_atomically(target, engine)
             return [target]
 
         return StagedArtefacts(write=write, report=report.to_dict(), lines=report.lines(), serving_bytes=engine)
@@ -533,7 +531,7 @@ class TensorRTBackend(Backend):
         cache = config.get_timing_cache()
         data = memoryview(cache.serialize()).tobytes() if cache is not None else b""
         if data:
-            write_file(report.timing_cache, data)
+            write_bytes_atomically(report.timing_cache, data)
 
     def _attach_progress(self, trt: Any, config: Any) -> Any:
         if self.progress is None or not hasattr(config, "progress_monitor"):
@@ -786,8 +784,7 @@ def _parse(parser: Any, proto: onnx.ModelProto) -> bool:
     """Parse from memory, or through a temporary file with external data past the 2 GB limit."""
     if tensor_bytes(proto) <= EXTERNAL_DATA_THRESHOLD:
         return bool(parser.parse(proto.SerializeToString()))
-    with tempfile.TemporaryDirectory(prefix="iropt-trt-") as tmp:
-        path = save_proto(proto, Path(tmp) / "model.onnx", external_data=True)
+    with spilled_model_file(proto) as path:
         return bool(parser.parse_from_file(str(path)))
 
 

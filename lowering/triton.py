@@ -16,6 +16,7 @@ Runtime it is the max of a `--shape` range, else `DEFAULT_MAX_BATCH`.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import onnx
 
 from iropt.errors import UserError
-from iropt.lowering.files import copy_file, write_file
+from iropt.io.save import publish_atomically, write_bytes_atomically
 from iropt.verify.feeds import ShapeRange
 
 DEFAULT_MAX_BATCH = 8
@@ -217,16 +218,20 @@ def write_repository(
     if config.platform == "tensorrt_plan":
         if serving_bytes is None:
             raise UserError("--triton with target tensorrt needs the engine; it was not built (--no-emit?)")
-        write_file(model_file, serving_bytes)
+        write_bytes_atomically(model_file, serving_bytes)
         written.append(model_file)
     else:
-        copy_file(onnx_path, model_file)
+        _copy(onnx_path, model_file)
         written.append(model_file)
         data = onnx_path.with_name(onnx_path.name + ".data")
         if data.is_file():
-            copy_file(data, version_dir / data.name)
+            _copy(data, version_dir / data.name)
             written.append(version_dir / data.name)
     config_file = directory / config.name / "config.pbtxt"
-    write_file(config_file, config.to_pbtxt().encode())
+    write_bytes_atomically(config_file, config.to_pbtxt().encode())
     written.append(config_file)
     return written
+
+
+def _copy(source: Path, target: Path) -> None:
+    publish_atomically(target, [], lambda staged: shutil.copyfile(source, staged))
