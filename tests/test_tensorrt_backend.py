@@ -398,3 +398,18 @@ def test_iropt_run_writes_the_engine_beside_the_optimized_model(tmp_path: Path) 
     assert outcome.verified and outcome.output == tmp_path / "net.opt.onnx"
     assert outcome.emitted == [tmp_path / "net.opt.engine"]
     assert outcome.emitted[0].read_bytes()[1:4] == b"trt"
+
+
+@requires_tensorrt
+def test_iropt_run_reports_parser_errors_per_node_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from iropt.app.cli import main
+
+    source = save_model(custom_op_model(), tmp_path / "custom.onnx", check=None)
+    schedule = tmp_path / "trt.opt"
+    schedule.write_text("target tensorrt\neliminate_identity\n")
+    assert main(["run", str(schedule), str(source), "--no-verify"]) == 2
+    err = capsys.readouterr().err
+    assert "node 'mystery_a' (Mystery)" in err and "node 'enigma_b' (Enigma)" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["custom.onnx", "trt.opt"]
