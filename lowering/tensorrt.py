@@ -611,7 +611,13 @@ def check_engine(engine: bytes, reference: Model, report: BuildReport, criterion
     from iropt.verify.feeds import feed_source
     from iropt.verify.runtime import reference_runner
 
-    runner = TensorRTRunner.load(engine, load_tensorrt())
+    try:
+        runner = TensorRTRunner.load(engine, load_tensorrt())
+    except UserError as error:
+        # A GPU this TensorRT cannot use (a driver older than its CUDA runtime, say): the
+        # engine was built for the machine that serves it, not necessarily for this one.
+        report.engine_run = f"engine not run: {' '.join(str(error).split())}"
+        return
     reference_run = reference_runner(reference)
     gate = _engine_criterion(criterion)
     failures = []
