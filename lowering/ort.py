@@ -7,7 +7,7 @@ what ORT itself makes of the model when asked: its graph-optimized ONNX model
 `save_ort_format=True`) for the minimal ONNX Runtime builds; both at the `basic` level unless
 `portable=false`, since higher levels tie the file to the providers and CPU it was made on.
 A provider fallback is reported by `make_session`, and refused with `strict_providers=true`;
-`check` opens a session on the asked providers before `iropt run` writes anything.
+`stage` opens a session on the asked providers before `iropt run` writes anything.
 
 Sessions are built by `iropt.verify.runtime.make_session`, the one place they are built; the
 verification reference runner uses it too, with graph optimizations disabled.
@@ -15,14 +15,13 @@ verification reference runner uses it too, with graph optimizations disabled.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iropt.infra.backend import Backend
+from iropt.infra.backend import Backend, EmitContext, StagedArtefacts
 from iropt.infra.registry import register_backend
+from iropt.io.save import publish_atomically
 from iropt.ir.model import Model
 from iropt.verify.runtime import CPU, OptimizationLevel, OrtRunner, check_providers, make_session
 
@@ -65,13 +64,12 @@ class OrtBackend(Backend):
     def compile(self, model: Model) -> OrtRunner:
         return OrtRunner(make_session(model, **self._session_options()))
 
-    def check(self, model: Model) -> None:
-        """Open a session on the asked providers, so a fallback is found before anything is written.
-
-        With the CPU provider alone there is nothing to fall back from, and no session is built.
-        """
+    def stage(self, model: Model, onnx_path: Path, context: EmitContext) -> StagedArtefacts:
+        """Open a session on the asked providers first, so a fallback is found before anything is
+        written; with the CPU provider alone there is nothing to fall back from."""
         if list(self.providers) != [CPU]:
             make_session(model, **self._session_options())
+        return super().stage(model, onnx_path, context)
 
     def emit(self, model: Model, onnx_path: Path) -> list[Path]:
         """Write the requested ORT artefacts beside `onnx_path`; returns them."""
@@ -82,17 +80,23 @@ class OrtBackend(Backend):
             written.append(self._save(model, onnx_path, ".ort", ort_format=True))
         return written
 
+    def _saved_options(self) -> dict[str, Any]:
+        """Session options for saved artefacts: the portable `basic` level unless asked otherwise."""
+        options = self._session_options()
+        if self.portable:
+            options["optimization_level"] = "basic"
+        return options
+
     def _save(self, model: Model, onnx_path: Path, suffix: str, *, ort_format: bool) -> Path:
         stem = onnx_path.name.removesuffix(".onnx")
         target = onnx_path.with_name(stem + suffix)
-        # Written into a scratch folder beside the target and moved in place, so a failed
-        # session never leaves half a file under the final name.
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
-            staged = Path(tmp) / target.name
-            options = self._session_options()
-            if self.portable:
-                options["optimization_level"] = "basic"
-            make_session(model, optimized_model_path=staged, save_ort_format=ort_format, **options)
-            for produced in sorted(Path(tmp).iterdir()):
-                os.replace(produced, target.parent / produced.name)
+        # ORT writes the optimized model's tensors beside it past the protobuf limit.
+        sidecars = [] if ort_format else [target.name + ".data"]
+        publish_atomically(
+            target,
+            sidecars,
+            lambda staged: make_session(
+                model, optimized_model_path=staged, save_ort_format=ort_format, **self._saved_options()
+            ),
+        )
         return target

@@ -16,8 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +25,7 @@ import onnx
 import onnxruntime as ort
 
 from iropt.errors import UserError, first_line
-from iropt.io.save import save_model, save_proto
+from iropt.io.save import spilled_model_file
 from iropt.io.stream import export_streamed
 from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, PROTOBUF_LIMIT, Model, graph_stats, tensor_bytes
 from iropt.verify.runner import Runner
@@ -134,24 +133,20 @@ def make_session(
     create = functools.partial(_create_checked, options=options, providers=providers, strict=strict_providers)
     if isinstance(model, (str, os.PathLike)):
         return create(str(model))
-    write: Callable[[Path], Path]
     if isinstance(model, Model):
         if graph_stats(model).parameter_bytes <= IN_MEMORY_LIMIT:  # an estimate: checked below
             # Serialized by the streaming writer: the weights are copied once, not four times.
             streamed = export_streamed(model)
             if streamed.byte_size() <= PROTOBUF_LIMIT:
                 return create(streamed.to_bytes())
-        write = functools.partial(save_model, model, external_data=True)
-    else:
-        if tensor_bytes(model) <= IN_MEMORY_LIMIT:
-            return create(model.SerializeToString())
-        write = functools.partial(save_proto, model, external_data=True)
+    elif tensor_bytes(model) <= IN_MEMORY_LIMIT:
+        return create(model.SerializeToString())
     _externalize_optimized(options, optimized_model_path, save_ort_format)
     # Too big for one protobuf message: written with its data beside it for ORT to read. ORT
     # reads (or maps) the data while the session is created; on Linux a mapped file stays
-    # valid after its name is removed, elsewhere the cleanup error is ignored.
-    with tempfile.TemporaryDirectory(prefix="iropt-ort-", ignore_cleanup_errors=True) as tmp:
-        return create(str(write(Path(tmp) / "model.onnx")))
+    # valid after its name is removed.
+    with spilled_model_file(model) as path:
+        return create(str(path))
 
 
 def _create_checked(

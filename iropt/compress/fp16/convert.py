@@ -20,8 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from iropt.compress.fp16.policy import FLOAT, FLOAT16, Decision
-from iropt.ir.evaluate import peek_values
-from iropt.ir.graph import FreshNames, node_subgraphs
+from iropt.ir.graph import FreshNames, node_subgraphs, peek_values
 
 _NUMPY: dict[int, np.dtype[Any]] = {FLOAT: np.dtype(np.float32), FLOAT16: np.dtype(np.float16)}
 _SUFFIX: dict[int, str] = {FLOAT: "fp32", FLOAT16: "fp16"}

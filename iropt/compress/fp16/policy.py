@@ -32,8 +32,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from iropt.compress.fp16.ranges import Observed
-from iropt.ir.evaluate import peek_constant, peek_values
-from iropt.ir.graph import node_subgraphs
+from iropt.ir.graph import constant_value, node_subgraphs, peek_values
 
 FLOAT: int = onnx.TensorProto.FLOAT
 FLOAT16: int = onnx.TensorProto.FLOAT16
@@ -286,7 +285,7 @@ def _reduction_axes(node: gs.Node) -> list[int] | None:
     if "axes" in node.attrs:
         return [int(a) for a in node.attrs["axes"]]
     if len(node.inputs) > 1 and node.inputs[1].name:
-        value = peek_constant(node.inputs[1])
+        value = constant_value(node.inputs[1])
         if value is None:
             return None  # axes computed at run time: count every element, the worst case
         return [int(a) for a in np.asarray(value).reshape(-1)]
