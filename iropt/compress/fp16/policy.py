@@ -18,6 +18,12 @@ A node is a candidate when it reads or writes a float32 tensor. It stays float32
 
 A schema input without a float16 form (Resize's scales) stays float32 on a float16 node. A
 Constant node follows its consumers: float16 only when every one of them reads it in float16.
+
+Why the schema and not a list of ONNX Runtime's CPU kernels: asked op by op (bench/fp16.py),
+the CPU provider (1.32, x86) has float16 kernels for a few ops (LayerNormalization, Clip, data
+movement) and runs every other float16 node through a float32 kernel between Casts it inserts
+itself; it refuses a float16 node only where the ONNX schema has no float16 form (Range,
+NonMaxSuppression, Resize's scales), which the schema check above already keeps in float32.
 """
 
 from __future__ import annotations
