@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check(sub, common)
     _add_compare(sub, common)
     _add_inspect(sub, common)
+    _add_bench(sub, common)
     _add_export(sub, common)
     return parser
 
@@ -304,6 +305,58 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print_model_summary(summary)
+    return 0
+
+
+def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "bench", parents=[common], help="measure models on ONNX Runtime, side by side",
+        description="Latency (p50/p95/p99), throughput, session start time and peak memory of each "
+        "MODEL on ONNX Runtime. Each model runs in its own process; the models take turns, and the "
+        "table gives every figure as a ratio to the first model's.",
+    )
+    p.add_argument("models", nargs="+", type=Path, metavar="MODEL", help=".onnx models (the first is the baseline)")
+    p.add_argument("--providers", default="CPUExecutionProvider",
+                   help="execution providers in order of preference, comma-separated (default: CPU)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default 0: ONNX Runtime's choice)")
+    p.add_argument("--batch", type=int, help="batch size for inputs with a dynamic first dimension")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
+                   help="concrete shape for an input, e.g. x:1x3x224x224 (repeatable)")
+    p.add_argument("--inputs", help="inputs: .npz, folder of .npy/.npz, or module:function (default: generated)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs per model first (default 10)")
+    p.add_argument("--runs", type=int, default=100, help="timed runs per model (default 100)")
+    p.add_argument("--rounds", type=int, default=10, help="turns the timed runs are split into (default 10)")
+    p.add_argument("--optimization-level", default="all", choices=["disable", "basic", "extended", "layout", "all"],
+                   help="ONNX Runtime graph optimization level (default all)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write every figure and latency here as JSON")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the latency distributions (needs matplotlib)")
+    p.set_defaults(handler=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from iropt.app import bench
+    from iropt.app.console import make_progress, stdout
+    from iropt.verify.feeds import parse_shape_overrides
+
+    options = bench.BenchOptions(
+        models=tuple(args.models),
+        providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
+        threads=args.threads, batch=args.batch, shapes=parse_shape_overrides(args.shape), inputs=args.inputs,
+        warmup=args.warmup, runs=args.runs, rounds=args.rounds, optimization_level=args.optimization_level,
+    )
+    options.check()
+    if args.json is not None:
+        bench.check_output_file(args.json, None, options.models)
+    if args.plot is not None:
+        bench.check_output_file(args.plot, ".png", options.models)
+        bench.check_plot_available()
+    result = bench.run_bench(options, progress=make_progress(not args.quiet))
+    if not args.quiet:
+        stdout.print(bench.bench_table(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if args.plot is not None:
+        bench.plot_latencies(result, args.plot)
     return 0
 
 
