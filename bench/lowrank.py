@@ -33,7 +33,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import GOLDEN, markdown_table, median_seconds
+from common import GOLDEN, markdown_table
 
 from iropt.dsl import load_schedule
 from iropt.infra.pass_base import PassContext, PassResult
@@ -142,9 +142,18 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-def latency_ms(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
-    sess = session(proto)
-    return 1000 * median_seconds(lambda: sess.run(None, feeds), repeats=30, warmup=3)
+def latencies_ms(protos: list[onnx.ModelProto], feeds: dict[str, np.ndarray], rounds: int = 30) -> list[float]:
+    """Median ms per run of each model, measured in lockstep (one run of each per round), so load
+    on the shared machine hits every model alike."""
+    sessions = [session(proto) for proto in protos]
+    times: list[list[float]] = [[] for _ in sessions]
+    for round_ in range(rounds + 3):
+        for sess, record in zip(sessions, times, strict=True):
+            start = time.perf_counter()
+            sess.run(None, feeds)
+            if round_ >= 3:  # warm-up rounds
+                record.append(1000 * (time.perf_counter() - start))
+    return [float(np.median(record)) for record in times]
 
 
 def held_out_layer_errors(original: Model, factorized: Model, result: PassResult,
@@ -180,19 +189,18 @@ def text_section(tmp: Path) -> str:
     feeds = minilm_encoder.encode(eval_text)
     reference = session(model.to_onnx()).run(None, feeds)[0]
     batch = {k: v[:8] for k, v in feeds.items()}
-    base_ms = latency_ms(model.to_onnx(), batch)
-    rows, detail = [], ""
+    rows, detail, protos = [], "", [model.to_onnx()]
     for label, options in TEXT_VARIANTS:
         candidate, result, seconds = low_rank(
             model, str(calibration) if options.get("method") != "svd" else None,
             params_ratio=TEXT_RATIO, **options,
         )
-        cos = cosines(session(candidate.to_onnx()).run(None, feeds)[0], reference)
-        ms = latency_ms(candidate.to_onnx(), batch)
+        protos.append(candidate.to_onnx())
+        cos = cosines(session(protos[-1]).run(None, feeds)[0], reference)
         ranks = sorted({r["rank"][0] for r in result.info["layers"]})
         print(f"<!-- {label}: cosine {cos.mean():.4f}, {seconds:.0f} s -->", file=sys.stderr, flush=True)
         rows.append([label, f"{kept_ratio(result):.3f}", f"{cos.mean():.4f}", f"{cos.min():.4f}",
-                     f"{ms:.1f} ({base_ms / ms:.2f}x)", f"{seconds:.1f}",
+                     "", f"{seconds:.1f}",
                      f"{len(result.info['layers'])} layers, ranks {min(ranks)}-{max(ranks)}" if ranks else "-"])
         if label == "whitened, ranks by least error":
             measured = held_out_layer_errors(model, candidate, result, feeds)
@@ -202,6 +210,9 @@ def text_section(tmp: Path) -> str:
                   f"{r['params_before']} -> {r['params_after']}", f"{r['predicted_error']:.4f}", f"{m:.4f}"]
                  for r, m in zip(result.info["layers"], measured, strict=True)],
             )
+    base_ms, *variant_ms = latencies_ms(protos, batch)
+    for row, ms in zip(rows, variant_ms, strict=True):
+        row[4] = f"{ms:.1f} ({base_ms / ms:.2f}x)"
     table = markdown_table(
         ["method", "MatMul weights kept", "cosine mean", "cosine min", "ORT latency ms, batch 8 (speed-up)",
          "low_rank s", "layers"],
