@@ -27,9 +27,10 @@ after a float layer stays float too.
 
 Schedule it after `fuse_bn_conv` (a BatchNormalization between a Conv and its activation blocks
 ORT's QLinearConv fusion) and `fuse_matmul_add` (ORT fuses a quantized Gemm with its int32 bias
-into QGemm; a MatMul + float Add stays half float). QDQ with per-channel weights needs opset 13;
-an older model is refused with a UserError that points at `upgrade_opset(to=13)`, rather than
-converted behind the user's back.
+into QGemm; a MatMul + float Add stays half float). QDQ with per-channel weights needs opset 13
+(dynamic mode 11): an older model (opset 11/12 exports are common) is upgraded first with onnx's
+version converter, with a warning in the log and `upgraded_from_opset` in the statistics, so
+the shipped schedules run on it; the run's verification checks the whole result as usual.
 
 Limitations: nodes inside subgraphs (If/Loop bodies) stay float; a MatMul of two activations
 (attention scores) stays float; only float32 tensors are quantized.
@@ -73,6 +74,7 @@ from iropt.infra.pass_base import Pass, PassContext, PassKind, PassResult
 from iropt.infra.registry import register_pass
 from iropt.ir.graph import is_op
 from iropt.ir.model import Model
+from iropt.ir.opset import upgrade_opset
 from iropt.passes.toposort import sorted_nodes
 from iropt.verify.feeds import iter_feeds
 from iropt.verify.runtime import Runner
@@ -145,9 +147,12 @@ class Quantize(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         self.last_ranking, self.last_kept_float = [], []
-        if self.mode == "dynamic":
-            return self._run_dynamic(model, ctx)
-        return self._run_static(model, ctx)
+        upgraded_from = _ensure_opset(model, self.mode, ctx)
+        result = self._run_dynamic(model, ctx) if self.mode == "dynamic" else self._run_static(model, ctx)
+        if upgraded_from is not None:
+            result.stats["upgraded_from_opset"] = upgraded_from
+            result.changed = True
+        return result
 
     def resolve_format(self, ctx: PassContext) -> QuantFormat:
         """`format`, or for `auto` the schedule's target (ort or tensorrt; no target: ort)."""
@@ -162,7 +167,6 @@ class Quantize(Pass):
     # --- static ------------------------------------------------------------------------------
 
     def _run_static(self, model: Model, ctx: PassContext) -> PassResult:
-        _check_opset(model, STATIC_MIN_OPSET, "static QDQ quantization with per-channel weights")
         scheme = SCHEMES[self.resolve_format(ctx)]
         dtypes = tensor_types(model)
         op_types = list(self.op_types) if self.op_types is not None else list(DEFAULT_OP_TYPES)
@@ -251,7 +255,6 @@ class Quantize(Pass):
     # --- dynamic -----------------------------------------------------------------------------
 
     def _run_dynamic(self, model: Model, ctx: PassContext) -> PassResult:
-        _check_opset(model, DYNAMIC_MIN_OPSET, "dynamic quantization (DynamicQuantizeLinear)")
         op_types = list(self.op_types) if self.op_types is not None else list(DYNAMIC_OP_TYPES)
 
         def build(target: Model, only: frozenset[str] | None, floats: frozenset[str]) -> int:
@@ -336,13 +339,19 @@ def group_params(
     return params
 
 
-def _check_opset(model: Model, minimum: int, what: str) -> None:
-    if model.opset < minimum:
-        raise UserError(
-            f"quantize: {what} needs opset >= {minimum}, but the model uses opset {model.opset}; "
-            f"convert it first: put upgrade_opset(to={minimum}) before quantize in the schedule (or "
-            f"re-export with opset_version={minimum} or newer)"
-        )
+def _ensure_opset(model: Model, mode: str, ctx: PassContext) -> int | None:
+    """Upgrade a model older than `mode` needs (logged); the opset it had, or None."""
+    minimum, what = (DYNAMIC_MIN_OPSET, "dynamic quantization (DynamicQuantizeLinear)") if mode == "dynamic" else (
+        STATIC_MIN_OPSET, "static QDQ quantization with per-channel weights")
+    current = model.opset
+    if current >= minimum:
+        return None
+    upgrade_opset(model, minimum, who=f"quantize: {what} needs opset >= {minimum}, and upgrading")
+    ctx.log.warning(
+        "quantize: %s needs opset >= %d; upgraded the model from opset %d to %d (onnx's version "
+        "converter; the run's verification covers it)", what, minimum, current, minimum,
+    )
+    return current
 
 
 def _warn_unfused_batchnorm(plan: Plan, ctx: PassContext) -> None:

@@ -38,6 +38,8 @@ class PassResult:
 
     changed: bool
     stats: dict[str, int] = field(default_factory=dict)
+    # Report-only data (JSON-ready): rankings, layers kept in float, kept channel indices.
+    info: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_stats(cls, **stats: int) -> PassResult:
