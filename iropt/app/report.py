@@ -68,7 +68,7 @@ def outcome_to_dict(
         "model": str(model),
         "output": None if outcome.output is None else str(outcome.output),
         "emitted": [str(p) for p in outcome.emitted],
-        "verified": outcome.verified,
+        "verified": outcome.verified and failure is None,
         "criterion": None if outcome.criterion is None else outcome.criterion.describe(),
         "comparisons": [_plain(c) for c in outcome.comparisons],
         "pass_failures": [

@@ -199,10 +199,11 @@ def bisect_records(
         return None
     replay = _Replay(verifier.reference, records, snapshots or {}, ctx)
     if status is not None:
+        checks = (len(changed) - 1).bit_length() + (0 if final_failed else 1)
         reused = f", reusing {len(snapshots)} model(s) kept after lossy passes" if snapshots else ""
         status(
-            f"verification failed; bisecting {len(changed)} pass runs that changed the model to find "
-            f"the first that breaks it (about {max(1, len(changed).bit_length())} checks{reused})"
+            f"verification failed; bisecting to find the first of the {len(changed)} pass run(s) "
+            f"that changed the model to break it (at most {checks} more check(s){reused})"
         )
     low, high = 0, len(changed) - 1  # the answer is changed[k] for the smallest failing k
     if not final_failed and _passes(verifier, replay, changed[high], criterion):
