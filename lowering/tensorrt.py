@@ -43,13 +43,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx
 
 from iropt.errors import OptionError, UserError
 from iropt.infra.backend import Backend
+from iropt.infra.pass_base import Capabilities
 from iropt.infra.registry import register_backend
 from iropt.io.save import save_proto
 from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, Model, tensor_bytes
@@ -229,6 +230,8 @@ class TensorRTBackend(Backend):
     builder_optimization_level: 0 (fast build) to 5 (slow build, fastest engine).
     engine_path: where `emit` writes the engine (default: beside the ONNX, `.engine`).
     """
+
+    capabilities: ClassVar[Capabilities] = Capabilities(quant_format="tensorrt", fp16=True, strongly_typed=True)
 
     precision: Literal["fp32", "fp16", "int8", "best"] = "fp32"
     workspace: int = 1 << 30

@@ -13,7 +13,7 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -23,6 +23,7 @@ from iropt.errors import UserError, first_line
 from iropt.io.save import save_model, save_proto
 from iropt.io.stream import export_streamed
 from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, PROTOBUF_LIMIT, Model, graph_stats, tensor_bytes
+from iropt.verify.runner import Runner
 
 OptimizationLevel = Literal["disable", "basic", "extended", "layout", "all"]
 
@@ -169,15 +170,6 @@ def check_providers(providers: Sequence[str]) -> None:
             )
 
 
-
-
-class Runner(Protocol):
-    """Anything that runs a model: an ONNX Runtime session, a TensorRT engine."""
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
-
-RunnerFactory = Callable[[Model], Runner]
 
 
 def reference_runner(model: Model) -> Runner:
