@@ -205,8 +205,16 @@ class Quantize(Pass):
             calibration_samples=samples,
         )
         # The report names every layer left in float and why, not only the -v log.
-        result.info = {**info, "skipped_slow": list(slow_reasons.values())}
+        result.info = {**info, "skipped_slow": list(slow_reasons.values()), "excluded": self._excluded_labels(model, op_types)}
         return result
+
+    def _excluded_labels(self, model: Model, op_types: list[str]) -> list[str]:
+        """The nodes of a quantized op type that exclude_nodes / exclude_op_types keep in float."""
+        excluded = self._excluded()
+        return [
+            f"{node_label(node, index)} ({node.op})" for index, node in enumerate(model.graph.nodes)
+            if node.op in op_types and excluded(node, node_key(index))
+        ]
 
     def _slow_nodes(self, model: Model, scheme: Scheme, op_types: list[str], ctx: PassContext) -> dict[str, dict[str, str]]:
         """The nodes ORT would run slower quantized (format ort, `skip_slow_layers`), by key,
