@@ -429,3 +429,45 @@ def test_inspect_counts_weights_held_by_constant_nodes(tmp_path: Path, capsys: p
     assert summary["parameters"] == 15 and summary["parameter_bytes"] == 60
     assert main(["inspect", str(path)]) == 0
     assert "15 parameters, 60 bytes" in capsys.readouterr().out
+
+
+# --- 9. relative error on the output's scale; top-1 only for class scores -------------------------
+
+
+def test_relative_error_near_zero_is_taken_on_the_output_scale(capsys: pytest.CaptureFixture[str]) -> None:
+    from iropt.verify.compare import REL_ERROR_FLOOR, compare
+    from iropt.verify.criteria import EXACT_CRITERION
+
+    ref = np.array([[0.0, 1.0, -2.0, 0.5]])
+    cand = ref + 1e-7
+    (out,) = compare([{"y": ref}], [{"y": cand}], EXACT_CRITERION).outputs
+    # The error at the exact zero is measured against 1e-3 x the largest |reference| (2.0).
+    assert out.max_rel == pytest.approx(1e-7 / (REL_ERROR_FLOOR * 2.0), rel=1e-6)
+    # Away from zero it is the usual |error| / |reference|.
+    (far,) = compare([{"y": ref + 10}], [{"y": cand + 10}], EXACT_CRITERION).outputs
+    assert far.max_rel == pytest.approx(1e-7 / 8.0, rel=1e-6)
+    # An all-zero reference has no scale: any error is an unbounded relative error.
+    (zeros,) = compare([{"y": np.zeros(3)}], [{"y": np.full(3, 1e-7)}], EXACT_CRITERION).outputs
+    assert zeros.max_rel > 1e100
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "has_top1"),
+    [
+        ((2, 10), np.float32, True),  # [batch, classes]
+        ((10,), np.float32, True),  # [classes]
+        ((1, 3, 8, 8), np.float32, False),  # a detection or segmentation map
+        ((1, 84, 100), np.float32, False),  # a YOLO head: boxes and classes by anchor
+        ((1, 16, 64), np.float32, False),  # a sequence of features
+        ((2, 10), np.int64, False),  # indices, not scores
+        ((2, 1), np.float32, False),  # one column: nothing to agree on
+    ],
+)
+def test_top1_only_for_outputs_shaped_like_class_scores(shape: tuple[int, ...], dtype: type, has_top1: bool) -> None:
+    from iropt.verify.compare import compare
+    from iropt.verify.criteria import EXACT_CRITERION
+
+    ref = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    (out,) = compare([{"y": ref}], [{"y": ref}], EXACT_CRITERION).outputs
+    assert (out.top1 is not None) == has_top1
+    assert ("top1=" in out.summary(EXACT_CRITERION)) == has_top1
