@@ -550,7 +550,7 @@ def test_old_opset_is_upgraded_first(tmp_path: Path, caplog: pytest.LogCaptureFi
     assert any("upgraded the model from opset 12 to 13" in r.getMessage() for r in caplog.records)
     # Too old for onnx's version converter: said, with what was tried.
     old = build("g (float[N, 8] x) => (float[N, 6] y) { y = MatMul (x, w) }", {"w": rand(rng, 8, 6)}, opset=6)
-    with pytest.raises(UserError, match="opset >= 11.*opset 6"):
+    with pytest.raises(UserError, match=r"opset >= 11.*opset 6"):
         quantize(old, None, mode="dynamic")
 
 
