@@ -191,12 +191,7 @@ def interleaved_latency_ms(
     Interleaving puts the sessions under the same machine noise, so their ratios hold even when
     the absolute times drift (other work on a shared machine).
     """
-    inputs = {}
-    for key, sess in sessions.items():
-        names = {i.name for i in sess.get_inputs()}
-        inputs[key] = {k: v for k, v in feed.items() if k in names}
-        for _ in range(2):
-            sess.run(None, inputs[key])
+    inputs = _warmed_up(sessions, feed)
     times: dict[str, list[float]] = {key: [] for key in sessions}
     deadline = time.perf_counter() + budget_s
     rounds = 0
@@ -207,6 +202,19 @@ def interleaved_latency_ms(
             times[key].append(time.perf_counter() - start)
         rounds += 1
     return {key: statistics.median(values) * 1000.0 for key, values in times.items()}
+
+
+def _warmed_up(
+    sessions: Mapping[str, ort.InferenceSession], feed: Mapping[str, np.ndarray]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Each session's own inputs out of `feed`, after two untimed runs of each."""
+    inputs = {}
+    for key, sess in sessions.items():
+        names = {i.name for i in sess.get_inputs()}
+        inputs[key] = {k: v for k, v in feed.items() if k in names}
+        for _ in range(2):
+            sess.run(None, inputs[key])
+    return inputs
 
 
 def paired_latency(
@@ -226,12 +234,7 @@ def paired_latency(
     between rounds cancels out.
     """
     pair = {"reference": reference, "candidate": candidate}
-    inputs = {}
-    for key, sess in pair.items():
-        names = {i.name for i in sess.get_inputs()}
-        inputs[key] = {k: v for k, v in feed.items() if k in names}
-        for _ in range(2):
-            sess.run(None, inputs[key])
+    inputs = _warmed_up(pair, feed)
     times: dict[str, list[float]] = {key: [] for key in pair}
     deadline = time.perf_counter() + budget_s
     rounds = 0
