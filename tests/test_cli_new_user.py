@@ -362,6 +362,15 @@ def test_force_with_verify_each_writes_the_whole_schedule(mlp: Path, tmp_path: P
     assert "Sub" in {n.op_type for n in onnx.load(str(out)).graph.node}
 
 
+def test_force_with_verify_each_says_which_pass_failed_once(mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    schedule = _write(tmp_path / "bad.opt", "newuser_add_becomes_sub\n")
+    assert main(["run", str(schedule), str(mlp), "-o", str(tmp_path / "o.onnx"), "--verify-each", "--force"]) == 1
+    captured = capsys.readouterr()
+    both = captured.out + captured.err
+    assert both.count("pass 1 'newuser_add_becomes_sub' changed the model's outputs") == 1
+    assert "written anyway (--force)" in captured.err
+
+
 def test_report_is_written_when_the_input_is_bad(tmp_path: Path) -> None:
     report = tmp_path / "reports" / "r.json"
     assert main(["-q", "run", "cleanup", str(tmp_path / "missing.onnx"), "--report", str(report)]) == 2

@@ -213,6 +213,8 @@ def _finish_run(args: argparse.Namespace, outcome: Any, failure: BaseException |
         stdout.print(pass_table(outcome.report.records, outcome.initial, outcome.final))
     for note in outcome.feed_notes:
         stdout.print(f"inputs: {note}", markup=False)
+    for failure in outcome.pass_failures:  # --verify-each --force: noted, and the run went on
+        stdout.print(f"verification FAILED: {failure}", markup=False)
     for comparison in outcome.comparisons:
         status = "passed" if comparison.passed else "FAILED"
         stdout.print(f"verification {status} ({comparison.criterion.describe()}):", markup=False)
