@@ -52,6 +52,9 @@ class RunOptions:
     # check exports the whole model (seconds for models with hundreds of MB of weights).
     check_each: bool = False
     emit: bool = True
+    # On a failed verification, find the first pass that broke it (reruns prefixes of the
+    # schedule); a search that only wants the metric turns it off.
+    bisect: bool = True
     # Called as build_progress(phase, done, total) by back ends with long builds (TensorRT).
     build_progress: Callable[[str, int, int], None] | None = None
 
@@ -111,7 +114,7 @@ def optimize(options: RunOptions, progress: ProgressFn = no_progress) -> RunOutc
     outcome.feed_notes = notes
     if verifier is not None:
         _verify_final(outcome, model, verifier)
-        if not outcome.verified:
+        if not outcome.verified and options.bisect:
             outcome.culprit = _bisect(verifier.reference, pipeline, verifier, outcome.criterion, ctx)
     if outcome.verified or options.force:
         outcome.output = save_model(model, output, check=_checker(options.model, options.check_each))
