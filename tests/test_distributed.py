@@ -29,6 +29,10 @@ from iropt.compress.calibration import collect_statistics, collect_statistics_sh
 from iropt.io.load import load_model
 from iropt.verify.runtime import reference_runner
 
+# Ray turns a loopback address given to ray.init() into the machine's own IP, which a cluster
+# bound to 127.0.0.1 does not listen on, unless it runs in its single-machine mode (read when
+# ray is imported).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray", reason="Ray is in the dev extra: pip install -e '.[dev]'")
 # One cluster for the module: every test here runs in the same pytest-xdist worker.
 pytestmark = pytest.mark.xdist_group("ray_cluster")
@@ -41,20 +45,40 @@ BATCH_MODELS = ("conv_bn", "mlp", "resnet", "digits_cnn")
 def ray_cluster() -> Iterator[Any]:
     from ray.cluster_utils import Cluster
 
-    # A short temp dir: Ray's socket paths live under it and Unix sockets have a 107-byte limit.
+    # Everything Ray writes (sessions, logs, the "current cluster" address file) goes to a
+    # temp dir of its own, short because Ray's Unix socket paths live under it (107-byte limit).
     temp = tempfile.mkdtemp(prefix="iropt-ray-", dir="/tmp")
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": False, "_temp_dir": temp,
-                        "node_ip_address": "127.0.0.1"},
-    )
+    (Path(temp) / "ray").mkdir()
+    saved = {key: os.environ.get(key) for key in ("RAY_TMPDIR", "RAY_USAGE_STATS_ENABLED")}
+    os.environ.update(RAY_TMPDIR=temp, RAY_USAGE_STATS_ENABLED="0")
+    cluster = None
     try:
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
         cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
         cluster.wait_for_nodes()
         yield cluster
     finally:
-        cluster.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_driver(ray_cluster: Any) -> Iterator[Any]:
+    """This process connected to the cluster: `iropt batch/tune` use the connection they find,
+    and the workers that imported iropt once serve every test (a new job starts new workers,
+    seconds each on a small machine)."""
+    ray.init(address=ray_cluster.address, log_to_driver=False, include_dashboard=False)
+    try:
+        yield ray_cluster
+    finally:
+        ray.shutdown()
 
 
 def _golden_args(names: tuple[str, ...]) -> list[str]:
@@ -116,7 +140,8 @@ def _raylet_pids(cluster: Any) -> set[int]:
 
 
 def _task_workers(parents: set[int]) -> list[int]:
-    """Worker processes of this cluster's raylets now running a batch task (Ray titles them)."""
+    """Worker processes of this cluster's raylets now running a batch task (Ray titles a worker
+    with the name of its task: `ray::iropt-batch:MODEL`)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -126,14 +151,15 @@ def _task_workers(parents: set[int]) -> list[int]:
             parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
-        if parent in parents and title.startswith(b"ray::run_item"):
+        if parent in parents and title.startswith(b"ray::iropt-batch:"):
             found.append(int(entry.name))
     return found
 
 
 def test_a_worker_killed_mid_batch_is_retried_and_every_model_completes_once(
-    ray_cluster: Any, tmp_path: Path
+    ray_driver: Any, tmp_path: Path
 ) -> None:
+    ray_cluster = ray_driver
     killed: list[int] = []
     parents = _raylet_pids(ray_cluster)
     done = threading.Event()
@@ -167,17 +193,11 @@ def test_a_worker_killed_mid_batch_is_retried_and_every_model_completes_once(
         _assert_matches_golden(Path(row["output"]), row["name"])
 
 
-def test_calibration_shards_run_as_ray_tasks_and_merge_to_the_serial_statistics(ray_cluster: Any) -> None:
+def test_calibration_shards_run_as_ray_tasks_and_merge_to_the_serial_statistics(ray_driver: Any) -> None:
     model, feeds = _two_layer_model(), _feeds(8)
     serial = collect_statistics(model, ["x", "h", "r"], feeds, reference_runner)
-    ray.init(address=ray_cluster.address, log_to_driver=False)
-    try:
-        sharded = collect_statistics_sharded(model, ["x", "h", "r"], [feeds[:3], feeds[3:6], feeds[6:]],
-                                             reference_runner)
-        # The shards ran on the cluster, not in this process.
-        assert ray.is_initialized()
-    finally:
-        ray.shutdown()
+    sharded = collect_statistics_sharded(model, ["x", "h", "r"], [feeds[:3], feeds[3:6], feeds[6:]],
+                                         reference_runner)
     for name in ("x", "h", "r"):
         _assert_same(sharded[name], serial[name])
 
@@ -193,7 +213,8 @@ int8 = "{int8}"
 """
 
 
-def test_tune_finds_a_schedule_that_iropt_run_reproduces(ray_cluster: Any, tmp_path: Path) -> None:
+def test_tune_finds_a_schedule_that_iropt_run_reproduces(ray_driver: Any, tmp_path: Path) -> None:
+    ray_cluster = ray_driver
     space = tmp_path / "space.toml"
     space.write_text(SPACE.format(int8=GOLDEN / "int8_ort.opt"))
     out = tmp_path / "tune"

@@ -48,12 +48,12 @@ def connect(command: str, *, address: str | None = None, num_cpus: int | None = 
         yield ray
         return
     target = cluster_address(address)
+    # A command-line run sends no usage statistics unless the user opted in through the variable.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     options: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": False,
         "configure_logging": False,
-        # Workers import iropt from the driver's environment: the same code on every node.
-        "runtime_env": {"env_vars": {"PYTHONWARNINGS": "ignore"}},
     }
     if target is None:
         options.update(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1")
