@@ -169,7 +169,8 @@ def _make_verifier(
         spec = options.calibration
     source = feed_source(spec, reference, shapes=options.shapes, count=criterion.samples)
     feeds = list(itertools.islice(source, MAX_VERIFY_FEEDS))
-    verifier = Verifier(reference, feeds, progress=progress)
+    # The reference is the input file itself: run from it, not from a copy held in memory.
+    verifier = Verifier(reference, feeds, progress=progress, reference_file=options.model)
     # Run the reference now: a model ONNX Runtime cannot run is bad input, reported before the
     # schedule runs rather than after.
     try:

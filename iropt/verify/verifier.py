@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from iropt.errors import UserError, VerificationError
+from iropt.io.load import load_model
 from iropt.ir.model import Model
 from iropt.util.progress import ProgressFn
 from iropt.verify.compare import Comparison, compare
 from iropt.verify.criteria import Criterion
 from iropt.verify.feeds import Feeds
-from iropt.verify.runtime import RunnerFactory, reference_runner
+from iropt.verify.runtime import Runner, RunnerFactory, reference_runner
 
 Outputs = dict[str, np.ndarray]
 
@@ -41,10 +43,15 @@ class Verifier:
         *,
         runner_factory: RunnerFactory = reference_runner,
         progress: ProgressFn | None = None,
+        reference_file: Path | None = None,
     ) -> None:
+        """`reference_file`: the file `reference` was read from, unchanged. Then no copy is kept:
+        the reference runs from the file (ONNX Runtime reads its weights, iropt encodes nothing),
+        and is read again only if bisection needs it. A large model is held once, not twice."""
         if not feeds:
             raise UserError("verification needs at least one input sample")
-        self._reference = reference.copy()
+        self._reference_file = reference_file
+        self._reference: Model | None = None if reference_file is not None else reference.copy()
         self.feeds = list(feeds)
         self.runner_factory = runner_factory
         self.progress = progress
@@ -53,17 +60,26 @@ class Verifier:
     @property
     def reference(self) -> Model:
         """The verifier's own copy of the reference model (never modified)."""
+        if self._reference is None:
+            assert self._reference_file is not None
+            self._reference = load_model(self._reference_file)
         return self._reference
 
     def reference_outputs(self) -> list[Outputs]:
         """The reference model's outputs on every feed (computed on the first call)."""
         if self._reference_outputs is None:
-            self._reference_outputs = self.outputs_of(self._reference, "running the reference")
+            if self._reference_file is not None and self.runner_factory is reference_runner:
+                runner = reference_runner(self._reference_file)
+            else:
+                runner = self.runner_factory(self.reference)
+            self._reference_outputs = self._run(runner, "running the reference")
         return self._reference_outputs
 
     def outputs_of(self, model: Model, description: str = "verifying") -> list[Outputs]:
         """Outputs of `model` on every feed (UserError when the runtime cannot run it)."""
-        runner = self.runner_factory(model)
+        return self._run(self.runner_factory(model), description)
+
+    def _run(self, runner: Runner, description: str) -> list[Outputs]:
         feeds: Iterable[Feeds] = self.feeds
         if self.progress is not None:
             feeds = self.progress(self.feeds, description, total=len(self.feeds))
