@@ -173,7 +173,7 @@ def main() -> None:
     tools = [t.strip() for t in args.tools.split(",")]
     shapes = ["mlp", "one_tensor"] if args.shape == "both" else [args.shape]
     rows = []
-    with tempfile.TemporaryDirectory(prefix="iropt-large-", dir=ROOT / "bench") as tmp:
+    with tempfile.TemporaryDirectory(prefix="iropt-large-") as tmp:
         for shape in shapes:
             rows += run(shape, args.gib, tools, Path(tmp))
     print(markdown_table(["model", "GiB", "tool", "wall s", "vs onnx", "peak RSS GiB (x model)", "result"], rows))

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers_quant import build, rand
 from hypothesis import given
 from hypothesis import strategies as st
+from test_calibration import _two_layer_model
 
 from iropt.compress.calibration import (
     GramStats,
@@ -22,7 +22,6 @@ from iropt.compress.calibration import (
     collect_statistics_sharded,
     merge_statistics,
 )
-from iropt.ir.model import Model
 from iropt.verify.runtime import reference_runner
 
 # Values on a 1e-3 grid: sums of counts are exact, and no value sits on a bin edge by rounding.
@@ -90,29 +89,21 @@ def test_gram_matrices_merge_to_the_serial_sum() -> None:
     np.testing.assert_allclose(serial.covariance(), serial.gram / 37)
 
 
-def _two_layer_model() -> Model:
-    rng = np.random.default_rng(3)
-    return build(
-        """
-g (float[N, 4] x) => (float[N, 3] y) {
-  h = Gemm <transB = 1> (x, w1, b1)
-  r = Relu (h)
-  y = Gemm <transB = 1> (r, w2, b2)
-}""",
-        {"w1": rand(rng, 5, 4), "b1": rand(rng, 5), "w2": rand(rng, 3, 5), "b2": rand(rng, 3)},
-    )
-
-
 def _feeds(count: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(5)
     # On a 1/64 grid: the model's sums are exact enough that shards see the very same values.
     return [{"x": (rng.integers(-64, 64, size=(3, 4)) / 64).astype(np.float32)} for _ in range(count)]
 
 
-def test_sharded_collection_without_ray_equals_serial() -> None:
-    model, feeds = _two_layer_model(), _feeds(6)
+def assert_sharded_equals_serial(feeds: list[dict[str, np.ndarray]], cuts: tuple[int, ...]) -> None:
+    """Statistics over `feeds` cut into shards at `cuts` equal those over all of them in order."""
+    model = _two_layer_model()
     serial = collect_statistics(model, ["x", "h", "r"], feeds, reference_runner)
-    sharded = collect_statistics_sharded(model, ["x", "h", "r"], [feeds[:2], feeds[2:5], feeds[5:]],
-                                         reference_runner)
+    shards = [feeds[a:b] for a, b in zip((0, *cuts), (*cuts, len(feeds)), strict=True)]
+    sharded = collect_statistics_sharded(model, ["x", "h", "r"], shards, reference_runner)
     for name in ("x", "h", "r"):
         _assert_same(sharded[name], serial[name])
+
+
+def test_sharded_collection_without_ray_equals_serial() -> None:
+    assert_sharded_equals_serial(_feeds(6), (2, 5))

@@ -333,13 +333,22 @@ def _add_batch(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", help="calibration data for every MODEL given on the command line")
     p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
                    help="concrete shape for a dynamic input of the command-line models (repeatable)")
-    p.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else a local instance)")
-    p.add_argument("--workers", type=int, help="CPUs of the local Ray instance (default: all)")
+    _add_ray_arguments(p)
     p.add_argument("--retries", type=int, default=3, help="times a task is retried when its worker is lost")
     p.add_argument("--rerun", action="store_true", help="run every model again, even those in the ledger")
     p.add_argument("--no-latency", action="store_true", help="do not measure latency before and after")
     p.add_argument("--json", type=Path, help="also write the summary JSON here (always: DIR/summary.json)")
     p.set_defaults(handler=_cmd_batch)
+
+
+def _add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else a local instance)")
+    p.add_argument("--workers", type=int, help="CPUs of the local Ray instance (default: all)")
+
+
+def _check_workers(args: argparse.Namespace) -> None:
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
@@ -363,8 +372,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         items += read_manifest(args.manifest)
     if not items:
         raise UserError("iropt batch: no models; give MODEL paths or --manifest")
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    _check_workers(args)
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise UserError(f"{args.output_dir}: exists and is not a folder")
     options = BatchOptions(schedule=args.schedule, items=tuple(items), out_dir=args.output_dir,
@@ -406,8 +414,7 @@ def _add_tune(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--inputs", help="verification inputs: .npz, folder of .npy/.npz, or module:function")
     p.add_argument("--calibration", help="calibration data for schedules that quantize")
     p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS", help="shape for a dynamic input")
-    p.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else a local instance)")
-    p.add_argument("--workers", type=int, help="CPUs of the local Ray instance (default: all)")
+    _add_ray_arguments(p)
     p.set_defaults(handler=_cmd_tune)
 
 
@@ -428,6 +435,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from iropt.verify.feeds import parse_shape_overrides
 
     import_ray("tune")
+    _check_workers(args)
     if args.trials < 1 or args.concurrency < 1:
         raise UserError("--trials and --concurrency must be at least 1")
     constraint = parse_constraint(args.constraint)
