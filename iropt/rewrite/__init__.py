@@ -81,6 +81,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from iropt.infra.pass_base import Pass, PassContext, PassResult
+from iropt.ir.evaluate import peek_constant
 from iropt.ir.graph import FreshNames, constant_value, is_op
 from iropt.ir.model import Model, iter_graphs
 
@@ -518,7 +519,9 @@ class _Matcher:
         if isinstance(pattern, TensorPattern):
             return _bind(state.tensors, pattern.name, value)
         if isinstance(pattern, ConstPattern):
-            array = constant_value(value)
+            # Read, not decoded onto the tensor: a weight the rule leaves alone stays as it was
+            # loaded (not a second copy beside its TensorProto), and only one is held at a time.
+            array = peek_constant(value)
             if array is None:
                 return f"{self._label(node, index)} is not a constant ('{value.name}')"
             return _bind(state.tensors, pattern.name, value) or _bind(state.values, pattern.name, array)
