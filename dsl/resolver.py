@@ -1,7 +1,7 @@
 """AST -> `iropt.infra.pipeline.Pipeline`: names and options checked against the registries.
 
 Every pass name is looked up in `iropt.infra.registry.PASSES`, the target in `BACKENDS`, and every
-option is checked against the typed constructor parameters (`iropt.options`); `verify(...)`
+option is checked against the typed constructor parameters (`iropt.infra.options`); `verify(...)`
 options are those of `iropt.verify.criteria.Criterion`. Each problem becomes a diagnostic at the
 offending name, key or value, and all of them are reported together in one ScheduleError, so
 `iropt check` shows every mistake in a file at once.
@@ -25,7 +25,7 @@ from iropt.infra.pipeline import (
     Step,
     VerifyStep,
 )
-from iropt.infra.registry import BACKENDS, PASSES
+from iropt.infra.registry import BACKENDS, PASSES, target_spec
 from iropt.util.suggest import did_you_mean
 from iropt.verify.criteria import Criterion
 
@@ -149,7 +149,7 @@ class _Resolver:
         values = self.bind(f"back end '{target.name}'", entry.options, target.options, target.pos)
         if values is None:
             return None
-        return TargetSpec(target.name, values)
+        return target_spec(target.name, values)
 
     def bind(
         self, owner: str, specs: Sequence[OptionSpec], options: Sequence[Option], call_pos: Position | None

@@ -2,7 +2,7 @@
 
 Small float models are written in ONNX text with their weights passed as numpy arrays
 (`build`); calibration data goes to an `.npz` file (`write_feeds`) that the pass reads through
-`iropt.feeds`, as it would from `--calibration`. Models run in the real ONNX Runtime: with its
+`iropt.verify.feeds`, as it would from `--calibration`. Models run in the real ONNX Runtime: with its
 graph optimizations off (the QDQ model as written) or on (to see what ORT fuses it into).
 """
 
@@ -21,8 +21,8 @@ import onnx.parser
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from iropt.infra.pass_base import PassContext, PassResult, TargetSpec
-from iropt.infra.registry import create_pass
+from iropt.infra.pass_base import PassContext, PassResult
+from iropt.infra.registry import create_pass, target_spec
 from iropt.ir.model import Model
 from iropt.passes.quantize import Quantize
 
@@ -61,7 +61,7 @@ def quantize(
     pass_ = create_pass("quantize", options)
     assert isinstance(pass_, Quantize)
     ctx = PassContext(
-        target=TargetSpec(target) if target else None,
+        target=target_spec(target) if target else None,
         calibration=calibration,
         log=log or logging.getLogger("iropt.test_quantize"),
     )

@@ -72,7 +72,7 @@ import abc
 import collections
 import functools
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
@@ -81,9 +81,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from iropt.infra.pass_base import Pass, PassContext, PassResult
-from iropt.ir.evaluate import peek_constant
-from iropt.ir.graph import FreshNames, constant_value, is_op
-from iropt.ir.model import Model, iter_graphs
+from iropt.ir.graph import FreshNames, constant_value, fresh_names, is_default_domain, is_op, iter_graphs
+from iropt.ir.model import Model
 
 __all__ = [
     "ConstPattern",
@@ -205,16 +204,6 @@ def tensor(name: str | None = None, *, optional: bool = False) -> TensorPattern:
 # Matches, rules and refusals
 
 
-def _names_in(graphs: Iterable[gs.Graph]) -> FreshNames:
-    """New tensor and node names, unique across the model's graphs."""
-    used: set[str] = set()
-    for graph in graphs:
-        used.update(graph.tensors().keys())
-        used.update(node.name for node in graph.nodes if node.name)
-        used.update(t.name for t in (*graph.inputs, *graph.outputs))
-    return FreshNames(used)
-
-
 @dataclass
 class Match:
     """A successful pattern match: the captured nodes, tensors and constant values.
@@ -330,7 +319,7 @@ def explain(
 
 
 def _normal_domain(domain: str | None) -> str:
-    return "" if domain in (None, "", "ai.onnx") else str(domain)
+    return "" if is_default_domain(domain) else str(domain)
 
 
 def _anchors_at(pattern: OpPattern, node: gs.Node) -> bool:
@@ -409,7 +398,7 @@ class _Scope:
             int(opset if opset is not None else graph.opset),
             {id(t) for g in graphs for t in g.outputs},
             {id(n) for n in graph.nodes},
-            _names_in(graphs),
+            fresh_names(graphs),
         )
 
 
@@ -519,9 +508,7 @@ class _Matcher:
         if isinstance(pattern, TensorPattern):
             return _bind(state.tensors, pattern.name, value)
         if isinstance(pattern, ConstPattern):
-            # Read, not decoded onto the tensor: a weight the rule leaves alone stays as it was
-            # loaded (not a second copy beside its TensorProto), and only one is held at a time.
-            array = peek_constant(value)
+            array = constant_value(value)
             if array is None:
                 return f"{self._label(node, index)} is not a constant ('{value.name}')"
             return _bind(state.tensors, pattern.name, value) or _bind(state.values, pattern.name, array)
@@ -602,7 +589,7 @@ def apply_rules(
     graphs = iter_graphs(graph) if subgraphs else [graph]
     report = RewriteReport(applied=dict.fromkeys(names, 0))
     protected = {id(t) for g in graphs for t in g.outputs}
-    namespace = _names_in(graphs)
+    namespace = fresh_names(graphs)
     version = int(opset if opset is not None else graph.opset)
     for current in graphs:
         limit = max_applications if max_applications is not None else 8 * len(current.nodes) + 64
