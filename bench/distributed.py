@@ -84,7 +84,7 @@ def tune(work: Path, trials: int) -> str:
     wall, code, text = timed([*IROPT, "tune", str(GOLDEN / "digits_cnn.onnx"), "--space", str(space), "-o", str(out),
                               "--objective", "latency", "--constraint", "cosine>=0.99", "--trials", str(trials),
                               "--search", "optuna", "--calibration", str(GOLDEN / "digits_cnn.calib.npz"),
-                              "--inputs", str(GOLDEN / "digits_cnn.test.npz"), "--workers", "2", "-q"])
+                              "--workers", "2", "-q"])
     if code != 0:
         print(text[-3000:], file=sys.stderr)
         return f"tune failed (exit {code})"

@@ -330,36 +330,57 @@ def task_memory(item: BatchItem) -> int:
     return max(MEMORY_FLOOR, MEMORY_PER_MODEL_BYTE * size)
 
 
-def run_batch(ray: Any, options: BatchOptions, progress: ProgressFn = no_progress) -> BatchResult:
-    """Run every model of `options` not already in the ledger as a Ray task; collect the rows."""
-    from iropt.app.distributed import largest_node_memory
+@dataclass
+class BatchPlan:
+    """A batch split into what the ledger already holds and what is left to run."""
+
+    schedule_text: str
+    schedule_name: str
+    keys: list[str]
+    rows: dict[str, dict[str, Any]]
+    todo: list[tuple[str, BatchItem]]
+
+
+def plan_batch(options: BatchOptions) -> BatchPlan:
+    """Key every model and look it up in the ledger (no Ray needed: a finished batch costs none)."""
     from iropt.dsl import read_schedule
 
-    start = time.perf_counter()
     schedule_text, schedule_name, _ = read_schedule(options.schedule)
     load_schedule_checked(options.schedule)
-    options.out_dir.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(options.out_dir / LEDGER_NAME)
-    done = {} if options.rerun else ledger.done()
+    done = {} if options.rerun else Ledger(options.out_dir / LEDGER_NAME).done()
     keys = [item_key(item, schedule_text, options.measure_latency) for item in options.items]
     rows: dict[str, dict[str, Any]] = {key: dict(done[key], skipped=True) for key in keys if key in done}
     todo = [(key, item) for key, item in zip(keys, options.items, strict=True) if key not in rows]
-    memory_cap = largest_node_memory(ray)
-    remote = ray.remote(run_item)
+    return BatchPlan(schedule_text, schedule_name, keys, rows, todo)
+
+
+def run_batch(ray: Any, options: BatchOptions, plan: BatchPlan | None = None,
+              progress: ProgressFn = no_progress) -> BatchResult:
+    """Run every model of `plan` not already in the ledger as a Ray task; collect the rows."""
+    from iropt.app.distributed import largest_node_memory
+
+    start = time.perf_counter()
+    plan = plan or plan_batch(options)
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(options.out_dir / LEDGER_NAME)
     pending: dict[Any, tuple[str, BatchItem]] = {}
-    for key, item in todo:
-        memory = task_memory(item) if memory_cap is None else min(task_memory(item), memory_cap)
-        ref = remote.options(num_cpus=1, memory=memory, max_retries=options.retries,
-                             retry_exceptions=False, name=f"iropt-batch:{item.name}").remote(
-            item, schedule_text, schedule_name, str(options.out_dir.resolve()), options.measure_latency)
-        pending[ref] = (key, item)
-    for key, row in progress(_completions(ray, pending), "batch", total=len(todo)):
-        row.update(key=key, schedule=schedule_name)
+    if plan.todo:
+        memory_cap = largest_node_memory(ray)
+        remote = ray.remote(run_item)
+        for key, item in plan.todo:
+            memory = task_memory(item) if memory_cap is None else min(task_memory(item), memory_cap)
+            ref = remote.options(num_cpus=1, memory=memory, max_retries=options.retries,
+                                 retry_exceptions=False, name=f"iropt-batch:{item.name}").remote(
+                item, plan.schedule_text, plan.schedule_name, str(options.out_dir.resolve()),
+                options.measure_latency)
+            pending[ref] = (key, item)
+    rows = dict(plan.rows)
+    for key, row in progress(_completions(ray, pending), "batch", total=len(plan.todo)):
+        row.update(key=key, schedule=plan.schedule_name)
         ledger.append(row)
         rows[key] = row
-    ordered = [rows[key] for key in keys]
-    return BatchResult(rows=ordered, ran=len(todo), skipped=len(keys) - len(todo),
-                       seconds=time.perf_counter() - start)
+    return BatchResult(rows=[rows[key] for key in plan.keys], ran=len(plan.todo),
+                       skipped=len(plan.keys) - len(plan.todo), seconds=time.perf_counter() - start)
 
 
 def load_schedule_checked(schedule: str) -> None:

@@ -421,7 +421,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         SUMMARY_COLUMNS,
         BatchOptions,
         items_from_paths,
-        load_schedule_checked,
+        plan_batch,
         read_manifest,
         run_batch,
         summary_cells,
@@ -442,9 +442,12 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         raise UserError(f"{args.output_dir}: exists and is not a folder")
     options = BatchOptions(schedule=args.schedule, items=tuple(items), out_dir=args.output_dir,
                            retries=args.retries, rerun=args.rerun, measure_latency=not args.no_latency)
-    load_schedule_checked(args.schedule)  # a bad schedule is bad input before Ray starts
-    with connect("batch", address=args.address, num_cpus=args.workers) as ray:
-        result = run_batch(ray, options, progress=make_progress(not args.quiet))
+    plan = plan_batch(options)  # a bad schedule is bad input before Ray starts
+    if plan.todo:
+        with connect("batch", address=args.address, num_cpus=args.workers) as ray:
+            result = run_batch(ray, options, plan, progress=make_progress(not args.quiet))
+    else:  # everything is in the ledger: no need to start Ray
+        result = run_batch(None, options, plan)
     written = write_summary(result, options)
     if args.json is not None:
         write_summary(result, options, args.json)
