@@ -27,12 +27,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from iropt import __version__
 from iropt.errors import IroptError, UserError, VerificationError, first_line
 from iropt.util import toml
 from iropt.util.progress import ProgressFn, no_progress
@@ -176,7 +176,7 @@ def _manifest_entry(entry: Any, index: int, base: Path, manifest: Path) -> tuple
 def item_key(item: BatchItem, schedule_text: str, measure_latency: bool) -> str:
     """sha256 over everything that decides a model's result: its bytes, the schedule, the options."""
     digest = hashlib.sha256()
-    digest.update(f"iropt {__version__}\n{schedule_text}\n".encode())
+    digest.update(f"iropt {_version()}\n{schedule_text}\n".encode())
     options = {"shapes": item.shapes, "latency": measure_latency, "name": item.name}
     digest.update(json.dumps(options, sort_keys=True).encode())
     for label, path in _content_files(item):
@@ -186,6 +186,14 @@ def item_key(item: BatchItem, schedule_text: str, measure_latency: bool) -> str:
         if spec is not None and not Path(spec).exists():
             digest.update(f"\n{label} {spec}\n".encode())  # a module:function source, by name
     return digest.hexdigest()
+
+
+def _version() -> str:
+    """The installed iropt's version: a result of another version is not reused."""
+    try:
+        return metadata.version("iropt")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _content_files(item: BatchItem) -> Iterator[tuple[str, Path]]:
