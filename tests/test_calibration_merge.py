@@ -1,9 +1,9 @@
 """Calibration statistics gathered over shards and merged equal those gathered serially.
 
 Min/max, counts and histograms merge exactly (the histogram's ranges are powers of two, so the
-narrower one reaches the wider one by the same pair merges streaming does); Gram matrices are
-sums and merge exactly on data whose products are exact in float64. The parallel path runs on
-the real Ray cluster of `ray_cluster` (test_distributed.py's fixture shares it).
+narrower one reaches the wider one by the same pair merges streaming does); Gram matrices (the
+low-rank pass's `Moments`) are sums and merge exactly on data whose products are exact in
+float64. The parallel path runs on the real Ray cluster in test_distributed.py.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from hypothesis import strategies as st
 from test_calibration import _two_layer_model
 
 from iropt.compress.calibration import (
-    GramStats,
     StreamingHistogram,
     TensorStats,
     collect_statistics,
     collect_statistics_sharded,
     merge_statistics,
 )
+from iropt.compress.lowrank.moments import Moments
 from iropt.verify.runtime import reference_runner
 
 # Values on a 1e-3 grid: sums of counts are exact, and no value sits on a bin edge by rounding.
@@ -76,17 +76,19 @@ def test_gram_matrices_merge_to_the_serial_sum() -> None:
     rng = np.random.default_rng(0)
     # Small integers: every product and sum is exact in float64, so the orders cannot differ.
     rows = rng.integers(-8, 8, size=(37, 5)).astype(np.float32)
-    serial = GramStats(5)
-    serial.update(rows)
-    merged = GramStats(5)
+    serial = Moments(5)
+    serial.add(rows)
+    merged = Moments(5)
     for shard in np.array_split(rows, 4):
-        part = GramStats(5)
-        part.update(shard)
+        part = Moments(5)
+        part.add(shard)
         merged.merge(part)
-    assert merged.rows == serial.rows == 37
+    assert merged.count == serial.count == 37
     np.testing.assert_array_equal(merged.gram, serial.gram)
+    np.testing.assert_array_equal(merged.total, serial.total)
     np.testing.assert_array_equal(serial.gram, rows.astype(np.float64).T @ rows.astype(np.float64))
-    np.testing.assert_allclose(serial.covariance(), serial.gram / 37)
+    with pytest.raises(ValueError, match="features"):
+        merged.merge(Moments(4))
 
 
 def _feeds(count: int) -> list[dict[str, np.ndarray]]:

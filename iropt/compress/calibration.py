@@ -207,37 +207,6 @@ class TensorStats:
             self.histogram.merge(other.histogram)
 
 
-@dataclass
-class GramStats:
-    """Running `X^T X` of a tensor's rows (the last axis is the feature axis), in float64.
-
-    What data-aware low-rank factorization and channel importance read: the second moments of a
-    layer's inputs. Sums of shards add, so shards merge exactly up to float64 rounding.
-    """
-
-    features: int
-    rows: int = 0
-    gram: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.gram = np.zeros((self.features, self.features), dtype=np.float64)
-
-    def update(self, values: np.ndarray) -> None:
-        matrix = np.asarray(values, dtype=np.float64).reshape(-1, self.features)
-        self.rows += matrix.shape[0]
-        self.gram += matrix.T @ matrix
-
-    def merge(self, other: GramStats) -> None:
-        if other.features != self.features:
-            raise ValueError(f"cannot merge Gram matrices of {other.features} and {self.features} features")
-        self.rows += other.rows
-        self.gram += other.gram
-
-    def covariance(self) -> np.ndarray:
-        """`X^T X / rows` (uncentred second moments)."""
-        return self.gram / max(self.rows, 1)
-
-
 def merge_statistics(shards: Iterable[Mapping[str, TensorStats]]) -> dict[str, TensorStats]:
     """Statistics of every shard's tensors merged into one per tensor (the shards are not changed)."""
     merged: dict[str, TensorStats] = {}
