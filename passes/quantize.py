@@ -13,7 +13,8 @@ Static mode (the default) calibrates activation ranges on real inputs and insert
    alone against the float outputs, keep the most harmful ones in float until `target_metric`
    reaches `target_min`. The ranking is logged and returned in the result's `info`.
 4. Rewrite (`iropt.quant_rewrite`) for the format: `ort` = uint8 asymmetric activations, int8
-   per-channel weights, int32 bias (what ORT's QDQ fusion turns into QLinearConv/QGemm);
+   per-channel weights, int32 bias (what ORT's QDQ fusion turns into QLinearConv/QGemm; weights
+   keep to 7 bits where the target's uint8 x int8 kernels may saturate, `weight_range`);
    `tensorrt` = int8 symmetric everywhere, zero points 0, float bias.
 
 Dynamic mode (`iropt.quant_dynamic`) needs no calibration: MatMul/Gemm get int8 weights and
@@ -55,7 +56,15 @@ from iropt.compress.calibration import (
     split_batches,
 )
 from iropt.compress.quant.dynamic import DYNAMIC_OP_TYPES, dynamic_candidates, quantize_dynamic
-from iropt.compress.quant.params import SCHEMES, QParams, QuantFormat, Scheme, activation_params
+from iropt.compress.quant.params import (
+    REDUCED_WEIGHT_QMAX,
+    SCHEMES,
+    WEIGHT_QMAX,
+    QParams,
+    QuantFormat,
+    Scheme,
+    activation_params,
+)
 from iropt.compress.quant.placement import (
     DEFAULT_OP_TYPES,
     SUPPORTED_OP_TYPES,
@@ -99,7 +108,10 @@ class Quantize(Pass):
     (fnmatch patterns on node names) and `exclude_op_types`; `sensitivity` with `target_metric`
     cosine|top1|snr, `target_min` and `sensitivity_samples` keeps the most harmful layers in float;
     `skip_slow_layers` (format ort) keeps in float the layers ORT runs slower in int8 (ConvTranspose,
-    Conv with < 8 input channels and a small output, Conv followed by HardSwish and similar).
+    Conv with < 8 input channels and a small output, Conv followed by HardSwish and similar);
+    `weight_range` auto|full|reduced: int8 weights over [-127, 127] (full) or [-63, 63] (reduced,
+    7 bits); auto reduces them for uint8 activations where the target's int8 kernels may
+    saturate (ONNX Runtime on x86 CPUs without VNNI), so the model is accurate on any CPU.
     """
 
     kind = PassKind.LOSSY
@@ -120,6 +132,7 @@ class Quantize(Pass):
     target_min: float = 0.995
     sensitivity_samples: int = 64
     skip_slow_layers: bool = True
+    weight_range: Literal["auto", "full", "reduced"] = "auto"
     # Results of the last run, for the CLI and tests (not options).
     last_ranking: list[LayerScore] = field(default_factory=list, init=False, repr=False, compare=False)
     last_kept_float: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
@@ -154,11 +167,19 @@ class Quantize(Pass):
             return self.format
         return ctx.capabilities.quant_format
 
+    def weight_qmax(self, ctx: PassContext, activation_dtype: type[np.integer]) -> int:
+        """The int8 weight bound: 7 bits where uint8 x int8 products may saturate on the target."""
+        if self.weight_range == "auto":
+            saturates = ctx.capabilities.saturating_int8_dot and activation_dtype == np.uint8
+            return REDUCED_WEIGHT_QMAX if saturates else WEIGHT_QMAX
+        return REDUCED_WEIGHT_QMAX if self.weight_range == "reduced" else WEIGHT_QMAX
+
     # --- static ------------------------------------------------------------------------------
 
     def _run_static(self, model: Model, ctx: PassContext) -> PassResult:
         _check_opset(model, STATIC_MIN_OPSET, "static QDQ quantization with per-channel weights")
         scheme = SCHEMES[self.resolve_format(ctx)]
+        scheme = scheme.with_weight_qmax(self.weight_qmax(ctx, scheme.activation_dtype))
         dtypes = tensor_types(model)
         op_types = list(self.op_types) if self.op_types is not None else list(DEFAULT_OP_TYPES)
         slow = self._slow_nodes(model, scheme, op_types, ctx)
@@ -251,11 +272,12 @@ class Quantize(Pass):
     def _run_dynamic(self, model: Model, ctx: PassContext) -> PassResult:
         _check_opset(model, DYNAMIC_MIN_OPSET, "dynamic quantization (DynamicQuantizeLinear)")
         op_types = list(self.op_types) if self.op_types is not None else list(DYNAMIC_OP_TYPES)
+        weight_qmax = self.weight_qmax(ctx, np.uint8)  # DynamicQuantizeLinear gives uint8
 
         def build(target: Model, only: frozenset[str] | None, floats: frozenset[str]) -> int:
             found = dynamic_candidates(target.graph, op_types, self._excluded(floats))
             chosen = [c for c in found if only is None or c.key in only]
-            count = quantize_dynamic(target.graph, chosen)
+            count = quantize_dynamic(target.graph, chosen, weight_qmax)
             target.graph.nodes = sorted_nodes(target.graph)
             return count
 
