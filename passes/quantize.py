@@ -49,13 +49,16 @@ import onnx_graphsurgeon as gs
 from iropt.compress.calibration import (
     CalibrationMethod,
     TensorStats,
+    collect_gram,
     collect_statistics,
     compute_range,
     limit_rows,
     rows_of,
     split_batches,
 )
+from iropt.compress.quant.blockwise import BLOCK_SIZES, quantize_gptq, quantize_rtn
 from iropt.compress.quant.dynamic import DYNAMIC_OP_TYPES, dynamic_candidates, quantize_dynamic
+from iropt.compress.quant.embedding import embedding_candidates, quantize_embeddings
 from iropt.compress.quant.params import (
     REDUCED_WEIGHT_QMAX,
     SCHEMES,
@@ -76,6 +79,13 @@ from iropt.compress.quant.placement import (
     tensor_types,
 )
 from iropt.compress.quant.rewrite import RewriteStats, insert_qdq
+from iropt.compress.quant.weight_only import (
+    BLOCKED_DQ_MIN_OPSET,
+    WEIGHT_ONLY_OP_TYPES,
+    Int4Format,
+    rewrite_weight_only,
+    weight_only_candidates,
+)
 from iropt.compress.sensitivity import LayerScore, Metric, SensitivityResult, analyze, score
 from iropt.errors import OptionError, UserError
 from iropt.infra.pass_base import Pass, PassContext, PassKind, PassResult
@@ -112,6 +122,11 @@ class Quantize(Pass):
     `weight_range` auto|full|reduced: int8 weights over [-127, 127] (full) or [-63, 63] (reduced,
     7 bits); auto reduces them for uint8 activations where the target's int8 kernels may
     saturate (ONNX Runtime on x86 CPUs without VNNI), so the model is accurate on any CPU.
+    `bits=4`: weight-only 4-bit MatMul/Gemm weights in blocks of `block_size` (16..256, a power
+    of two) along K, `symmetric` or with zero points, chosen by `weight_method` rtn (round to
+    nearest) or gptq (error compensation from calibration inputs); ONNX Runtime gets
+    MatMulNBits, TensorRT int4 DequantizeLinear with blocks (opset >= 21). `embeddings` (dynamic
+    and bits=4): Gather tables of at least 64Ki values stored int8 with one scale per row.
     """
 
     kind = PassKind.LOSSY
@@ -133,6 +148,11 @@ class Quantize(Pass):
     sensitivity_samples: int = 64
     skip_slow_layers: bool = True
     weight_range: Literal["auto", "full", "reduced"] = "auto"
+    bits: Literal[8, 4] = 8
+    block_size: int = 32
+    symmetric: bool = True
+    weight_method: Literal["rtn", "gptq"] = "rtn"
+    embeddings: bool = True
     # Results of the last run, for the CLI and tests (not options).
     last_ranking: list[LayerScore] = field(default_factory=list, init=False, repr=False, compare=False)
     last_kept_float: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
@@ -153,10 +173,18 @@ class Quantize(Pass):
             raise OptionError(f"quantize: max_samples must be at least 1, got {self.max_samples}")
         if self.bins < 8 or self.bins % 4:
             raise OptionError(f"quantize: bins must be a multiple of 4 and at least 8, got {self.bins}")
+        if self.block_size not in BLOCK_SIZES:
+            raise OptionError(
+                f"quantize: block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}"
+            )
+        if self.bits == 4 and self.mode == "dynamic":
+            raise OptionError("quantize: bits=4 is weight-only (activations stay float); leave mode at its default")
 
     # --- entry point -----------------------------------------------------------------------
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        if self.bits == 4:
+            return self._run_weight_only(model, ctx)
         if self.mode == "dynamic":
             return self._run_dynamic(model, ctx)
         return self._run_static(model, ctx)
@@ -291,10 +319,48 @@ class Quantize(Pass):
             floats, info = self._sensitivity(model, ctx, layers, build, feeds)
         quantized = build(model, None, floats)
         result = PassResult.from_stats(
-            quantized_nodes=quantized, quantized_weights=quantized, kept_float=len(floats)
+            quantized_nodes=quantized, quantized_weights=quantized, kept_float=len(floats),
+            quantized_embeddings=self._embeddings(model),
         )
         result.info = info
         return result
+
+    # --- weight-only 4-bit ---------------------------------------------------------------------
+
+    def _run_weight_only(self, model: Model, ctx: PassContext) -> PassResult:
+        fmt: Int4Format = "blocked_dq" if self.resolve_format(ctx) == "tensorrt" else "matmul_nbits"
+        if fmt == "blocked_dq":
+            _check_opset(model, BLOCKED_DQ_MIN_OPSET, "4-bit DequantizeLinear with blocks")
+        op_types = list(self.op_types) if self.op_types is not None else list(WEIGHT_ONLY_OP_TYPES)
+        candidates = weight_only_candidates(model.graph, op_types, self._excluded())
+        grams: dict[str, np.ndarray] = {}
+        if self.weight_method == "gptq" and candidates:
+            activations = sorted({c.activation.name for c in candidates})
+            feeds = limit_rows(self._feeds(model, ctx), self.max_samples)
+            grams = collect_gram(model, activations, feeds, ctx.runner_factory,
+                                 batch_size=self.batch_size, progress=ctx.progress)
+        quantized = {}
+        for candidate in ctx.progress(candidates, "quantizing weights", total=len(candidates)):
+            gram = grams.get(candidate.activation.name)
+            if gram is None:
+                codes = quantize_rtn(candidate.weight, self.block_size, self.symmetric)
+            else:
+                codes = quantize_gptq(candidate.weight, gram, self.block_size, self.symmetric)
+            quantized[candidate.key] = (candidate, codes)
+        count = rewrite_weight_only(model.graph, quantized, fmt)
+        model.graph.nodes = sorted_nodes(model.graph)
+        return PassResult.from_stats(
+            quantized_nodes=count, quantized_weights=count, quantized_embeddings=self._embeddings(model)
+        )
+
+    def _embeddings(self, model: Model) -> int:
+        """Store large Gather tables in int8 per row (dynamic and weight-only modes)."""
+        if not self.embeddings:
+            return 0
+        count = quantize_embeddings(model.graph, embedding_candidates(model.graph, self._excluded()))
+        if count:
+            model.graph.nodes = sorted_nodes(model.graph)
+        return count
 
     # --- shared ------------------------------------------------------------------------------
 

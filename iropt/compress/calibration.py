@@ -394,3 +394,32 @@ def limit_rows(feeds: Iterable[dict[str, np.ndarray]], limit: int | None) -> Ite
             feed = sliced
         seen += rows
         yield feed
+
+
+def collect_gram(
+    model: Model,
+    tensors: Sequence[str],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    runner_factory: Callable[[Model], Runner],
+    *,
+    batch_size: int = 32,
+    progress: ProgressFn | None = None,
+) -> dict[str, np.ndarray]:
+    """`X^T X` (float64 `[K, K]`) of each tensor over `feeds`, X being its values as rows of its
+    last axis: what a layer reading the tensor sees (GPTQ's Hessian up to a factor)."""
+    grams: dict[str, np.ndarray] = {}
+    inputs = {tensor.name for tensor in model.graph.inputs}
+    runner = runner_factory(with_outputs(model, [name for name in tensors if name not in inputs]))
+    batches: Iterator[dict[str, np.ndarray]] = (
+        batch for feed in feeds for batch in split_batches(feed, batch_size)
+    )
+    if progress is not None:
+        batches = progress(batches, "calibrating")
+    for batch in batches:
+        outputs = runner.run(batch)
+        for name in tensors:
+            values = np.asarray(batch[name] if name in inputs else outputs[name], dtype=np.float64)
+            rows = values.reshape(-1, values.shape[-1])
+            gram = rows.T @ rows
+            grams[name] = grams[name] + gram if name in grams else gram
+    return grams
