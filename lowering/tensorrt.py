@@ -5,7 +5,7 @@
 ONNX parser and builder:
 
 - *Precision.* `fp32`; `fp16`; `int8` for explicitly quantized models (Q/DQ nodes: run
-  `quantize(format="tensorrt")` first; `iropt.trt_lint` checks the Q/DQ rules and its findings
+  `quantize(format="tensorrt")` first; `iropt.lowering.tensorrt_lint` checks the Q/DQ rules and its findings
   are added to a failed build's message); `best` lets the builder choose among fp32, fp16 and
   the model's int8. TensorRT 10 has weakly typed networks with FP16/INT8 builder flags;
   TensorRT 11 and TensorRT-RTX build strongly typed networks only, where every layer runs in
@@ -34,11 +34,8 @@ and device buffers come from torch (CUDA build).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -52,7 +49,7 @@ from iropt.errors import OptionError, UserError
 from iropt.infra.backend import Backend
 from iropt.infra.pass_base import Capabilities
 from iropt.infra.registry import register_backend
-from iropt.io.save import save_proto
+from iropt.io.save import spilled_model_file, write_bytes_atomically
 from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, Model, tensor_bytes
 from iropt.lowering.tensorrt_lint import LintIssue, format_lint, lint_qdq_for_tensorrt
 from iropt.util.suggest import did_you_mean
@@ -271,7 +268,7 @@ class TensorRTBackend(Backend):
         target = Path(self.engine_path) if self.engine_path else onnx_path.with_suffix(".engine")
         if not target.parent.is_dir():
             raise UserError(f"{target}: the engine's directory {target.parent} does not exist")
-        _write_atomic(target, self.build_engine(model))
+        write_bytes_atomically(target, self.build_engine(model))
         return [target]
 
     # -- building --
@@ -466,7 +463,7 @@ class TensorRTBackend(Backend):
         cache = config.get_timing_cache()
         data = memoryview(cache.serialize()).tobytes() if cache is not None else b""
         if data:
-            _write_atomic(report.timing_cache, data)
+            write_bytes_atomically(report.timing_cache, data)
 
     def _attach_progress(self, trt: Any, config: Any) -> Any:
         if self.progress is None or not hasattr(config, "progress_monitor"):
@@ -610,8 +607,7 @@ def _parse(parser: Any, proto: onnx.ModelProto) -> bool:
     """Parse from memory, or through a temporary file with external data past the 2 GB limit."""
     if tensor_bytes(proto) <= EXTERNAL_DATA_THRESHOLD:
         return bool(parser.parse(proto.SerializeToString()))
-    with tempfile.TemporaryDirectory(prefix="iropt-trt-") as tmp:
-        path = save_proto(proto, Path(tmp) / "model.onnx", external_data=True)
+    with spilled_model_file(proto) as path:
         return bool(parser.parse_from_file(str(path)))
 
 
@@ -646,16 +642,3 @@ def _build_failure(api: TensorRTApi, errors: list[str], workspace: int) -> str:
 def _with_lint(message: str, issues: list[LintIssue]) -> str:
     """A failure message with the Q/DQ lint's findings, which usually name the cause and the fix."""
     return f"{message}\n{format_lint(issues)}" if issues else message
-
-
-def _write_atomic(target: Path, data: bytes) -> None:
-    """Write to a temporary file beside `target`, then rename: readers never see half a file."""
-    fd, staged = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(staged, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(staged)
-        raise

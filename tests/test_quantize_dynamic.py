@@ -34,7 +34,7 @@ def test_mlp_becomes_integer_matmuls_within_cosine(caplog: pytest.LogCaptureFixt
     with caplog.at_level(logging.WARNING):
         result, _ = quantize(model, None, mode="dynamic")
     assert "calibration" not in caplog.text  # nothing to calibrate
-    assert result.stats == {"quantized_nodes": 3, "quantized_weights": 3, "kept_float": 0}
+    assert result.stats == {"quantized_nodes": 3, "quantized_weights": 3, "kept_float": 0, "quantized_embeddings": 0}
     counts = op_counts(model)
     assert counts["DynamicQuantizeLinear"] == 3 and counts["MatMulInteger"] == 3 and counts["Gemm"] == 0
     checked(model)

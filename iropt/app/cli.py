@@ -7,6 +7,7 @@ one-paragraph message and no traceback; `-v` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import sys
@@ -15,7 +16,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from iropt import __version__
 from iropt.errors import IroptError, UserError, VerificationError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "quantization and back ends, driven by schedule files.",
         parents=[common],
     )
-    parser.add_argument("--version", action="version", version=f"iropt {__version__}")
+    parser.add_argument("--version", action="version", version=f"iropt {importlib.metadata.version('iropt')}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_run(sub, common)
     _add_passes(sub, common)
