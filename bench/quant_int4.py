@@ -132,7 +132,7 @@ def main() -> None:
             "iropt int8 dynamic": lambda: iropt_variant(path, calib_path, mode="dynamic"),
             "ORT quantize_dynamic": lambda: ort_dynamic(path),
         }
-        for block in (32, 64, 128):
+        for block in (32, 128):
             variants[f"iropt int4 rtn b{block} sym"] = (
                 lambda b=block: iropt_variant(path, calib_path, bits=4, block_size=b))
             variants[f"iropt int4 gptq b{block} sym"] = (
