@@ -59,6 +59,7 @@ from iropt.compress.calibration import (
 from iropt.compress.quant.blockwise import BLOCK_SIZES, quantize_gptq, quantize_rtn
 from iropt.compress.quant.dynamic import DYNAMIC_OP_TYPES, dynamic_candidates, quantize_dynamic
 from iropt.compress.quant.embedding import embedding_candidates, quantize_embeddings
+from iropt.compress.quant.existing import is_quantized
 from iropt.compress.quant.params import (
     REDUCED_WEIGHT_QMAX,
     SCHEMES,
@@ -183,11 +184,23 @@ class Quantize(Pass):
     # --- entry point -----------------------------------------------------------------------
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        existing = [
+            node_label(node, index) for index, node in enumerate(model.graph.nodes)
+            if is_quantized(node) and not is_op(node, "QuantizeLinear", "DequantizeLinear")
+        ]
         if self.bits == 4:
-            return self._run_weight_only(model, ctx)
-        if self.mode == "dynamic":
-            return self._run_dynamic(model, ctx)
-        return self._run_static(model, ctx)
+            result = self._run_weight_only(model, ctx)
+        elif self.mode == "dynamic":
+            result = self._run_dynamic(model, ctx)
+        else:
+            result = self._run_static(model, ctx)
+        if existing:
+            ctx.log.info(
+                "quantize: %d node(s) are quantized already and stay as they are (%s)",
+                len(existing), ", ".join(existing[:5]) + (", ..." if len(existing) > 5 else ""),
+            )
+            result.info["already_quantized"] = existing
+        return result
 
     def resolve_format(self, ctx: PassContext) -> QuantFormat:
         """`format`, or for `auto` the format the schedule's target declares (no target: ort)."""
@@ -369,7 +382,7 @@ class Quantize(Pass):
         op_types = set(self.exclude_op_types)
 
         def excluded(node: gs.Node, key: str) -> bool:
-            if key in floats or node.op in op_types:
+            if key in floats or node.op in op_types or is_quantized(node):
                 return True
             return any(fnmatch.fnmatchcase(node.name or "", pattern) for pattern in patterns)
 
