@@ -55,6 +55,7 @@ from iropt.compress.calibration import (
     limit_rows,
     rows_of,
     split_batches,
+    with_outputs,
 )
 from iropt.compress.quant.blockwise import BLOCK_SIZES, quantize_gptq, quantize_rtn
 from iropt.compress.quant.dynamic import DYNAMIC_OP_TYPES, dynamic_candidates, quantize_dynamic
@@ -87,7 +88,15 @@ from iropt.compress.quant.weight_only import (
     rewrite_weight_only,
     weight_only_candidates,
 )
-from iropt.compress.sensitivity import LayerScore, Metric, SensitivityResult, analyze, score
+from iropt.compress.sensitivity import (
+    LayerScore,
+    Metric,
+    SensitivityResult,
+    added_noise_db,
+    analyze,
+    analyze_fast,
+    score,
+)
 from iropt.errors import OptionError, UserError
 from iropt.infra.pass_base import Pass, PassContext, PassKind, PassResult
 from iropt.infra.registry import register_pass
@@ -117,7 +126,10 @@ class Quantize(Pass):
     `op_types` to quantize (default: Conv, ConvTranspose, Gemm, MatMul, Add, Mul, Concat, pools,
     Resize and layout ops; Softmax, LayerNormalization, ... only when listed); `exclude_nodes`
     (fnmatch patterns on node names) and `exclude_op_types`; `sensitivity` with `target_metric`
-    cosine|top1|snr, `target_min` and `sensitivity_samples` keeps the most harmful layers in float;
+    cosine|top1|snr, `target_min` and `sensitivity_samples` keeps the most harmful layers in float,
+    ranked `sensitivity_ranking` fast (each layer's added noise from one run of the quantized
+    model; the `sensitivity_refine` worst measured alone; a doubling-then-bisection search for
+    the fewest float layers) or exhaustive (every layer measured alone, one at a time back to float);
     `skip_slow_layers` (format ort) keeps in float the layers ORT runs slower in int8 (ConvTranspose,
     Conv with < 8 input channels and a small output, Conv followed by HardSwish and similar);
     `weight_range` auto|full|reduced: int8 weights over [-127, 127] (full) or [-63, 63] (reduced,
@@ -147,6 +159,8 @@ class Quantize(Pass):
     target_metric: Literal["cosine", "top1", "snr"] = "cosine"
     target_min: float = 0.995
     sensitivity_samples: int = 64
+    sensitivity_ranking: Literal["fast", "exhaustive"] = "fast"
+    sensitivity_refine: int = 4
     skip_slow_layers: bool = True
     weight_range: Literal["auto", "full", "reduced"] = "auto"
     bits: Literal[8, 4] = 8
@@ -245,7 +259,11 @@ class Quantize(Pass):
         floats: frozenset[str] = frozenset()
         info: dict[str, Any] = {}
         if self.sensitivity:
-            layers = [(c.key, f"{c.label} ({c.node.op})") for c in plan.nodes]
+            layers = [
+                Layer(c.key, f"{c.label} ({c.node.op})", [c.node.inputs[i].name for i in c.activation_inputs],
+                      c.node.outputs[0].name)
+                for c in plan.nodes
+            ]
             floats, info = self._sensitivity(model, ctx, layers, build, kept)
             plan = plan_quantization(
                 model.graph, scheme, op_types=op_types, excluded=self._excluded(floats | slow),
@@ -325,8 +343,10 @@ class Quantize(Pass):
         floats: frozenset[str] = frozenset()
         info: dict[str, Any] = {}
         if self.sensitivity:
-            layers = [(c.key, f"{c.label} ({c.node.op})") for c in dynamic_candidates(
-                model.graph, op_types, self._excluded())]
+            layers = [
+                Layer(c.key, f"{c.label} ({c.node.op})", [c.node.inputs[0].name], c.node.outputs[0].name)
+                for c in dynamic_candidates(model.graph, op_types, self._excluded())
+            ]
             batches = (b for f in self._feeds(model, ctx) for b in split_batches(f, self.batch_size))
             feeds = list(limit_rows(batches, self.sensitivity_samples))
             floats, info = self._sensitivity(model, ctx, layers, build, feeds)
@@ -388,11 +408,29 @@ class Quantize(Pass):
 
         return excluded
 
+    def _added_noise(
+        self,
+        model: Model,
+        ctx: PassContext,
+        layers: list[Layer],
+        build: Callable[[Model, frozenset[str] | None, frozenset[str]], object],
+        feeds: list[Feeds],
+        reference: list[dict[str, np.ndarray]],
+    ) -> dict[str, float]:
+        """Each layer's added noise (dB) from one run of the float and one of the quantized model."""
+        del reference  # the float run needs the layers' tensors too
+        names = sorted({name for layer in layers for name in [*layer.inputs, layer.output]})
+        quantized = model.copy()
+        build(quantized, None, frozenset())
+        float_runs = _run_all(ctx.runner_factory(with_outputs(model, names)), feeds)
+        quantized_runs = _run_all(ctx.runner_factory(with_outputs(quantized, names)), feeds)
+        return added_noise_db(float_runs, quantized_runs, [(layer.key, layer.inputs, layer.output) for layer in layers])
+
     def _sensitivity(
         self,
         model: Model,
         ctx: PassContext,
-        layers: list[tuple[str, str]],
+        layers: list[Layer],
         build: Callable[[Model, frozenset[str] | None, frozenset[str]], object],
         feeds: list[Feeds],
     ) -> tuple[frozenset[str], dict[str, Any]]:
@@ -411,15 +449,33 @@ class Quantize(Pass):
             build(candidate, only, floats)
             return score(reference, _run_all(ctx.runner_factory(candidate), feeds), metric)
 
-        result = analyze(layers, evaluate, self.target_min, ctx.progress)
+        named = [(layer.key, layer.label) for layer in layers]
+        if self.sensitivity_ranking == "exhaustive":
+            result = analyze(named, evaluate, self.target_min, ctx.progress)
+        else:
+            noise = self._added_noise(model, ctx, layers, build, feeds, reference)
+            result = analyze_fast(named, noise, evaluate, self.target_min, self.sensitivity_refine)
         _log_ranking(ctx, result, metric, self.target_min)
         info = {
             "sensitivity_metric": metric,
-            "ranking": [{"layer": item.label, "score": item.score} for item in result.ranking],
+            "sensitivity_ranking": self.sensitivity_ranking,
+            "ranking": [{"layer": item.label, "score": item.score} | (
+                {"alone": result.alone[item.key]} if item.key in result.alone else {}) for item in result.ranking],
             "kept_float": [item.label for item in result.kept_float],
             "score": result.score,
+            "model_runs": result.evaluations or len(layers) + len(result.kept_float) + 1,
         }
         return frozenset(item.key for item in result.kept_float), info
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer the sensitivity analysis ranks: its key, a label, and the tensors it reads and writes."""
+
+    key: str
+    label: str
+    inputs: list[str]
+    output: str
 
 
 def _rewrite_static(model: Model, plan: Plan, params: Mapping[str, QParams], scheme: Scheme) -> RewriteStats:
