@@ -416,15 +416,18 @@ class Quantize(Pass):
         build: Callable[[Model, frozenset[str] | None, frozenset[str]], object],
         feeds: list[Feeds],
         reference: list[dict[str, np.ndarray]],
-    ) -> dict[str, float]:
-        """Each layer's added noise (dB) from one run of the float and one of the quantized model."""
-        del reference  # the float run needs the layers' tensors too
+    ) -> tuple[dict[str, float], list[dict[str, np.ndarray]]]:
+        """Each layer's added noise (dB) from one run of the fully quantized model with every
+        layer's tensors among its outputs (and one of the float model, the same way); also the
+        quantized model's own outputs, whose metric the search starts from."""
         names = sorted({name for layer in layers for name in [*layer.inputs, layer.output]})
         quantized = model.copy()
         build(quantized, None, frozenset())
         float_runs = _run_all(ctx.runner_factory(with_outputs(model, names)), feeds)
         quantized_runs = _run_all(ctx.runner_factory(with_outputs(quantized, names)), feeds)
-        return added_noise_db(float_runs, quantized_runs, [(layer.key, layer.inputs, layer.output) for layer in layers])
+        noise = added_noise_db(float_runs, quantized_runs, [(layer.key, layer.inputs, layer.output) for layer in layers])
+        outputs = [{name: run[name] for name in ref} for ref, run in zip(reference, quantized_runs, strict=True)]
+        return noise, outputs
 
     def _sensitivity(
         self,
@@ -453,8 +456,9 @@ class Quantize(Pass):
         if self.sensitivity_ranking == "exhaustive":
             result = analyze(named, evaluate, self.target_min, ctx.progress)
         else:
-            noise = self._added_noise(model, ctx, layers, build, feeds, reference)
-            result = analyze_fast(named, noise, evaluate, self.target_min, self.sensitivity_refine)
+            noise, quantized = self._added_noise(model, ctx, layers, build, feeds, reference)
+            result = analyze_fast(named, noise, evaluate, self.target_min, self.sensitivity_refine,
+                                  score(reference, quantized, metric))
         _log_ranking(ctx, result, metric, self.target_min)
         info = {
             "sensitivity_metric": metric,

@@ -131,17 +131,21 @@ def analyze_fast(
     evaluate: Evaluate,
     target_min: float,
     refine: int = 4,
+    quantized_score: float | None = None,
 ) -> SensitivityResult:
     """Rank `layers` by `noise_db` (from `added_noise_db`), measure the `refine` worst alone to
-    order them, and keep the fewest worst-ranked in float that let the model meet `target_min`."""
+    order them, and keep the fewest worst-ranked in float that let the model meet `target_min`.
+
+    `quantized_score`: the metric of the fully quantized model when the caller has it already
+    (from the run that measured the noise)."""
     by_noise = sorted((LayerScore(key, label, noise_db[key]) for key, label in layers), key=lambda item: item.score)
     alone = {item.key: evaluate(frozenset({item.key}), frozenset()) for item in by_noise[:refine]}
     ranking = sorted(by_noise[:refine], key=lambda item: alone[item.key]) + by_noise[refine:]
-    tried: dict[int, float] = {}
+    tried: dict[int, float] = {} if quantized_score is None else {0: quantized_score}
 
     def result(count: int) -> SensitivityResult:
         met = tried[count] >= target_min
-        return SensitivityResult(ranking, ranking[:count], tried[count], met, alone, len(alone) + len(tried) + 1)
+        return SensitivityResult(ranking, ranking[:count], tried[count], met, alone, len(alone) + len(tried))
 
     def with_float(count: int) -> float:
         if count not in tried:
