@@ -38,10 +38,12 @@ import text_encoder
 from common import markdown_table
 from latency import interleaved_latency_ms, run_outputs, session
 
-CALIB = 128
-EVAL = 128
+CALIB = 64
+EVAL = 64
 BATCH = 8
 MATMUL_OPS = ("MatMul", "MatMulNBits", "MatMulInteger")
+# Block sizes compared (`--blocks 32,128`); 32 is the figure.
+BLOCKS = tuple(int(b) for b in (sys.argv[sys.argv.index("--blocks") + 1] if "--blocks" in sys.argv else "32").split(","))
 
 
 def texts() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -132,7 +134,7 @@ def main() -> None:
             "iropt int8 dynamic": lambda: iropt_variant(path, calib_path, mode="dynamic"),
             "ORT quantize_dynamic": lambda: ort_dynamic(path),
         }
-        for block in (32, 128):
+        for block in BLOCKS:
             variants[f"iropt int4 rtn b{block} sym"] = (
                 lambda b=block: iropt_variant(path, calib_path, bits=4, block_size=b))
             variants[f"iropt int4 gptq b{block} sym"] = (
@@ -143,8 +145,9 @@ def main() -> None:
             variants[f"ORT RTN b{block} sym"] = lambda b=block: ort_nbits(path, "DEFAULT", b, calib, True)
             variants[f"ORT RTN b{block} zp"] = lambda b=block: ort_nbits(path, "DEFAULT", b, calib, False)
             variants[f"ORT HQQ b{block}"] = lambda b=block: ort_nbits(path, "HQQ", b, calib, False)
+        for block in BLOCKS:  # the slowest peer last
             variants[f"ORT GPTQ b{block}"] = lambda b=block: ort_nbits(path, "GPTQ", b, calib, False)
-        results = {}
+        results: dict[str, dict] = {}
         for name, make in variants.items():
             start = time.perf_counter()
             try:
@@ -156,6 +159,7 @@ def main() -> None:
             file = folder / f"{len(results)}.onnx"
             onnx.save(proto, str(file))
             results[name] = {"file": file, "seconds": seconds, "weights": matmul_weight_bytes(proto)}
+            print(f"{name}: {seconds:.1f} s", file=sys.stderr, flush=True)
         print(render(results, evaluation))
 
 

@@ -413,17 +413,13 @@ def collect_gram(
     last axis: what a layer reading the tensor sees (GPTQ's Hessian up to a factor)."""
     grams: dict[str, np.ndarray] = {}
     inputs = {tensor.name for tensor in model.graph.inputs}
-    runner = runner_factory(with_outputs(model, [name for name in tensors if name not in inputs]))
-    batches: Iterator[dict[str, np.ndarray]] = (
-        batch for feed in feeds for batch in split_batches(feed, batch_size)
-    )
-    if progress is not None:
-        batches = progress(batches, "calibrating")
-    for batch in batches:
-        outputs = runner.run(batch)
+
+    def accumulate(batch: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         for name in tensors:
             values = np.asarray(batch[name] if name in inputs else outputs[name], dtype=np.float64)
             rows = values.reshape(-1, values.shape[-1])
-            gram = rows.T @ rows
-            grams[name] = grams[name] + gram if name in grams else gram
+            grams[name] = grams[name] + rows.T @ rows if name in grams else rows.T @ rows
+
+    collect_statistics(model, tensors, feeds, runner_factory, batch_size=batch_size, histograms=False,
+                       progress=progress, on_outputs=accumulate)
     return grams
