@@ -14,7 +14,7 @@ import pytest
 from helpers_quant import build, checked, cosine, op_counts, quantize, rand, run, write_feeds
 
 from iropt.compress.quant.blockwise import pack_nibbles, quantize_gptq, quantize_rtn
-from iropt.errors import OptionError, UserError
+from iropt.errors import OptionError
 from iropt.ir.model import Model
 
 
@@ -104,8 +104,9 @@ def test_matmul_nbits_computes_the_chosen_codes(tmp_path: Path, symmetric: bool)
 
 def test_tensorrt_gets_blocked_int4_dequantize_linear_at_opset_21(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
-    with pytest.raises(UserError, match="upgrade_opset"):
-        quantize(_gemm_model(rng), None, target="tensorrt", bits=4)
+    older = _gemm_model(rng)
+    quantize(older, None, target="tensorrt", bits=4)  # opset 17: upgraded first
+    assert older.opset == 21 and sum(n.op == "DequantizeLinear" for n in older.graph.nodes) == 3
     model = _gemm_model(rng, opset=21)
     original = model.copy()
     quantize(model, None, target="tensorrt", bits=4, block_size=16)
