@@ -1,6 +1,6 @@
 """4-bit weights and int8 dynamic quantization of a trained sentence encoder, against ONNX Runtime's quantizers.
 
-Model: all-MiniLM-L6-v2 (bench/text_encoder.py: 6 layers, 384 wide, 30522-token vocabulary),
+Model: all-MiniLM-L6-v2 (bench/minilm_encoder.py: 6 layers, 384 wide, 30522-token vocabulary),
 sequences of 64 tokens. Text: sentences of Python's bundled help topics, shuffled with a fixed
 seed; CALIB sentences calibrate (GPTQ's layer inputs), the next EVAL sentences are the test set.
 
@@ -34,7 +34,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import text_encoder
+import minilm_encoder as text_encoder
 from common import markdown_table
 from latency import interleaved_latency_ms, run_outputs, session
 
