@@ -32,10 +32,15 @@ class PassKind(enum.Enum):
 
 @dataclass
 class PassResult:
-    """What a pass did: `changed`, and counts such as `{"fused": 12}`."""
+    """What a pass did: `changed`, counts such as `{"fused": 12}`, and report-only `info`.
+
+    `info` holds structured data for the JSON report (per-layer tables, kept channel indices);
+    it never decides anything in the pass manager.
+    """
 
     changed: bool
     stats: dict[str, int] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_stats(cls, **stats: int) -> PassResult:

@@ -154,6 +154,7 @@ class PassManager:
             )
         record.changed = result.changed
         record.stats = dict(result.stats)
+        record.notes.update(result.info)
         for instrument in self.instruments:
             instrument.after_pass(record, model, result)
         return result.changed

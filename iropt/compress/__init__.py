@@ -1,0 +1,1 @@
+"""Machinery that lossy passes share: calibration statistics, pruning, low-rank, precision policy."""
