@@ -128,7 +128,8 @@ class Edit:
 
     kind `dim`: entry `entry` of `node.inputs[input_index]` becomes the kept count of `pieces[0]`;
     kind `split`: the split sizes become the kept counts of each piece;
-    kind `slice`: `pieces` = (the input map, the sliced range as a 2-element array).
+    kind `slice`: `pieces` = (the input map, the sliced range as a 2-element array);
+    kind `group`: a depthwise Conv's `group` attribute becomes the kept count of `pieces[0]`.
     """
 
     kind: str
@@ -366,6 +367,7 @@ class _Walker:
             self.holders.append(Holder(node, 1, 0, source.atoms))
             if layout.bias is not None:
                 self.holders.append(Holder(node, 2, 0, source.atoms))
+            self.edits.append(Edit("group", node, -1, 0, [source.atoms]))
             self.pass_through(node, source)
             return
         self.refuse(node, f"grouped Conv (group={layout.groups}) is not pruned")

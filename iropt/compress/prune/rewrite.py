@@ -65,6 +65,9 @@ def zero_consumer_inputs(analysis: Analysis, removed: Collection[int]) -> None:
 
 def _apply_edit(edit: Edit, analysis: Analysis, removed: set[int], fresh: FreshNames) -> None:
     counts = [int(analysis.keep_mask(piece, removed).sum()) for piece in edit.pieces]
+    if edit.kind == "group":
+        edit.node.attrs["group"] = counts[0]
+        return
     value = constant_value(edit.node.inputs[edit.input_index])
     assert value is not None
     value = np.array(value, copy=True)
