@@ -101,12 +101,12 @@ class PruneChannels(Pass):
             model, settings, feeds=feeds if spec is not None else None,
             runner_factory=ctx.runner_factory, log=ctx.log,
         )
-        result = PassResult.from_stats(
-            removed_channels=outcome.removed_channels, pruned_groups=outcome.pruned_groups,
-            refused_groups=outcome.refused_groups, refitted_layers=outcome.refitted,
-        )
-        result.info = {"prune_channels": {"importance": importance, **outcome.info}}
-        return result
+        stats = {
+            "removed_channels": outcome.removed_channels, "pruned_groups": outcome.pruned_groups,
+            "refused_groups": outcome.refused_groups, "refitted_layers": outcome.refitted,
+        }
+        info = {"prune_channels": {"importance": importance, **outcome.info}}
+        return PassResult(changed=outcome.removed_channels > 0, stats=stats, info=info)
 
     def _criterion(self, have_data: bool, ctx: PassContext) -> Criterion:
         if self.importance == "auto":

@@ -65,7 +65,7 @@ class Net:
     def head(self, x: str, c: int, classes: int = 5) -> str:
         return self.gemm(self.op("Flatten", [self.op("GlobalAveragePool", [x])]), c, classes)
 
-    def model(self, inputs: dict[str, Sequence[int]], outputs: Sequence[str]) -> Model:
+    def model(self, inputs: dict[str, Sequence[int | str]], outputs: Sequence[str]) -> Model:
         graph = helper.make_graph(
             self.nodes, "g",
             [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in inputs.items()],
@@ -80,7 +80,7 @@ class Net:
         return Model.from_onnx(proto)
 
 
-IMAGE = {"x": (2, 4, 6, 6)}
+IMAGE = {"x": ("N", 4, 6, 6)}
 
 
 def chain(seed: int = 0) -> Model:
@@ -126,7 +126,7 @@ def ffn(seed: int = 0, d: int = 8, hidden: int = 16) -> Model:
     gelu = net.op("Mul", [net.op("Mul", [h, net.op("Add", [erf, net.const(np.float32(1.0))])]),
                           net.const(np.float32(0.5))])
     out = net.op("Add", [net.matmul(gelu, hidden, d), net.const(net.rng.standard_normal(d).astype(np.float32) * 0.1)])
-    return net.model({"x": (2, 3, d)}, [net.op("Add", ["x", out])])
+    return net.model({"x": ("N", 3, d)}, [net.op("Add", ["x", out])])
 
 
 def feeds_for(model: Model, seed: int = 1, batch: int = 2) -> dict[str, np.ndarray]:
@@ -136,3 +136,32 @@ def feeds_for(model: Model, seed: int = 1, batch: int = 2) -> dict[str, np.ndarr
         shape = [batch, *tensor.shape[1:]]
         feeds[tensor.name] = rng.standard_normal(shape).astype(np.float32)
     return feeds
+
+
+BLOCKS = ("cbr", "residual", "concat", "depthwise", "se", "split")
+
+
+def random_cnn(blocks: Sequence[str], widths: Sequence[int], seed: int) -> Model:
+    """A CNN made of the given blocks (each with its own width), a head, and an extra tap output."""
+    net = Net(seed)
+    x, c = "x", 4
+    for kind, width in zip(blocks, widths, strict=True):
+        if kind == "cbr":
+            x, c = net.cbr(x, c, width), width
+        elif kind == "residual":
+            x = net.op("Relu", [net.op("Add", [net.bn(net.conv(net.cbr(x, c, width), width, c, bias=False), c), x])])
+        elif kind == "concat":
+            half = max(width // 2, 1)
+            x = net.op("Concat", [net.cbr(x, c, width), net.cbr(x, c, half)], axis=1)
+            c = width + half
+        elif kind == "depthwise":
+            x = net.op("Relu", [net.conv(x, c, c, group=c)])
+        elif kind == "se":
+            gate = net.conv(net.op("Relu", [net.conv(net.op("GlobalAveragePool", [x]), c, 2, k=1)]), 2, c, k=1)
+            x = net.op("Mul", [x, net.op("Sigmoid", [gate])])
+        elif kind == "split":
+            first, second = net.op("Split", [x, net.const(np.array([c // 2, c - c // 2], dtype=np.int64))],
+                                   outputs=2, axis=1).split(",")
+            x = net.op("Concat", [net.cbr(first, c // 2, width), net.cbr(second, c - c // 2, width)], axis=1)
+            c = 2 * width
+    return net.model(IMAGE, [net.head(x, c)])

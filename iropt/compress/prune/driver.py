@@ -58,7 +58,7 @@ def prune_model(
     )
     groups = [group for group in analysis.groups if group.units]
     grams: dict[int, GramStats] = {}
-    if settings.importance in DATA_CRITERIA and feeds is not None:
+    if settings.importance in DATA_CRITERIA and feeds is not None and settings.budget.ratio > 0:
         grams = consumer_grams(
             model, [c.layout for c in analysis.consumers], feeds(), runner_factory, settings.batch_size
         )
