@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from helpers_prune import IMAGE, Net, chain, concat, depthwise_se, feeds_for, ffn, residual
 
 from iropt.compress.prune.dependency import Analysis, analyze
 from iropt.compress.prune.rewrite import prune_units, zero_consumer_inputs
 from iropt.model import Model, load_model
 from iropt.verify import reference_runner
-from helpers_prune import IMAGE, Net, chain, concat, depthwise_se, feeds_for, ffn, residual
 
 
 def every_other(analysis: Analysis) -> set[int]:
