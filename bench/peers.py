@@ -72,7 +72,7 @@ def all_models() -> list[Path]:
 
 def _run_iropt(src: Path, dst: Path, check_each: bool | None = None) -> dict[str, Any]:
     """`iropt run default --no-verify`; `check_each` None keeps `iropt run`'s own default."""
-    from iropt.optimize import RunOptions, optimize
+    from iropt.app.optimize import RunOptions, optimize
 
     options = RunOptions(schedule="default", model=src, output=dst, verify=False)
     if check_each is not None:
@@ -246,7 +246,7 @@ def _progress(message: str) -> None:
 
 # A "job" is a tool, or iropt without its per-pass checker (to show what the checker costs).
 def _checks_each_pass_by_default() -> bool:
-    from iropt.optimize import RunOptions
+    from iropt.app.optimize import RunOptions
 
     return bool(RunOptions(schedule="default", model=Path("m.onnx")).check_each)
 
@@ -335,10 +335,10 @@ def measure_model(path: Path, results: dict[str, dict[str, Any]]) -> tuple[Measu
     """
     import logging
 
-    from iropt.criteria import Criterion
-    from iropt.feeds import open_feeds
-    from iropt.model import load_model
-    from iropt.verify import compare
+    from iropt.io.load import load_model
+    from iropt.verify.compare import compare
+    from iropt.verify.criteria import Criterion
+    from iropt.verify.feeds import open_feeds
 
     logging.disable(logging.WARNING)  # "inputs are generated" is expected here
     feeds = open_feeds(None, load_model(path), count=2, seed=0).feeds

@@ -38,11 +38,12 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import GOLDEN, ROOT, markdown_table  # noqa: E402
-from bench.text_encoder import build_text_encoder  # noqa: E402
-from iropt.model import Model, load_model  # noqa: E402
-from iropt.pass_infra import PassContext  # noqa: E402
-from iropt.registry import create_pass  # noqa: E402
+from bench.common import GOLDEN, ROOT, markdown_table
+from bench.text_encoder import build_text_encoder
+from iropt.infra.pass_base import PassContext
+from iropt.infra.registry import create_pass
+from iropt.io.load import load_model
+from iropt.ir.model import Model
 
 RATIOS = (0.1, 0.2, 0.3, 0.5)
 CRITERIA = ("l1", "l2", "bn_gamma", "activation", "output_error")

@@ -109,7 +109,7 @@ def quantize_iropt(model: Path, calibration: Path, out: Path) -> dict[str, Any]:
     """default schedule + quantize, target ort; returns total and quantize-pass seconds."""
     import logging
 
-    from iropt.optimize import RunOptions, optimize
+    from iropt.app.optimize import RunOptions, optimize
     from iropt.schedules import builtin_schedule_text
 
     logging.disable(logging.WARNING)
@@ -178,10 +178,10 @@ def child(tool: str, model: Path, calibration: Path, out: Path) -> None:
     import onnxruntime.quantization  # noqa: F401
     from latency import reset_peak_rss, rss_now_mb
 
-    import iropt.optimize
+    import iropt.app.optimize
     import iropt.passes.quantize
 
-    iropt.optimize.load_pipeline("default")  # registers every pass, as a run would
+    iropt.app.optimize.load_pipeline("default")  # registers every pass, as a run would
     reset_peak_rss()
     before = rss_now_mb()
     if tool == "iropt":
@@ -247,8 +247,8 @@ def measure(name: str, tmp: Path) -> ModelResult:
 
 
 def _accuracy(result: ModelResult, paths: dict[str, Path]) -> None:
-    from iropt.criteria import Criterion
-    from iropt.verify import compare
+    from iropt.verify.compare import compare
+    from iropt.verify.criteria import Criterion
 
     rows, labels = eval_set(result.name)
     batches = [{"input": rows[i : i + BATCH]} for i in range(0, len(rows), BATCH)]

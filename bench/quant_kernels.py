@@ -111,7 +111,7 @@ def layer_model(layer: Layer, rng: np.random.Generator) -> onnx.ModelProto:
 
 def quantize_all(model: Path, calibration: Path, out: Path) -> None:
     """iropt's quantize for ORT with every layer quantized (`skip_slow_layers=false`)."""
-    from iropt.optimize import RunOptions, optimize
+    from iropt.app.optimize import RunOptions, optimize
 
     logging.disable(logging.WARNING)
     schedule = out.with_suffix(".opt")

@@ -51,7 +51,7 @@ def light_resnet50() -> Path:
 
 def build_model(work: Path) -> Path:
     """ResNet-50 with random He weights at batch 8 (see the module docstring)."""
-    from iropt.optimize import RunOptions, optimize
+    from iropt.app.optimize import RunOptions, optimize
     from iropt.schedules import builtin_schedule_text
 
     schedule = work / "prepare.opt"

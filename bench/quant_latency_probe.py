@@ -85,7 +85,7 @@ def feeds_for(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def build(name: str, work: Path, schedule: Path, models: Path = GOLDEN) -> tuple[Path, Path, str]:
     """Write NAME.fp32.onnx and NAME.int8.onnx into `work`; returns their paths and the input name."""
-    from iropt.optimize import RunOptions, optimize
+    from iropt.app.optimize import RunOptions, optimize
 
     source = models / f"{name}.onnx"
     calib, _ = feeds_for(name)

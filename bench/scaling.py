@@ -124,9 +124,9 @@ def child(size: int, gc_off: bool = False) -> None:
     import gc
     import logging
 
-    import iropt.optimize
-    from iropt.instruments import TimingInstrument
-    from iropt.optimize import RunOptions, optimize
+    import iropt.app.optimize
+    from iropt.app.optimize import RunOptions, optimize
+    from iropt.infra.instruments import TimingInstrument
 
     class CpuTiming(TimingInstrument):
         """TimingInstrument on the process CPU clock."""
@@ -137,7 +137,7 @@ def child(size: int, gc_off: bool = False) -> None:
         def after_pass(self, record: Any, model: Any, result: Any) -> None:
             record.seconds = time.process_time() - self._cpu_start
 
-    iropt.optimize.TimingInstrument = CpuTiming  # type: ignore[misc]
+    iropt.app.optimize.TimingInstrument = CpuTiming  # type: ignore[misc]
     logging.disable(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="iropt-bench-scaling-") as tmp:
         src, dst = Path(tmp, "chain.onnx"), Path(tmp, "chain.opt.onnx")

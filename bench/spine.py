@@ -20,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import golden_models, markdown_table, median_seconds
 
-from iropt.criteria import EXACT_CRITERION
-from iropt.feeds import open_feeds
-from iropt.model import load_model
-from iropt.optimize import RunOptions, optimize
-from iropt.verify import Verifier
+from iropt.app.optimize import RunOptions, optimize
+from iropt.io.load import load_model
+from iropt.verify.criteria import EXACT_CRITERION
+from iropt.verify.feeds import open_feeds
+from iropt.verify.verifier import Verifier
 
 
 def bench_model(path: Path, out_dir: Path) -> list[str]:

@@ -11,7 +11,7 @@
 
 - `parse_schedule(text, filename)` -> `Schedule` AST (syntax only; see `ast.py`).
 - `print_schedule(ast)` -> canonical text; `parse_schedule(print_schedule(ast)) == ast`.
-- `resolve(ast)` -> `iropt.pipeline.Pipeline`, names and options checked against the registries.
+- `resolve(ast)` -> `iropt.infra.pipeline.Pipeline`, names and options checked against the registries.
 - `load_schedule(path_or_builtin_name)` -> `Pipeline` (`check_schedule` is the same, for
   `iropt check`).
 - Every error is a `ScheduleError` (a `UserError`) quoting `file:line:col` with a caret.

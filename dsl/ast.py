@@ -123,7 +123,7 @@ class Repeat:
 
 @dataclass(frozen=True)
 class Verify:
-    """`verify(...)`: check the model here; the options are those of `iropt.criteria.Criterion`."""
+    """`verify(...)`: check the model here; the options are those of `iropt.verify.criteria.Criterion`."""
 
     options: tuple[Option, ...] = ()
     pos: Position | None = field(default=None, compare=False, repr=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from iropt.pipeline import Pipeline
+from iropt.infra.pipeline import Pipeline
 from iropt.schedules import builtin_schedule_names, builtin_schedule_text
 
 from .ast import Schedule

@@ -25,7 +25,7 @@ from lark.exceptions import (
 from lark.lark import PostLex
 from lark.tree import Meta
 
-from iropt.suggest import did_you_mean
+from iropt.util.suggest import did_you_mean
 
 from .ast import (
     DEFAULT_FIXPOINT_MAX,

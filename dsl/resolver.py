@@ -1,8 +1,8 @@
-"""AST -> `iropt.pipeline.Pipeline`: names and options checked against the registries.
+"""AST -> `iropt.infra.pipeline.Pipeline`: names and options checked against the registries.
 
-Every pass name is looked up in `iropt.registry.PASSES`, the target in `BACKENDS`, and every
+Every pass name is looked up in `iropt.infra.registry.PASSES`, the target in `BACKENDS`, and every
 option is checked against the typed constructor parameters (`iropt.options`); `verify(...)`
-options are those of `iropt.criteria.Criterion`. Each problem becomes a diagnostic at the
+options are those of `iropt.verify.criteria.Criterion`. Each problem becomes a diagnostic at the
 offending name, key or value, and all of them are reported together in one ScheduleError, so
 `iropt check` shows every mistake in a file at once.
 """
@@ -13,13 +13,21 @@ import functools
 from collections.abc import Sequence
 from typing import Any, Literal, get_args, get_origin
 
-from iropt.criteria import Criterion
 from iropt.errors import UnknownPassError, UserError
-from iropt.options import OptionSpec, coerce_option, option_specs
-from iropt.pass_infra import TargetSpec
-from iropt.pipeline import FixpointBlock, PassStep, Pipeline, RepeatBlock, SourceLocation, Step, VerifyStep
-from iropt.registry import BACKENDS, PASSES
-from iropt.suggest import did_you_mean
+from iropt.infra.options import OptionSpec, coerce_option, option_specs
+from iropt.infra.pass_base import TargetSpec
+from iropt.infra.pipeline import (
+    FixpointBlock,
+    PassStep,
+    Pipeline,
+    RepeatBlock,
+    SourceLocation,
+    Step,
+    VerifyStep,
+)
+from iropt.infra.registry import BACKENDS, PASSES, target_spec
+from iropt.util.suggest import did_you_mean
+from iropt.verify.criteria import Criterion
 
 from .ast import (
     Fixpoint,
@@ -141,14 +149,14 @@ class _Resolver:
         values = self.bind(f"back end '{target.name}'", entry.options, target.options, target.pos)
         if values is None:
             return None
-        return TargetSpec(target.name, values)
+        return target_spec(target.name, values)
 
     def bind(
         self, owner: str, specs: Sequence[OptionSpec], options: Sequence[Option], call_pos: Position | None
     ) -> dict[str, Any] | None:
         """The options checked and converted, or None after reporting what is wrong.
 
-        The same checks as `iropt.options.bind_options`, one option at a time, so that each
+        The same checks as `iropt.infra.options.bind_options`, one option at a time, so that each
         message can point at the key or the value it is about.
         """
         by_name = {spec.name: spec for spec in specs}

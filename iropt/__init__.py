@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from iropt.errors import IroptError, PassError, UserError, VerificationError
-from iropt.model import Model, load_model, save_model
-from iropt.pass_infra import Pass, PassContext, PassKind, PassResult, TargetSpec
-from iropt.pass_manager import Instrument, PassManager, PassRecord, RunReport, run_passes
-from iropt.pipeline import FixpointBlock, PassStep, Pipeline, RepeatBlock, VerifyStep
-from iropt.registry import create_pass, get_pass, register_backend, register_pass
+from iropt.infra.pass_base import Pass, PassContext, PassKind, PassResult, TargetSpec
+from iropt.infra.pass_manager import Instrument, PassManager, PassRecord, RunReport, run_passes
+from iropt.infra.pipeline import FixpointBlock, PassStep, Pipeline, RepeatBlock, VerifyStep
+from iropt.infra.registry import create_pass, get_pass, register_backend, register_pass
+from iropt.io.load import load_model
+from iropt.io.save import save_model
+from iropt.ir.model import Model
 
 __version__ = "0.1.0"
 

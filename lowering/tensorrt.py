@@ -43,17 +43,19 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx
 
-from iropt.backend import Backend
 from iropt.errors import OptionError, UserError
-from iropt.model import EXTERNAL_DATA_THRESHOLD, Model, save_proto, tensor_bytes
-from iropt.registry import register_backend
-from iropt.suggest import did_you_mean
-from iropt.trt_lint import LintIssue, format_lint, lint_qdq_for_tensorrt
+from iropt.infra.backend import Backend
+from iropt.infra.pass_base import Capabilities
+from iropt.infra.registry import register_backend
+from iropt.io.save import save_proto
+from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, Model, tensor_bytes
+from iropt.lowering.tensorrt_lint import LintIssue, format_lint, lint_qdq_for_tensorrt
+from iropt.util.suggest import did_you_mean
 
 INSTALL_HINT = "TensorRT is not installed: pip install iropt[tensorrt] (or tensorrt-rtx)"
 NO_GPU_MESSAGE = "running a TensorRT engine needs an NVIDIA GPU; the engine was built"
@@ -228,6 +230,8 @@ class TensorRTBackend(Backend):
     builder_optimization_level: 0 (fast build) to 5 (slow build, fastest engine).
     engine_path: where `emit` writes the engine (default: beside the ONNX, `.engine`).
     """
+
+    capabilities: ClassVar[Capabilities] = Capabilities(quant_format="tensorrt", fp16=True, strongly_typed=True)
 
     precision: Literal["fp32", "fp16", "int8", "best"] = "fp32"
     workspace: int = 1 << 30

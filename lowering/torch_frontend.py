@@ -39,8 +39,9 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 from iropt.errors import ModelSaveError, UserError
-from iropt.model import load_model, save_model
-from iropt.pyimport import import_location
+from iropt.io.load import load_model
+from iropt.io.save import save_model
+from iropt.util.pyimport import import_location
 
 if TYPE_CHECKING:  # for annotations only: torch is imported lazily, inside the functions
     import torch

@@ -29,11 +29,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import SparseValues
 
-from iropt.evaluate import is_storable_dtype, peek_values
-from iropt.graph_utils import node_subgraphs
-from iropt.model import Model, iter_graphs
-from iropt.pass_infra import Pass, PassContext, PassResult
-from iropt.registry import register_pass
+from iropt.infra.pass_base import Pass, PassContext, PassResult
+from iropt.infra.registry import register_pass
+from iropt.ir.evaluate import is_storable_dtype, peek_values
+from iropt.ir.graph import node_subgraphs
+from iropt.ir.model import Model, iter_graphs
 
 
 @register_pass("dedupe_initializers")

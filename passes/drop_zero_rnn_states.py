@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from iropt.evaluate import peek_constant, peek_values
-from iropt.graph_utils import is_op
-from iropt.model import Model, iter_graphs
-from iropt.pass_infra import Pass, PassContext, PassResult
-from iropt.registry import register_pass
+from iropt.infra.pass_base import Pass, PassContext, PassResult
+from iropt.infra.registry import register_pass
+from iropt.ir.evaluate import peek_constant, peek_values
+from iropt.ir.graph import is_op
+from iropt.ir.model import Model, iter_graphs
 
 # Input positions of the initial states, by op.
 _STATE_INPUTS: dict[str, tuple[int, ...]] = {"RNN": (5,), "GRU": (5,), "LSTM": (5, 6)}

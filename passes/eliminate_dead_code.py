@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from iropt.graph_utils import node_subgraphs, relink_outer_scope
-from iropt.model import Model, iter_graphs
-from iropt.pass_infra import Pass, PassContext, PassResult
-from iropt.registry import register_pass
+from iropt.infra.pass_base import Pass, PassContext, PassResult
+from iropt.infra.registry import register_pass
+from iropt.ir.graph import node_subgraphs, relink_outer_scope
+from iropt.ir.model import Model, iter_graphs
 
 
 @register_pass("eliminate_dead_code")

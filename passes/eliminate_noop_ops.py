@@ -39,14 +39,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from iropt.evaluate import peek_constant
-from iropt.graph_utils import is_op
-from iropt.model import Model
-from iropt.pass_infra import Pass, PassContext, PassResult
-from iropt.passes._elim_common import ModelEdit, const_ints, dims_of, ints_param, rank_of, static_shape
+from iropt.infra.pass_base import Pass, PassContext, PassResult
+from iropt.infra.registry import register_pass
+from iropt.ir.edit import ModelEdit, const_ints, dims_of, ints_param, rank_of, static_shape
+from iropt.ir.evaluate import peek_constant
+from iropt.ir.graph import is_op
+from iropt.ir.model import Model
 from iropt.passes.merge_consecutive_slices import INT64_MAX, clamp_range, read_slice
 from iropt.passes.merge_consecutive_transposes import perm_of
-from iropt.registry import register_pass
 
 NoopTest = Callable[[ModelEdit, gs.Node], bool]
 

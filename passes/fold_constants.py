@@ -55,11 +55,11 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
-from iropt.evaluate import EvaluationError, evaluate_node, has_subgraph, is_deterministic, peek_values
-from iropt.graph_utils import is_op, node_subgraphs, replace_in, replace_uses
-from iropt.model import Model, iter_graphs
-from iropt.pass_infra import Pass, PassContext, PassResult
-from iropt.registry import register_pass
+from iropt.infra.pass_base import Pass, PassContext, PassResult
+from iropt.infra.registry import register_pass
+from iropt.ir.evaluate import EvaluationError, evaluate_node, has_subgraph, is_deterministic, peek_values
+from iropt.ir.graph import is_op, node_subgraphs, replace_in, replace_uses
+from iropt.ir.model import Model, iter_graphs
 
 # Decoded constants up to this size are kept for the rest of the run (bounded extra memory).
 _CACHED_BYTES = 64 * 1024

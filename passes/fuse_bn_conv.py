@@ -33,15 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from iropt.passes._fusion import (
-    conv_problem,
-    conv_producer,
-    new_constant,
-    output_channels,
-    scale_output_channels,
-    set_input,
-)
-from iropt.registry import register_pass
+from iropt.infra.registry import register_pass
 from iropt.rewrite import (
     Match,
     OpPattern,
@@ -54,6 +46,14 @@ from iropt.rewrite import (
     take_outputs,
     tensor,
     tensor_rank,
+)
+from iropt.rewrite.conv import (
+    conv_problem,
+    conv_producer,
+    new_constant,
+    output_channels,
+    scale_output_channels,
+    set_input,
 )
 
 _PARAMS = ("scale", "beta", "mean", "var")

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from iropt.passes._fusion import (
+from iropt.infra.registry import register_pass
+from iropt.rewrite import Match, RewritePass, RewriteRule, const, op, take_outputs
+from iropt.rewrite.conv import (
     conv_problem,
     conv_producer,
     new_constant,
@@ -24,8 +26,6 @@ from iropt.passes._fusion import (
     per_channel,
     set_input,
 )
-from iropt.registry import register_pass
-from iropt.rewrite import Match, RewritePass, RewriteRule, const, op, take_outputs
 
 
 class ConvAdd(RewriteRule):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from iropt.registry import register_pass
+from iropt.infra.registry import register_pass
 from iropt.rewrite import Match, RewritePass, RewriteRule, const, op, take_outputs, tensor, tensor_rank
 
 

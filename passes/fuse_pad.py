@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from iropt.registry import register_pass
+from iropt.infra.registry import register_pass
 from iropt.rewrite import (
     Match,
     OpPattern,

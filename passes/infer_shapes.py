@@ -11,7 +11,7 @@ and a shape whose rank disagrees with the inferred one is left as declared. A se
 therefore learns nothing and reports `changed=False`, so the pass can sit in a fixpoint block.
 
 Inference reads element types and dims, never weights: the model is exported with its large
-tensors as type and dims only (`iropt.model_stream.export_without_data`), so a run costs about
+tensors as type and dims only (`iropt.io.stream.export_without_data`), so a run costs about
 the same for a model of 500 MB of weights as for one of 5 MB. What is still past the 2 GB
 protobuf limit is inferred through a temporary file (`infer_shapes_path`, with the tensors as
 external data). When ONNX shape inference raises, the
@@ -31,10 +31,10 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 
-from iropt.model import EXTERNAL_DATA_THRESHOLD, Model, iter_graphs
-from iropt.model_stream import export_without_data
-from iropt.pass_infra import Pass, PassContext, PassResult
-from iropt.registry import register_pass
+from iropt.infra.pass_base import Pass, PassContext, PassResult
+from iropt.infra.registry import register_pass
+from iropt.io.stream import export_without_data
+from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, Model, iter_graphs
 
 # Above this many bytes of tensor data the model cannot be serialized in memory for inference.
 IN_MEMORY_LIMIT = EXTERNAL_DATA_THRESHOLD

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from iropt.graph_utils import is_op
-from iropt.model import Model
-from iropt.pass_infra import Pass, PassContext, PassResult
-from iropt.passes._elim_common import GraphEdit, ModelEdit, const_ints, dims_of
+from iropt.infra.pass_base import Pass, PassContext, PassResult
+from iropt.infra.registry import register_pass
+from iropt.ir.edit import GraphEdit, ModelEdit, const_ints, dims_of
+from iropt.ir.graph import is_op
+from iropt.ir.model import Model
 from iropt.passes.merge_consecutive_transposes import perm_of
-from iropt.registry import register_pass
 
 _SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 

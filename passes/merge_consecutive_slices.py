@@ -24,18 +24,11 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from iropt.graph_utils import is_op
-from iropt.model import Model
-from iropt.pass_infra import Pass, PassContext, PassResult
-from iropt.passes._elim_common import (
-    GraphEdit,
-    ModelEdit,
-    dims_of,
-    ints_param,
-    normalize_axes,
-    rank_of,
-)
-from iropt.registry import register_pass
+from iropt.infra.pass_base import Pass, PassContext, PassResult
+from iropt.infra.registry import register_pass
+from iropt.ir.edit import GraphEdit, ModelEdit, dims_of, ints_param, normalize_axes, rank_of
+from iropt.ir.graph import is_op
+from iropt.ir.model import Model
 
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)

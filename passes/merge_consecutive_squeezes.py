@@ -27,10 +27,9 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from iropt.graph_utils import is_op
-from iropt.model import Model
-from iropt.pass_infra import Pass, PassContext, PassResult
-from iropt.passes._elim_common import (
+from iropt.infra.pass_base import Pass, PassContext, PassResult
+from iropt.infra.registry import register_pass
+from iropt.ir.edit import (
     GraphEdit,
     ModelEdit,
     ints_param,
@@ -39,7 +38,8 @@ from iropt.passes._elim_common import (
     set_ints_param,
     static_shape,
 )
-from iropt.registry import register_pass
+from iropt.ir.graph import is_op
+from iropt.ir.model import Model
 
 _OPS = ("Squeeze", "Unsqueeze")
 

@@ -26,16 +26,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from iropt.calibration import limit_rows
+from iropt.compress.calibration import limit_rows
 from iropt.compress.prune.driver import PruneSettings, prune_model
 from iropt.compress.prune.importance import DATA_CRITERIA, Criterion
 from iropt.compress.prune.select import Budget
 from iropt.compress.prune.statistics import Feeds
 from iropt.errors import OptionError
-from iropt.feeds import iter_feeds
-from iropt.model import Model
-from iropt.pass_infra import Pass, PassContext, PassKind, PassResult
-from iropt.registry import register_pass
+from iropt.infra.pass_base import Pass, PassContext, PassKind, PassResult
+from iropt.infra.registry import register_pass
+from iropt.ir.model import Model
+from iropt.verify.feeds import iter_feeds
 
 
 @register_pass("prune_channels")

@@ -15,9 +15,9 @@ from iropt.compress.prune.dependency import analyze
 from iropt.compress.prune.report import group_rows
 from iropt.compress.prune.rewrite import prune_units
 from iropt.compress.prune.zeros import zero_units
-from iropt.model import Model
-from iropt.pass_infra import Pass, PassContext, PassResult
-from iropt.registry import register_pass
+from iropt.infra.pass_base import Pass, PassContext, PassResult
+from iropt.infra.registry import register_pass
+from iropt.ir.model import Model
 
 
 @register_pass("remove_zero_channels")

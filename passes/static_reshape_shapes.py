@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from iropt.graph_utils import FreshNames, is_op
-from iropt.model import Model, iter_graphs
-from iropt.pass_infra import Pass, PassContext, PassResult
-from iropt.registry import register_pass
+from iropt.infra.pass_base import Pass, PassContext, PassResult
+from iropt.infra.registry import register_pass
+from iropt.ir.graph import FreshNames, is_op
+from iropt.ir.model import Model, iter_graphs
 
 # Reshape takes its target as an input from opset 5; before, it was the `shape` attribute.
 _MIN_OPSET = 5

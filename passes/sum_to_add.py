@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from iropt.model import Model, iter_graphs
-from iropt.pass_infra import Pass, PassContext, PassResult
-from iropt.registry import register_pass
+from iropt.infra.pass_base import Pass, PassContext, PassResult
+from iropt.infra.registry import register_pass
+from iropt.ir.model import Model, iter_graphs
 
 # Sum and Add broadcast alike (multidirectionally) from opset 8; before, Add broadcast only
 # with its legacy `broadcast` attribute and Sum not at all.

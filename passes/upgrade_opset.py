@@ -15,9 +15,9 @@ import onnx
 import onnx.version_converter
 
 from iropt.errors import OptionError, UserError, first_line
-from iropt.model import Model
-from iropt.pass_infra import Pass, PassContext, PassResult
-from iropt.registry import register_pass
+from iropt.infra.pass_base import Pass, PassContext, PassResult
+from iropt.infra.registry import register_pass
+from iropt.ir.model import Model
 
 # The oldest opset the version converter has adapters from.
 _OLDEST_CONVERTIBLE = 7

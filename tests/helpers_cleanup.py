@@ -15,9 +15,9 @@ import onnx
 import onnx.parser
 from helpers_ort import run_ort
 
-from iropt.model import Model, iter_graphs
-from iropt.pass_infra import PassContext, PassResult
-from iropt.registry import create_pass
+from iropt.infra.pass_base import PassContext, PassResult
+from iropt.infra.registry import create_pass
+from iropt.ir.model import Model, iter_graphs
 
 RTOL, ATOL = 1e-5, 1e-6
 

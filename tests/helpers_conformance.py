@@ -37,10 +37,11 @@ from onnx.backend.test.runner import Runner
 
 from iropt.dsl import load_schedule
 from iropt.errors import UserError
-from iropt.lowering.ort import OrtRunner, make_session
-from iropt.model import Model, load_proto
-from iropt.pass_infra import PassContext
-from iropt.pass_manager import PassManager
+from iropt.infra.pass_base import PassContext
+from iropt.infra.pass_manager import PassManager
+from iropt.io.load import load_proto
+from iropt.ir.model import Model
+from iropt.verify.runtime import OrtRunner, make_session
 
 DATA_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data"
 KINDS = ("light", "simple", "pytorch-converted", "pytorch-operator")

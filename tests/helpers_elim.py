@@ -17,10 +17,10 @@ import onnx.parser
 import onnx.printer
 from helpers_ort import run_ort
 
-from iropt.graph_utils import constant_value
-from iropt.model import Model, iter_graphs
-from iropt.pass_infra import PassContext, PassResult
-from iropt.registry import create_pass
+from iropt.infra.pass_base import PassContext, PassResult
+from iropt.infra.registry import create_pass
+from iropt.ir.graph import constant_value
+from iropt.ir.model import Model, iter_graphs
 
 RTOL, ATOL = 1e-5, 1e-6
 

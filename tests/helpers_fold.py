@@ -14,9 +14,9 @@ import onnx
 import onnx.parser
 from helpers_ort import run_ort
 
-from iropt.model import Model
-from iropt.pass_infra import PassContext, PassResult
-from iropt.registry import create_pass
+from iropt.infra.pass_base import PassContext, PassResult
+from iropt.infra.registry import create_pass
+from iropt.ir.model import Model
 
 # float32 tolerances for exact passes.
 RTOL = 1e-5

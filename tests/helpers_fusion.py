@@ -17,9 +17,9 @@ import onnx
 import onnx.parser
 from helpers_ort import run_ort
 
-from iropt.model import Model
-from iropt.pass_infra import PassContext, PassResult
-from iropt.registry import create_pass
+from iropt.infra.pass_base import PassContext, PassResult
+from iropt.infra.registry import create_pass
+from iropt.ir.model import Model
 
 RTOL, ATOL = 1e-4, 1e-5
 

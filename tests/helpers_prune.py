@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from iropt.model import Model
+from iropt.ir.model import Model
 
 OPSET = 17
 

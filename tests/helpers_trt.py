@@ -14,8 +14,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from iropt.ir.model import Model
 from iropt.lowering.tensorrt import tensorrt_flavor
-from iropt.model import Model
 
 OPSET = 17
 

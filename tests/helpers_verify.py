@@ -13,10 +13,10 @@ import onnx
 import onnx.parser
 import onnx_graphsurgeon as gs
 
-from iropt.graph_utils import is_op
-from iropt.model import Model, iter_graphs
-from iropt.pass_infra import Pass, PassContext, PassKind, PassResult
-from iropt.registry import register_pass
+from iropt.infra.pass_base import Pass, PassContext, PassKind, PassResult
+from iropt.infra.registry import register_pass
+from iropt.ir.graph import is_op
+from iropt.ir.model import Model, iter_graphs
 
 # y = Identity(Identity(x) + c) * d: eliminate_identity changes it, and its Add is the
 # target of the breaking pass.

@@ -18,7 +18,7 @@ from helpers_quant import build, rand, write_feeds
 from hypothesis import given
 from hypothesis import strategies as st
 
-from iropt.calibration import (
+from iropt.compress.calibration import (
     METHODS,
     StreamingHistogram,
     TensorStats,
@@ -27,11 +27,7 @@ from iropt.calibration import (
     entropy_threshold,
     split_batches,
 )
-from iropt.errors import UserError
-from iropt.feeds import iter_feeds
-from iropt.model import Model
-from iropt.pass_infra import Runner
-from iropt.quant_params import (
+from iropt.compress.quant.params import (
     SCHEMES,
     WEIGHT_QMAX,
     activation_params,
@@ -41,7 +37,11 @@ from iropt.quant_params import (
     representable_range,
     weight_params,
 )
-from iropt.verify import reference_runner
+from iropt.errors import UserError
+from iropt.ir.model import Model
+from iropt.verify.feeds import iter_feeds
+from iropt.verify.runner import Runner
+from iropt.verify.runtime import reference_runner
 
 # Values on a 1e-3 grid up to 1000: exactly representable sums with any power-of-two radius,
 # so streaming and one-shot histograms must agree bin for bin.

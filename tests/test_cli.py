@@ -16,8 +16,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from iropt import Model, Pass, PassContext, PassResult, register_pass
-from iropt.cli import main
-from iropt.graph_utils import is_op
+from iropt.app.cli import main
+from iropt.ir.graph import is_op
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden_models"
 CLEANUP = "cleanup"

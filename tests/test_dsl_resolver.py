@@ -14,8 +14,6 @@ from typing import Literal
 
 import pytest
 
-from iropt.backend import Backend
-from iropt.criteria import Criterion
 from iropt.dsl import (
     Option,
     PassCall,
@@ -27,11 +25,14 @@ from iropt.dsl import (
     parse_schedule,
     resolve,
 )
-from iropt.model import Model
-from iropt.pass_infra import Pass, PassContext, PassKind, PassResult, Runner, TargetSpec
-from iropt.pipeline import FixpointBlock, PassStep, Pipeline, RepeatBlock, SourceLocation, VerifyStep
-from iropt.registry import BACKENDS, PASSES
+from iropt.infra.backend import Backend
+from iropt.infra.pass_base import Pass, PassContext, PassKind, PassResult, TargetSpec
+from iropt.infra.pipeline import FixpointBlock, PassStep, Pipeline, RepeatBlock, SourceLocation, VerifyStep
+from iropt.infra.registry import BACKENDS, PASSES
+from iropt.ir.model import Model
 from iropt.schedules import builtin_schedule_names, builtin_schedule_text
+from iropt.verify.criteria import Criterion
+from iropt.verify.runner import Runner
 
 
 @dataclass(kw_only=True)

@@ -11,7 +11,8 @@ import pytest
 from helpers_verify import TWO_INPUT_TEXT, affine_model, parse
 
 from iropt.errors import UserError
-from iropt.feeds import (
+from iropt.ir.model import Model
+from iropt.verify.feeds import (
     DEFAULT_DYNAMIC_DIM,
     GENERATED_DATA_WARNING,
     GENERATED_INT_HIGH,
@@ -20,7 +21,6 @@ from iropt.feeds import (
     open_feeds,
     parse_shape_overrides,
 )
-from iropt.model import Model
 
 
 def two_input_model() -> Model:
@@ -56,7 +56,7 @@ def test_generated_feeds_follow_declared_types_and_shapes() -> None:
 
 
 def test_generated_feeds_run_in_onnx_runtime() -> None:
-    from iropt.verify import reference_runner
+    from iropt.verify.runtime import reference_runner
 
     model = two_input_model()
     feeds = open_feeds(None, model, shapes={"x": [3, 3]})
@@ -66,7 +66,7 @@ def test_generated_feeds_run_in_onnx_runtime() -> None:
 
 
 def test_generated_feeds_note_dynamic_dims_and_warn_they_are_not_real(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="iropt.feeds"):
+    with caplog.at_level(logging.WARNING, logger="iropt.verify.feeds"):
         feeds = open_feeds(None, two_input_model())
     assert GENERATED_DATA_WARNING in feeds.notes
     assert any("'x'" in n and "'N'" in n and "--shape x:" in n for n in feeds.notes)

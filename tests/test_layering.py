@@ -165,13 +165,13 @@ def test_importing_iropt_loads_no_heavy_runtime(tmp_path: Path) -> None:
     # Importing the whole package, the CLI and every pass must not pull in torch or TensorRT; the
     # passes alone must not pull in ONNX Runtime either.
     check = (
-        "import sys, iropt, iropt.passes, iropt.dsl, iropt.lowering, iropt.cli\n"
-        "from iropt.registry import PASSES\n"
+        "import sys, iropt, iropt.passes, iropt.dsl, iropt.lowering, iropt.app.cli\n"
+        "from iropt.infra.registry import PASSES\n"
         "PASSES.names()\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'tensorrt', 'tensorrt_rtx'}))\n"
     )
     passes_only = (
-        "import sys\nfrom iropt.registry import PASSES\nPASSES.names()\n"
+        "import sys\nfrom iropt.infra.registry import PASSES\nPASSES.names()\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'onnxruntime', 'torch'}))\n"
     )
     for source in (check, passes_only):

@@ -18,11 +18,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-import iropt.model
-from iropt import model_stream
+import iropt.io.save
 from iropt.errors import IroptError, ModelSaveError
-from iropt.model import Model, load_model, save_model
-from iropt.model_stream import STREAM_MIN_BYTES, ExternalPayload, StreamedModel, export_streamed, model_bytes
+from iropt.io import stream as model_stream
+from iropt.io.load import load_model
+from iropt.io.save import save_model
+from iropt.io.stream import STREAM_MIN_BYTES, ExternalPayload, StreamedModel, export_streamed, model_bytes
+from iropt.ir.model import Model
 
 _FLOATS = STREAM_MIN_BYTES // 4 * 2  # a float32 weight twice the streaming threshold
 
@@ -236,7 +238,7 @@ def test_a_model_past_the_protobuf_limit_goes_to_external_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The limit is lowered instead of building a 2 GiB model: the size checks are the same.
-    monkeypatch.setattr(iropt.model, "PROTOBUF_LIMIT", 100_000)
+    monkeypatch.setattr(iropt.io.save, "PROTOBUF_LIMIT", 100_000)
     model = _weighted_model(np.random.default_rng(9))
 
     save_model(model, tmp_path / "auto.onnx")

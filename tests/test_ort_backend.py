@@ -11,11 +11,12 @@ import pytest
 from helpers_verify import affine_feeds, affine_model, affine_numpy, custom_op_model
 
 from iropt.errors import OptionError, UserError
-from iropt.lowering import ort as ort_backend
-from iropt.lowering.ort import OrtBackend, OrtRunner, make_session
-from iropt.model import save_model
-from iropt.options import option_specs
-from iropt.registry import BACKENDS
+from iropt.infra.options import option_specs
+from iropt.infra.registry import BACKENDS
+from iropt.io.save import save_model
+from iropt.lowering.ort import OrtBackend
+from iropt.verify import runtime as ort_backend
+from iropt.verify.runtime import OrtRunner, make_session
 
 RTOL, ATOL = 1e-6, 1e-6
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from helpers_fold import assert_same_outputs, model_of, ops, parse, random_feeds, run_pass
 
-from iropt.model import Model
+from iropt.ir.model import Model
 
 
 def _values(count: int, seed: int) -> str:

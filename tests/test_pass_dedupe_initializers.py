@@ -8,7 +8,7 @@ import onnx.helper
 import onnx.numpy_helper
 from helpers_fold import assert_same_outputs, initializer_names, model_of, parse, random_feeds, run_pass
 
-from iropt.model import Model
+from iropt.ir.model import Model
 
 
 def _conv_model(w1: np.ndarray, w2: np.ndarray) -> onnx.ModelProto:

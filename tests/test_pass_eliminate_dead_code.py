@@ -7,7 +7,7 @@ import onnx
 import onnx.helper
 from helpers_cleanup import assert_same_outputs, ops, parse, random_feeds, run_pass, structure
 
-from iropt.model import Model, graph_stats
+from iropt.ir.model import Model, graph_stats
 
 MAIN = """
 <ir_version: 8, opset_import: ["" : 17]>

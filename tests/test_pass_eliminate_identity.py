@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from helpers_cleanup import assert_same_outputs, ops, parse, random_feeds, run_ort, run_pass, structure
 
-from iropt.model import Model
+from iropt.ir.model import Model
 
 
 def test_inner_identity_is_bypassed() -> None:

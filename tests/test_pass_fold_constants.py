@@ -1,4 +1,4 @@
-"""fold_constants and the node evaluator behind it (iropt.evaluate).
+"""fold_constants and the node evaluator behind it (iropt.ir.evaluate).
 
 Every rewritten model passes the ONNX checker and computes what the original computes under
 ONNX Runtime (graph optimizations off); folded values are also compared with numpy.
@@ -26,8 +26,8 @@ from helpers_fold import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from iropt.evaluate import FAST_PATH_OPS, EvaluationError, evaluate_node, reference_evaluate
-from iropt.model import Model
+from iropt.ir.evaluate import FAST_PATH_OPS, EvaluationError, evaluate_node, reference_evaluate
+from iropt.ir.model import Model
 
 CHAIN = """
 <ir_version: 8, opset_import: ["" : 17]>

@@ -21,7 +21,7 @@ from helpers_fusion import (
     unchanged,
 )
 
-from iropt.model import Model
+from iropt.ir.model import Model
 from iropt.passes.fuse_bn_conv import FuseBnConv
 from iropt.rewrite import explain
 

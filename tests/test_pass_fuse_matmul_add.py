@@ -7,7 +7,7 @@ import onnx
 import pytest
 from helpers_fusion import build, fused, histogram, rand, unchanged
 
-from iropt.model import Model
+from iropt.ir.model import Model
 from iropt.passes.fuse_matmul_add import FuseMatMulAdd
 from iropt.rewrite import explain
 

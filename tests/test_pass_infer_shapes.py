@@ -11,10 +11,10 @@ import onnx.helper
 import pytest
 from helpers_cleanup import assert_same_outputs, parse, random_feeds, run_pass, structure
 
-from iropt.model import Model, iter_graphs
-from iropt.pass_infra import PassContext
+from iropt.infra.pass_base import PassContext
+from iropt.infra.registry import create_pass
+from iropt.ir.model import Model, iter_graphs
 from iropt.passes import infer_shapes
-from iropt.registry import create_pass
 
 
 def annotations(model: Model) -> dict[str, tuple[object, object]]:

@@ -15,7 +15,6 @@ import onnx.numpy_helper
 import onnx_graphsurgeon as gs
 import pytest
 
-from iropt.criteria import Criterion
 from iropt.errors import (
     IroptError,
     ModelLoadError,
@@ -25,13 +24,16 @@ from iropt.errors import (
     UnknownPassError,
     UserError,
 )
-from iropt.instruments import CheckerInstrument, IRDumpInstrument, SizeInstrument, TimingInstrument
-from iropt.model import Model, graph_stats, load_model, save_model, save_proto
-from iropt.options import REQUIRED, bind_options, option_specs, type_label
-from iropt.pass_infra import Pass, PassContext, PassKind, PassResult
-from iropt.pass_manager import Instrument, PassManager, PassRecord, RunReport
-from iropt.pipeline import FixpointBlock, PassStep, Pipeline, RepeatBlock, VerifyStep
-from iropt.registry import PASSES, Registry, create_pass, get_pass, register_pass
+from iropt.infra.instruments import CheckerInstrument, IRDumpInstrument, SizeInstrument, TimingInstrument
+from iropt.infra.options import REQUIRED, bind_options, option_specs, type_label
+from iropt.infra.pass_base import Pass, PassContext, PassKind, PassResult
+from iropt.infra.pass_manager import Instrument, PassManager, PassRecord, RunReport
+from iropt.infra.pipeline import FixpointBlock, PassStep, Pipeline, RepeatBlock, VerifyStep
+from iropt.infra.registry import PASSES, Registry, create_pass, get_pass, register_pass
+from iropt.io.load import load_model
+from iropt.io.save import save_model, save_proto
+from iropt.ir.model import Model, graph_stats
+from iropt.verify.criteria import Criterion
 
 # ----------------------------------------------------------------------------------------------
 # Small models and passes used throughout
@@ -202,7 +204,7 @@ def test_unknown_name_without_near_match_lists_no_guess() -> None:
 PLUGIN_SOURCE = '''
 from dataclasses import dataclass
 
-from iropt.pass_infra import Pass, PassResult
+from iropt.infra.pass_base import Pass, PassResult
 
 
 @dataclass(kw_only=True)

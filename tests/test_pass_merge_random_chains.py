@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from iropt.model import Model
+from iropt.ir.model import Model
 
 # No-op removal first exposes pairs that a Cast or Concat separated; then again at the end.
 PASSES = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers_elim import attr_of, constant_input, model_text, ops, producer_of, rewritten, unchanged
 
-from iropt.model import Model
+from iropt.ir.model import Model
 
 PASS = "merge_consecutive_squeezes"
 

@@ -9,10 +9,10 @@ import pytest
 from helpers_cleanup import assert_same_outputs, parse, random_feeds, run_ort, run_pass, structure
 
 from iropt.errors import PassError
-from iropt.model import Model, iter_graphs
-from iropt.pass_manager import run_passes
+from iropt.infra.pass_manager import run_passes
+from iropt.infra.registry import create_pass
+from iropt.ir.model import Model, iter_graphs
 from iropt.passes.toposort import GraphCycleError
-from iropt.registry import create_pass
 
 
 def shuffled(

@@ -7,9 +7,9 @@ import pytest
 from helpers_fusion import build, fused, histogram, rand, run_pass, unchanged
 
 from iropt.errors import OptionError, UserError
-from iropt.model import Model
-from iropt.pass_infra import PassContext
-from iropt.registry import create_pass
+from iropt.infra.pass_base import PassContext
+from iropt.infra.registry import create_pass
+from iropt.ir.model import Model
 
 OPSET_9 = """
 g (float[1,2,4,4] x) => (float[1,3,8,8] y) {

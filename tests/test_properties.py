@@ -32,16 +32,16 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 from strategies import GROUPS, SYMBOLIC_BATCH, models, random_inputs
 
-from iropt.criteria import Criterion
 from iropt.dsl import load_schedule
 from iropt.errors import UserError
-from iropt.lowering.ort import OrtRunner, make_session
-from iropt.model import Model
-from iropt.pass_infra import PassContext, PassKind, PassResult
-from iropt.pass_manager import PassManager
-from iropt.pipeline import Pipeline
-from iropt.registry import PASSES, create_pass
-from iropt.verify import compare
+from iropt.infra.pass_base import PassContext, PassKind, PassResult
+from iropt.infra.pass_manager import PassManager
+from iropt.infra.pipeline import Pipeline
+from iropt.infra.registry import PASSES, create_pass
+from iropt.ir.model import Model
+from iropt.verify.compare import compare
+from iropt.verify.criteria import Criterion
+from iropt.verify.runtime import OrtRunner, make_session
 
 TOLERANCE = Criterion(metric="tolerance", rtol=1e-4, atol=1e-5)
 FIXPOINT_LIMIT = 10

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 from helpers_prune import chain, feeds_for, ffn
 
-from iropt.cli import main
+from iropt.app.cli import main
 from iropt.compress.prune.dependency import analyze
 from iropt.compress.prune.driver import PruneSettings, prune_model
 from iropt.compress.prune.select import Budget
 from iropt.errors import OptionError
-from iropt.model import Model, load_model
-from iropt.pass_infra import PassContext
-from iropt.registry import create_pass
-from iropt.verify import reference_runner
+from iropt.infra.pass_base import PassContext
+from iropt.infra.registry import create_pass
+from iropt.io.load import load_model
+from iropt.ir.model import Model
+from iropt.verify.runtime import reference_runner
 
 DIGITS = "golden_models/digits_cnn.onnx"
 DIGITS_CALIB = "golden_models/digits_cnn.calib.npz"
@@ -143,4 +144,4 @@ def test_prune_then_quantize_in_one_schedule(tmp_path: Path) -> None:
                  "--report", str(report), "--verify-each", "-q"])
     assert code == 0 and out.exists()
     records = json.loads(report.read_text())["passes"]
-    assert records[0]["notes"]["prune_channels"]["groups"][0]["channels_after"] == 16
+    assert records[0]["info"]["prune_channels"]["groups"][0]["channels_after"] == 16

@@ -9,8 +9,9 @@ from helpers_prune import IMAGE, Net, chain, concat, depthwise_se, feeds_for, ff
 
 from iropt.compress.prune.dependency import Analysis, analyze
 from iropt.compress.prune.rewrite import prune_units, zero_consumer_inputs
-from iropt.model import Model, load_model
-from iropt.verify import reference_runner
+from iropt.io.load import load_model
+from iropt.ir.model import Model
+from iropt.verify.runtime import reference_runner
 
 
 def every_other(analysis: Analysis) -> set[int]:

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 
 from iropt.compress.prune.dependency import analyze
 from iropt.compress.prune.rewrite import prune_units, zero_consumer_inputs
-from iropt.model import Model
-from iropt.pass_infra import PassContext
-from iropt.registry import create_pass
-from iropt.verify import reference_runner
+from iropt.infra.pass_base import PassContext
+from iropt.infra.registry import create_pass
+from iropt.ir.model import Model
+from iropt.verify.runtime import reference_runner
 
 FAST = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

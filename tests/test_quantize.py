@@ -37,10 +37,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from iropt.errors import OptionError, UserError
-from iropt.model import Model
-from iropt.pass_infra import PassContext
+from iropt.infra.pass_base import PassContext
+from iropt.infra.registry import create_pass
+from iropt.ir.model import Model
 from iropt.passes.infer_shapes import InferShapes
-from iropt.registry import create_pass
 
 
 def _calibrate_on(tmp_path: Path, model: Model, rows: int = 16, seed: int = 0) -> tuple[str, dict[str, np.ndarray]]:

@@ -24,7 +24,7 @@ from helpers_quant import (
     run,
 )
 
-from iropt.model import load_model
+from iropt.io.load import load_model
 
 
 def test_mlp_becomes_integer_matmuls_within_cosine(caplog: pytest.LogCaptureFixture) -> None:

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from helpers_quant import GOLDEN, checked, cosine, ort_optimized_ops, quantize, run, write_feeds
 
-from iropt.model import Model, load_model
-from iropt.pass_infra import PassContext
-from iropt.registry import create_pass
+from iropt.infra.pass_base import PassContext
+from iropt.infra.registry import create_pass
+from iropt.io.load import load_model
+from iropt.ir.model import Model
 
 CONV_MODELS = ["resnet", "mobilenet", "unet", "conv_bn"]
 

@@ -18,7 +18,7 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 from strategies import models, random_inputs
 
-from iropt.model import Model
+from iropt.ir.model import Model
 
 
 @given(models(), st.sampled_from(["ort", "tensorrt", "dynamic"]), st.sampled_from(["minmax", "entropy"]))

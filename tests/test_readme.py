@@ -17,7 +17,7 @@ import onnx
 import pytest
 
 from iropt import Model, PassContext
-from iropt.registry import PASSES
+from iropt.infra.registry import PASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

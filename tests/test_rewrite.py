@@ -14,8 +14,8 @@ import pytest
 from helpers_fusion import ATOL, RTOL, assert_same_outputs, build, histogram, run_ort
 
 import iropt.rewrite
-from iropt.model import Model
-from iropt.pass_infra import PassContext
+from iropt.infra.pass_base import PassContext
+from iropt.ir.model import Model
 from iropt.rewrite import (
     Match,
     RewriteError,

@@ -15,6 +15,9 @@ import pytest
 from helpers_trt import conv_model, custom_op_model, float16_conv_model, qdq_conv, requires_tensorrt
 
 from iropt.errors import OptionError, UserError
+from iropt.infra.options import option_specs
+from iropt.infra.registry import BACKENDS
+from iropt.io.save import save_model
 from iropt.lowering import tensorrt as trt_backend
 from iropt.lowering.tensorrt import (
     DYNAMIC_MAX,
@@ -26,9 +29,6 @@ from iropt.lowering.tensorrt import (
     load_tensorrt,
     tensorrt_flavor,
 )
-from iropt.model import save_model
-from iropt.options import option_specs
-from iropt.registry import BACKENDS
 
 
 def _gpu_available() -> bool:
@@ -340,7 +340,7 @@ def test_compile_without_a_gpu_says_the_engine_was_built() -> None:
 @requires_tensorrt
 @pytest.mark.skipif(not GPU, reason="running a TensorRT engine needs an NVIDIA GPU (and torch with CUDA)")
 def test_compiled_engine_matches_onnx_runtime() -> None:
-    from iropt.verify import reference_runner
+    from iropt.verify.runtime import reference_runner
 
     model = conv_model()
     feeds = {"x": np.random.default_rng(3).standard_normal((4, 3, 8, 8)).astype(np.float32)}
@@ -373,7 +373,7 @@ def test_schedule_target_builds_with_its_profile(tmp_path: Path) -> None:
 
 @requires_tensorrt
 def test_iropt_run_writes_the_engine_beside_the_optimized_model(tmp_path: Path) -> None:
-    from iropt.optimize import RunOptions, optimize
+    from iropt.app.optimize import RunOptions, optimize
 
     schedule = tmp_path / "trt.opt"
     schedule.write_text("target tensorrt\neliminate_identity\n")

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from iropt.errors import UserError
+from iropt.io.load import load_model
 from iropt.lowering.torch_frontend import (
     add_export_arguments,
     export_from_spec,
@@ -19,7 +20,6 @@ from iropt.lowering.torch_frontend import (
     parse_shape,
     run_export,
 )
-from iropt.model import load_model
 
 torch = pytest.importorskip("torch", reason="the torch front end needs torch (pip install iropt[torch])")
 

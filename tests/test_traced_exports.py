@@ -11,7 +11,7 @@ import onnx
 import pytest
 from helpers_ort import run_ort
 
-from iropt.optimize import RunOptions, optimize
+from iropt.app.optimize import RunOptions, optimize
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden_models"
 

@@ -12,8 +12,9 @@ from helpers_trt import QdqGraph, qdq_conv, requires_tensorrt
 from onnx import TensorProto
 
 from iropt.errors import UserError
-from iropt.model import Model, load_model
-from iropt.trt_lint import RULES, LintIssue, format_lint, has_errors, lint_qdq_for_tensorrt
+from iropt.io.load import load_model
+from iropt.ir.model import Model
+from iropt.lowering.tensorrt_lint import RULES, LintIssue, format_lint, has_errors, lint_qdq_for_tensorrt
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden_models"
 
@@ -338,7 +339,7 @@ def test_lint_returns_errors_before_warnings() -> None:
 
 
 def test_every_rule_is_documented() -> None:
-    from iropt import trt_lint
+    from iropt.lowering import tensorrt_lint as trt_lint
 
     assert trt_lint.__doc__ is not None
     for rule in RULES:
@@ -432,8 +433,8 @@ def test_onnxruntime_default_qdq_output_fails_to_parse(ort_default_qdq: Model) -
 
 def _quantized(name: str, fmt: str, calibration: str | None) -> Model:
     from iropt.errors import UnknownPassError
-    from iropt.pass_manager import run_passes
-    from iropt.registry import create_pass
+    from iropt.infra.pass_manager import run_passes
+    from iropt.infra.registry import create_pass
 
     try:
         quantize = create_pass("quantize", {"format": fmt, "calibration": calibration, "max_samples": 16})

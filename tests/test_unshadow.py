@@ -11,9 +11,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from iropt.model import load_model, save_model
-from iropt.optimize import RunOptions, optimize
-from iropt.unshadow import unshadow
+from iropt.app.optimize import RunOptions, optimize
+from iropt.io.load import load_model
+from iropt.io.save import save_model
+from iropt.ir.unshadow import unshadow
 
 FLOAT3 = [3]
 

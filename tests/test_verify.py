@@ -11,22 +11,17 @@ import onnxruntime as ort
 import pytest
 from helpers_verify import affine_feeds, affine_model, affine_numpy, custom_op_model
 
-from iropt.criteria import EXACT_CRITERION, LOSSY_CRITERION, Criterion
 from iropt.errors import UserError, VerificationError
-from iropt.model import Model
-from iropt.pass_infra import PassContext, PassKind, PassResult
-from iropt.pass_manager import PassManager
-from iropt.pipeline import PassStep, Pipeline, VerifyStep
-from iropt.registry import create_pass
-from iropt.verify import (
-    ComparisonFailed,
-    Verifier,
-    VerifyEachInstrument,
-    bisect_failure,
-    compare,
-    make_checkpoint,
-    reference_runner,
-)
+from iropt.infra.pass_base import PassContext, PassKind, PassResult
+from iropt.infra.pass_manager import PassManager
+from iropt.infra.pipeline import PassStep, Pipeline, VerifyStep
+from iropt.infra.registry import create_pass
+from iropt.infra.verification import VerifyEachInstrument, bisect_failure, make_checkpoint
+from iropt.ir.model import Model
+from iropt.verify.compare import compare
+from iropt.verify.criteria import EXACT_CRITERION, LOSSY_CRITERION, Criterion
+from iropt.verify.runtime import reference_runner
+from iropt.verify.verifier import ComparisonFailed, Verifier
 
 TOL = Criterion(rtol=0.5, atol=0.25)
 

@@ -1,1 +1,4 @@
-"""Machinery that lossy passes share: calibration statistics, pruning, low-rank, precision policy."""
+"""Machinery that lossy passes share: calibration, layer-sensitivity ranking, quantization
+(quant/), channel pruning (prune/). The passes stay thin files in iropt.passes. Imports:
+iropt.infra and below, iropt.rewrite.
+"""

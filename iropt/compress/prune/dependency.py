@@ -32,8 +32,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from iropt.compress.prune.layout import WeightLayout, weight_layout
-from iropt.graph_utils import constant_value, is_op
-from iropt.model import Model
+from iropt.ir.graph import constant_value, is_op
+from iropt.ir.model import Model
 
 UNARY_OPS = frozenset({
     "Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu", "Elu",

@@ -14,8 +14,8 @@ from iropt.compress.prune.report import group_rows, layer_rows
 from iropt.compress.prune.rewrite import prune_units
 from iropt.compress.prune.select import Budget, choose_global, choose_local
 from iropt.compress.prune.statistics import Feeds, GramStats, consumer_grams
-from iropt.model import Model
-from iropt.pass_infra import Runner
+from iropt.ir.model import Model
+from iropt.verify.runner import Runner
 
 FeedFactory = Callable[[], Iterable[Feeds]]
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from iropt.compress.prune.dependency import Analysis, Group
 from iropt.compress.prune.statistics import GramStats, kernel_size
-from iropt.graph_utils import is_op
+from iropt.ir.graph import is_op
 
 Criterion = Literal["l1", "l2", "bn_gamma", "activation", "output_error"]
 CRITERIA: tuple[str, ...] = ("l1", "l2", "bn_gamma", "activation", "output_error")

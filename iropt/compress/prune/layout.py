@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from iropt.graph_utils import constant_value, is_op
+from iropt.ir.graph import constant_value, is_op
 
 
 @dataclass(frozen=True)

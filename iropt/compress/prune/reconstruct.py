@@ -26,9 +26,9 @@ import onnx_graphsurgeon as gs
 from iropt.compress.prune.dependency import Analysis
 from iropt.compress.prune.layout import WeightLayout
 from iropt.compress.prune.statistics import Feeds, GramStats, input_rows, output_rows, run_batches
-from iropt.graph_utils import FreshNames, is_op
-from iropt.model import Model
-from iropt.pass_infra import Runner
+from iropt.ir.graph import FreshNames, is_op
+from iropt.ir.model import Model
+from iropt.verify.runner import Runner
 
 FeedFactory = Callable[[], Iterable[Feeds]]
 

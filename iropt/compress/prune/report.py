@@ -13,8 +13,8 @@ import numpy as np
 
 from iropt.compress.prune.dependency import Analysis, Group, Shape
 from iropt.compress.prune.layout import weight_layout
-from iropt.graph_utils import is_op
-from iropt.model import Model
+from iropt.ir.graph import is_op
+from iropt.ir.model import Model
 
 
 def group_rows(analysis: Analysis, groups: list[Group], removed: set[int]) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from iropt.compress.prune.dependency import Analysis, Edit
-from iropt.graph_utils import FreshNames, constant_value
+from iropt.ir.graph import FreshNames, constant_value
 
 
 def prune_units(graph: gs.Graph, analysis: Analysis, removed: Collection[int]) -> dict[str, list[int]]:

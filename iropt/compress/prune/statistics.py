@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from iropt.calibration import split_batches, with_outputs
+from iropt.compress.calibration import split_batches, with_outputs
 from iropt.compress.prune.layout import WeightLayout
-from iropt.graph_utils import is_op
-from iropt.model import Model
-from iropt.pass_infra import Runner
+from iropt.ir.graph import is_op
+from iropt.ir.model import Model
+from iropt.verify.runner import Runner
 
 Feeds = dict[str, np.ndarray]
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from iropt.compress.prune.dependency import Analysis
-from iropt.graph_utils import constant_value, is_op
+from iropt.ir.graph import constant_value, is_op
 
 # Ops f with f(0) = 0, elementwise or over space (a zero channel stays zero).
 ZERO_PRESERVING = frozenset({

@@ -1,0 +1,3 @@
+"""Quantization: scale/zero-point parameters, placement (what to quantize), the Q/DQ rewrite
+and dynamic quantization. Imports: iropt.compress and below.
+"""

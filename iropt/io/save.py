@@ -1,0 +1,180 @@
+"""Writing models: atomic (a staged file, then a rename), never over the model's own input files,
+and with external data when the tensors would not fit protobuf's 2 GB limit.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import BinaryIO
+
+import onnx
+
+from iropt.errors import ModelSaveError
+from iropt.io.stream import (
+    EXTERNAL_MIN_BYTES,
+    STREAM_MIN_BYTES,
+    ExternalPayload,
+    StreamedModel,
+    export_streamed,
+)
+from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, PROTOBUF_LIMIT, Model, graph_stats, tensor_bytes
+
+# A check on a model about to be written (the ONNX checker, say): `save_model` hands it the
+# model in memory (its skeleton, see iropt.io.stream), `save_proto` the staged file.
+ModelCheck = Callable[[onnx.ModelProto | Path], None]
+
+
+def save_model(
+    model: Model,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    check: ModelCheck | None = None,
+) -> Path:
+    """Write `model` atomically to `path`; returns the path written.
+
+    `external_data=None` chooses external data when the tensors would pass the protobuf limit.
+    Refuses to overwrite the file the model was loaded from. `check` (the ONNX checker, say)
+    is given the model to be written, its large tensors as empty placeholders (see
+    `iropt.model_stream`), before anything is written; if it raises, nothing is.
+    """
+    out = Path(path)
+    check_output_path(out, model.input_files())
+    streamed, external = _export_for(model, out, external_data)
+    if check is not None:
+        check(streamed.skeleton)
+    data_name = out.name + ".data"
+    payloads: list[ExternalPayload] = []
+    if external:
+        streamed, payloads = streamed.with_external_data(data_name)
+        if streamed.byte_size() > PROTOBUF_LIMIT:
+            # Too much stays inline (tensors in or read by If/Loop bodies, graph inputs or
+            # outputs, typed fields): onnx's own converter moves every tensor out, copies and all.
+            return save_proto(model.to_onnx(), out, external_data=True, protected=model.input_files(), check=check)
+
+    def write(staged: Path) -> None:
+        _write_file(staged, streamed.write)
+        if payloads:
+            _write_file(staged.parent / data_name, lambda data: ExternalPayload.write_all(payloads, data))
+
+    try:
+        _stage_and_move(out, [data_name] if payloads else [], write)
+    except OSError as error:
+        raise ModelSaveError(f"{out}: could not write the model: {error}") from error
+    return out
+
+
+def _export_for(model: Model, out: Path, external_data: bool | None) -> tuple[StreamedModel, bool]:
+    """The streamed export to write, and whether it goes with external data.
+
+    `None` decides by size: first from the constants (counted once, so an estimate), then from
+    the exact size of the export, which may still be past protobuf's limit.
+    """
+
+    external = external_data
+    if external is None:
+        external = graph_stats(model).parameter_bytes > EXTERNAL_DATA_THRESHOLD
+    streamed = export_streamed(model, EXTERNAL_MIN_BYTES if external else STREAM_MIN_BYTES)
+    if external or streamed.byte_size() <= PROTOBUF_LIMIT:
+        return streamed, external
+    if external_data is False:
+        raise ModelSaveError(
+            f"{out}: the model is {streamed.byte_size()} bytes, past protobuf's 2 GiB limit; "
+            "save it with external data"
+        )
+    return export_streamed(model, EXTERNAL_MIN_BYTES), True
+
+
+def save_proto(
+    proto: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    protected: Collection[Path] = (),
+    check: ModelCheck | None = None,
+) -> Path:
+    """Atomically write a ModelProto; see `save_model`. `protected`: files not to write over
+    (the input model and its data; see `check_output_path`). `check` is given the staged file."""
+    out = Path(path)
+    check_output_path(out, protected)
+    if external_data is None:
+        external_data = tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+    sidecars = [out.name + ".data"] if external_data else []
+
+    def write(staged: Path) -> None:
+        _save_proto_file(proto, staged, external_data)
+        if check is not None:
+            check(staged)
+
+    try:
+        _stage_and_move(out, sidecars, write)
+    except OSError as error:
+        raise ModelSaveError(f"{out}: could not write the model: {error}") from error
+    return out
+
+
+def _save_proto_file(proto: onnx.ModelProto, staged: Path, external_data: bool) -> None:
+    if not external_data:
+        onnx.save_model(proto, str(staged))
+        return
+    onnx.save_model(
+        proto,
+        str(staged),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=staged.name + ".data",
+        size_threshold=1024,
+    )
+
+
+def _write_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    with open(path, "wb") as out:
+        write(out)
+
+
+def _stage_and_move(out: Path, sidecars: list[str], write: Callable[[Path], None]) -> None:
+    """`write(staged)` into a scratch folder beside `out`, then rename into place (atomic per file).
+
+    `sidecars` are the names of files written beside the model (its external data); they are
+    moved first, so a model file never points at data that is not there yet.
+    """
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        staged = Path(tmp) / out.name
+        write(staged)
+        for name in sidecars:
+            if (Path(tmp) / name).exists():  # onnx writes no data file when no tensor needs one
+                os.replace(Path(tmp) / name, out.parent / name)
+        os.replace(staged, out)
+
+
+def check_output_path(out: Path, protected: Collection[Path] = ()) -> None:
+    """ModelSaveError unless a model can be written to `out` without touching `protected`.
+
+    `protected` is what the model was read from (`Model.input_files`: the model, then its
+    external data). Neither `out` nor the data file a save may write beside it (`out` + ".data")
+    may be one of them: the input is never modified.
+    """
+    if not out.parent.is_dir():
+        raise ModelSaveError(f"{out}: the output directory {out.parent} does not exist")
+    if out.is_dir():
+        raise ModelSaveError(f"{out}: is a directory, expected a file name")
+    inputs = [path.resolve() for path in protected]
+    if out.resolve() in inputs[:1]:
+        raise ModelSaveError(
+            f"{out}: refusing to write over the input model; choose another output path with -o"
+        )
+    if out.resolve() in inputs:
+        raise ModelSaveError(
+            f"{out}: refusing to write over the input model's external data file; choose another "
+            "output path with -o"
+        )
+    sidecar = out.parent / (out.name + ".data")
+    if sidecar.resolve() in inputs:
+        raise ModelSaveError(
+            f"{out}: its external data would go to {sidecar}, the input model's own external data "
+            "file; choose another output path with -o"
+        )
+

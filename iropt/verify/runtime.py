@@ -1,0 +1,177 @@
+"""Running a model in ONNX Runtime: the one place sessions are built, and the reference runner.
+
+Verification runs the reference (ORT on the CPU with its graph optimizations off, so the model as
+written, not ORT's rewrite of it) and candidates through `Runner`, the interface every back end's
+compiled model also offers (`run(feeds) -> outputs`). The ORT back end (`iropt.lowering.ort`)
+builds its sessions here too.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from iropt.errors import UserError, first_line
+from iropt.io.save import save_model, save_proto
+from iropt.io.stream import export_streamed
+from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, PROTOBUF_LIMIT, Model, graph_stats, tensor_bytes
+from iropt.verify.runner import Runner
+
+OptimizationLevel = Literal["disable", "basic", "extended", "layout", "all"]
+
+_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    # ORT_ENABLE_LAYOUT arrived in ORT 1.22; older versions fold it into "all".
+    "layout": getattr(
+        ort.GraphOptimizationLevel, "ORT_ENABLE_LAYOUT", ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    ),
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+# Models whose tensors exceed the protobuf limit cannot be handed to ORT as bytes; they go
+# through a temporary file with external data. A module constant so tests can lower it.
+IN_MEMORY_LIMIT = EXTERNAL_DATA_THRESHOLD
+
+# ORT's log severity: 3 = errors only. Its warnings (unused initializers, fallbacks) are noise
+# in iropt's output; failures still come back as exceptions.
+_LOG_ERRORS_ONLY = 3
+# A failed run is raised as a UserError with ORT's message; ORT printing it too is noise.
+_LOG_FATAL_ONLY = 4
+
+ModelLike = Model | onnx.ModelProto | str | os.PathLike[str]
+
+
+class OrtRunner:
+    """Runs an InferenceSession: `run(feeds) -> {output_name: array}`."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = _LOG_FATAL_ONLY
+
+    @classmethod
+    def from_model(cls, model: ModelLike, **session_options: Any) -> OrtRunner:
+        """A runner for `model`; `session_options` are those of `make_session`."""
+        return cls(make_session(model, **session_options))
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # Only the session's own inputs: a feed may carry arrays for inputs a rewrite removed
+        # (an unused input); a missing input is still ORT's error.
+        wanted = {name: feeds[name] for name in self.input_names if name in feeds}
+        try:
+            values = self.session.run(self.output_names, wanted, self._run_options)
+        except Exception as error:
+            raise UserError(f"ONNX Runtime failed to run the model: {first_line(error)}") from error
+        return {name: _as_array(value) for name, value in zip(self.output_names, values, strict=True)}
+
+
+def _as_array(value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    # Sequence and map outputs: kept as an object array so every output is an ndarray.
+    array = np.empty(1, dtype=object)
+    array[0] = value
+    return array
+
+
+def make_session(
+    model: ModelLike,
+    *,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    optimization_level: OptimizationLevel = "all",
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 0,
+    optimized_model_path: Path | None = None,
+    save_ort_format: bool = False,
+) -> ort.InferenceSession:
+    """An InferenceSession for `model` (a Model, a ModelProto or a path).
+
+    `optimized_model_path` makes ORT write the model after its graph optimizations (as an ORT
+    format file with `save_ort_format=True`). Raises UserError for an unknown provider or a
+    model ORT cannot load.
+    """
+    check_providers(providers)
+    if optimization_level not in _LEVELS:
+        raise UserError(
+            f"unknown optimization_level '{optimization_level}'; choose one of: {', '.join(_LEVELS)}"
+        )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _LEVELS[optimization_level]
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    options.log_severity_level = _LOG_ERRORS_ONLY
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+        if save_ort_format:
+            options.add_session_config_entry("session.save_model_format", "ORT")
+    if isinstance(model, (str, os.PathLike)):
+        return _create(str(model), options, providers)
+    write: Callable[[Path], Path]
+    if isinstance(model, Model):
+        if graph_stats(model).parameter_bytes <= IN_MEMORY_LIMIT:  # an estimate: checked below
+            # Serialized by the streaming writer: the weights are copied once, not four times.
+            streamed = export_streamed(model)
+            if streamed.byte_size() <= PROTOBUF_LIMIT:
+                return _create(streamed.to_bytes(), options, providers)
+        write = functools.partial(save_model, model, external_data=True)
+    else:
+        if tensor_bytes(model) <= IN_MEMORY_LIMIT:
+            return _create(model.SerializeToString(), options, providers)
+        write = functools.partial(save_proto, model, external_data=True)
+    _externalize_optimized(options, optimized_model_path, save_ort_format)
+    # Too big for one protobuf message: written with its data beside it for ORT to read. ORT
+    # reads (or maps) the data while the session is created; on Linux a mapped file stays
+    # valid after its name is removed, elsewhere the cleanup error is ignored.
+    with tempfile.TemporaryDirectory(prefix="iropt-ort-", ignore_cleanup_errors=True) as tmp:
+        return _create(str(write(Path(tmp) / "model.onnx")), options, providers)
+
+
+def _externalize_optimized(
+    options: ort.SessionOptions, optimized_model_path: Path | None, save_ort_format: bool
+) -> None:
+    """A large optimized model must be written with its tensors beside it, as ONNX demands."""
+    if optimized_model_path is not None and not save_ort_format:
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", optimized_model_path.name + ".data"
+        )
+
+
+def _create(
+    model: str | bytes, options: ort.SessionOptions, providers: Sequence[str]
+) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(model, sess_options=options, providers=list(providers))
+    except Exception as error:
+        raise UserError(f"ONNX Runtime cannot run this model: {first_line(error)}") from error
+
+
+def check_providers(providers: Sequence[str]) -> None:
+    """UserError unless every provider is available in this ONNX Runtime build."""
+    available = ort.get_available_providers()
+    if not providers:
+        raise UserError(f"ort: give at least one provider; available here: {', '.join(available)}")
+    for provider in providers:
+        if provider not in available:
+            raise UserError(
+                f"ort: execution provider '{provider}' is not available in this ONNX Runtime build; "
+                f"available: {', '.join(available)}"
+            )
+
+
+
+
+def reference_runner(model: Model) -> Runner:
+    """ONNX Runtime on the CPU with graph optimizations disabled; UserError if ORT cannot load it."""
+    return OrtRunner(make_session(model, providers=["CPUExecutionProvider"], optimization_level="disable"))
