@@ -59,9 +59,10 @@ def prune_model(
     groups = [group for group in analysis.groups if group.units]
     grams: dict[int, GramStats] = {}
     if settings.importance in DATA_CRITERIA and feeds is not None and settings.budget.ratio > 0:
-        grams = consumer_grams(
-            model, [c.layout for c in analysis.consumers], feeds(), runner_factory, settings.batch_size
-        )
+        prunable = {unit.root for group in groups for unit in group.prunable}
+        readers = [c.layout for c in analysis.consumers
+                   if any(analysis.uf.find(int(a)) in prunable for a in c.atoms)]
+        grams = consumer_grams(model, readers, feeds(), runner_factory, settings.batch_size)
 
     def rank(group: Group, limit: int) -> Ranked:
         return rank_group(analysis, group, settings.importance, grams, limit)

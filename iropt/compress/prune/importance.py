@@ -136,31 +136,63 @@ def _activation(analysis: Analysis, group: Group, grams: dict[int, GramStats]) -
 
 def _greedy_output_error(analysis: Analysis, group: Group, grams: dict[int, GramStats], limit: int) -> Ranked:
     states = _consumer_states(analysis, group, grams)
-    remaining = [unit.root for unit in group.prunable]
+    units = [unit.root for unit in group.prunable]
     if not states:
         # No consumer saw data (a group read only by ops we cannot model): fall back to l1.
         scores = _normalized(_weight_norm(analysis, group, 1))
-        return sorted(((r, scores.get(r, 0.0)) for r in remaining), key=lambda item: (item[1], item[0]))
+        return sorted(((r, scores.get(r, 0.0)) for r in units), key=lambda item: (item[1], item[0]))
     inverses = []
     for state in states:
         damping = OBS_DAMPING * float(np.mean(np.diag(state.moment))) + TINY
         inverses.append(np.linalg.inv(state.moment + damping * np.eye(len(state.moment))))
+    layouts = [_BlockLayout.of(state, units) for state in states]
+    alive = np.ones(len(units), dtype=bool)
     order: Ranked = []
-    while remaining and len(order) < limit:
-        errors = {root: 0.0 for root in remaining}
-        for state, inverse in zip(states, inverses, strict=False):
-            for root in remaining:
-                columns = state.blocks.get(root)
-                if columns is not None:
-                    errors[root] += _block_error(state.weight, inverse, columns) / state.energy
-        chosen = min(remaining, key=lambda root: (errors[root], root))
-        for state, inverse in zip(states, inverses, strict=False):
-            columns = state.blocks.get(chosen)
+    while alive.any() and len(order) < limit:
+        errors = np.zeros(len(units))
+        for state, inverse, blocks in zip(states, inverses, layouts, strict=True):
+            blocks.add_errors(errors, state, inverse)
+        errors[~alive] = np.inf
+        chosen = int(np.argmin(errors))
+        for state, inverse in zip(states, inverses, strict=True):
+            columns = state.blocks.get(units[chosen])
             if columns is not None:
                 _remove_block(state, inverse, columns)
-        order.append((chosen, errors[chosen]))
-        remaining.remove(chosen)
+        order.append((units[chosen], float(errors[chosen])))
+        alive[chosen] = False
     return order
+
+
+@dataclass
+class _BlockLayout:
+    """A consumer's unit blocks split into single columns (vectorized) and wider blocks."""
+
+    single_units: np.ndarray
+    single_columns: np.ndarray
+    wide: list[tuple[int, np.ndarray]]
+
+    @classmethod
+    def of(cls, state: _ConsumerState, units: list[int]) -> _BlockLayout:
+        singles: list[tuple[int, int]] = []
+        wide: list[tuple[int, np.ndarray]] = []
+        for index, root in enumerate(units):
+            columns = state.blocks.get(root)
+            if columns is None:
+                continue
+            if len(columns) == 1:
+                singles.append((index, int(columns[0])))
+            else:
+                wide.append((index, columns))
+        pairs = np.array(singles, dtype=np.int64).reshape(-1, 2)
+        return cls(pairs[:, 0], pairs[:, 1], wide)
+
+    def add_errors(self, errors: np.ndarray, state: _ConsumerState, inverse: np.ndarray) -> None:
+        if len(self.single_columns):
+            columns = self.single_columns
+            diagonal = np.maximum(np.diag(inverse)[columns], TINY)
+            np.add.at(errors, self.single_units, (state.weight[:, columns] ** 2).sum(axis=0) / diagonal / state.energy)
+        for index, columns in self.wide:
+            errors[index] += _block_error(state.weight, inverse, columns) / state.energy
 
 
 def _block_error(weight: np.ndarray, inverse: np.ndarray, columns: np.ndarray) -> float:

@@ -37,10 +37,11 @@ class GramStats:
         self.xtx = np.zeros((self.features + 1, self.features + 1))
 
     def add(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
-        augmented = np.concatenate([x, np.ones((x.shape[0], 1), dtype=x.dtype)], axis=1).astype(np.float64)
+        # One batch's products in float32 (fast), summed across batches in float64.
+        augmented = np.concatenate([x, np.ones((x.shape[0], 1), dtype=x.dtype)], axis=1).astype(np.float32)
         self.xtx += augmented.T @ augmented
         if y is not None:
-            cross = augmented.T @ y.astype(np.float64)
+            cross = (augmented.T @ y.astype(np.float32)).astype(np.float64)
             self.xty = cross if self.xty is None else self.xty + cross
         self.rows += x.shape[0]
 
