@@ -144,12 +144,16 @@ def test_ffn_hidden_dimension_is_one_group() -> None:
     assert_prunes_exactly(ffn())
 
 
-def test_attention_heads_and_layernorm_stream_are_refused_with_reasons() -> None:
-    analysis = analyze(load_model("golden_models/transformer.onnx"))
-    reasons = _reasons(analysis)
-    assert "Reshape splits or mixes the channel axis" in reasons
+def test_attention_heads_are_units_and_the_head_reshapes_follow() -> None:
+    model = load_model("golden_models/transformer.onnx")
+    analysis = analyze(model)
+    heads = [g for g in analysis.groups if len(g.producers) == 3]  # q, k and v projections
+    assert len(heads) == 1 and len(heads[0].prunable) == 4
     hidden = [g for g in analysis.groups if len(g.units) == 128]
     assert len(hidden) == 1 and len(hidden[0].prunable) == 128
+    pruned = assert_prunes_exactly(model)
+    shapes = {n.name: list(n.inputs[1].values) for n in pruned.graph.nodes if n.op == "Reshape"}
+    assert shapes["attn_q_reshape"] == [0, 0, 2, 16] and shapes["attn_merge_reshape"] == [0, 0, 32]
 
 
 @pytest.mark.parametrize(
@@ -161,7 +165,9 @@ def test_attention_heads_and_layernorm_stream_are_refused_with_reasons() -> None
         (lambda net, y: net.op("ReduceMean", [y], axes=[1]), "reduces over the channel axis"),
         (lambda net, y: net.op("Reshape", [y, net.const(np.array([2, 4, 2, 36], dtype=np.int64))]),
          "Reshape"),
-        (lambda net, y: net.op("MatMul", [y, y]), "MatMul between two activations"),
+        (lambda net, y: net.op("MatMul", [net.op("Transpose", [y], perm=[0, 2, 3, 1]),
+                                          net.op("Transpose", [y], perm=[0, 2, 1, 3])]),
+         "MatMul between two activations on a non-batch axis"),
         (lambda net, y: net.op("Pad", [y, net.const(np.array([0, 1, 0, 0, 0, 1, 0, 0], dtype=np.int64))]),
          "pads the channel axis"),
     ],

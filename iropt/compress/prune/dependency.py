@@ -586,6 +586,9 @@ class _Walker:
         elif result[cmap.axis] == len(cmap.atoms) and None not in trailing and int(
                 np.prod(trailing, dtype=np.int64)) == inner_size:  # type: ignore[arg-type]
             atoms = cmap.atoms  # the channel axis kept, trailing axes regrouped
+        elif not inner and len(trailing) == 1 and trailing[0] and result[cmap.axis] and \
+                result[cmap.axis] * trailing[0] == len(cmap.atoms):
+            atoms = self.split_heads(cmap.atoms, int(result[cmap.axis]))
         else:
             self.refuse(node, "Reshape splits or mixes the channel axis")
             return
@@ -595,6 +598,14 @@ class _Walker:
             self.refuse(node, "Reshape copies a dimension that changes")
             return
         self.pass_through(node, ChannelMap(cmap.axis, len(result), atoms))
+
+    def split_heads(self, atoms: np.ndarray, heads: int) -> np.ndarray:
+        """[.., H * Dh] -> [.., H, Dh]: the channels of one head become one unit, on the head axis."""
+        blocks = atoms.reshape(heads, -1)
+        for row in blocks:
+            for atom in row[1:]:
+                self.uf.union(int(row[0]), int(atom))
+        return blocks[:, 0].copy()
 
     def squeeze_like(self, node: gs.Node) -> None:
         cmap = self.maps[node.inputs[0].name]
@@ -632,7 +643,16 @@ class _Walker:
         self.pass_through(node, ChannelMap(axis, cmap.rank if keep else cmap.rank - len(axes), cmap.atoms))
 
     def mapped_matmul(self, node: gs.Node) -> None:
-        self.refuse(node, "MatMul between two activations")
+        """A MatMul of two activations (attention): heads on a batch axis of both line up."""
+        maps = [self.maps.get(t.name) for t in node.inputs[:2]]
+        first, second = maps
+        if first is None or second is None or first.rank != second.rank or first.axis != second.axis \
+                or first.axis >= first.rank - 2 or len(first.atoms) != len(second.atoms):
+            self.refuse(node, "MatMul between two activations on a non-batch axis")
+            return
+        for a, b in zip(first.atoms, second.atoms, strict=True):
+            self.uf.union(int(a), int(b))
+        self.pass_through(node, first)
 
 
 _RULES = {
