@@ -173,7 +173,7 @@ def build_text_encoder(cache: Path, config: EncoderConfig = EncoderConfig(), *, 
     np.savez(files.calibration, ids=windows(data[:split], config.seq, 256, seed=1))
     np.savez(files.test, ids=windows(data[split:], config.seq, 128, seed=2))
     meta = {"masked_byte_accuracy": round(accuracy, 4), "train_seconds": round(time.perf_counter() - start, 1),
-            "config": asdict(config), "text_bytes": int(len(data))}
+            "config": asdict(config), "text_bytes": len(data)}
     meta_path.write_text(json.dumps(meta, indent=2))
     return EncoderFiles(files.model, files.calibration, files.test, meta)
 

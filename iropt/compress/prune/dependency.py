@@ -261,6 +261,12 @@ def _rank(shape: Shape | None) -> int | None:
     return None if shape is None else len(shape)
 
 
+def _is_head_split(inner: Shape, heads: int | None, trailing: Shape, channels: int) -> bool:
+    """[.., C] -> [.., H, C / H]: the last axis split into heads of equal width."""
+    return not inner and len(trailing) == 1 and bool(heads) and bool(trailing[0]) and \
+        (heads or 0) * (trailing[0] or 0) == channels
+
+
 def _ints(tensor: gs.Tensor) -> list[int] | None:
     value = constant_value(tensor)
     return None if value is None else [int(v) for v in np.asarray(value).ravel()]
@@ -586,9 +592,8 @@ class _Walker:
         elif result[cmap.axis] == len(cmap.atoms) and None not in trailing and int(
                 np.prod(trailing, dtype=np.int64)) == inner_size:  # type: ignore[arg-type]
             atoms = cmap.atoms  # the channel axis kept, trailing axes regrouped
-        elif not inner and len(trailing) == 1 and trailing[0] and result[cmap.axis] and \
-                result[cmap.axis] * trailing[0] == len(cmap.atoms):
-            atoms = self.split_heads(cmap.atoms, int(result[cmap.axis]))
+        elif _is_head_split(inner, result[cmap.axis], trailing, len(cmap.atoms)):
+            atoms = self.split_heads(cmap.atoms, int(result[cmap.axis] or 0))
         else:
             self.refuse(node, "Reshape splits or mixes the channel axis")
             return
