@@ -12,14 +12,13 @@ verification reference runner uses it too, with graph optimizations disabled.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from iropt.infra.backend import Backend
 from iropt.infra.registry import register_backend
+from iropt.io.save import publish_atomically
 from iropt.ir.model import Model
 from iropt.verify.runtime import OptimizationLevel, OrtRunner, check_providers, make_session
 
@@ -68,13 +67,13 @@ class OrtBackend(Backend):
     def _save(self, model: Model, onnx_path: Path, suffix: str, *, ort_format: bool) -> Path:
         stem = onnx_path.name.removesuffix(".onnx")
         target = onnx_path.with_name(stem + suffix)
-        # Written into a scratch folder beside the target and moved in place, so a failed
-        # session never leaves half a file under the final name.
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
-            staged = Path(tmp) / target.name
-            make_session(
+        # ORT writes the optimized model's tensors beside it past the protobuf limit.
+        sidecars = [] if ort_format else [target.name + ".data"]
+        publish_atomically(
+            target,
+            sidecars,
+            lambda staged: make_session(
                 model, optimized_model_path=staged, save_ort_format=ort_format, **self._session_options()
-            )
-            for produced in sorted(Path(tmp).iterdir()):
-                os.replace(produced, target.parent / produced.name)
+            ),
+        )
         return target

@@ -7,6 +7,7 @@ one-paragraph message and no traceback; `-v` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import sys
@@ -15,7 +16,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from iropt import __version__
 from iropt.errors import IroptError, UserError, VerificationError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "quantization and back ends, driven by schedule files.",
         parents=[common],
     )
-    parser.add_argument("--version", action="version", version=f"iropt {__version__}")
+    parser.add_argument("--version", action="version", version=f"iropt {importlib.metadata.version('iropt')}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_run(sub, common)
     _add_passes(sub, common)
@@ -98,7 +98,9 @@ def _add_run(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--inputs", help="verification inputs: .npz, folder of .npy/.npz, or module:function "
                    "(default: generated from the declared shapes)")
     p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
-                   help="concrete shape for a dynamic input, e.g. x:1x3x224x224 (repeatable)")
+                   help="concrete shape for a dynamic input, e.g. x:1x3x224x224 (repeatable); "
+                   "MIN,OPT,MAX such as x:1x3x224x224,4x3x224x224,8x3x224x224 gives a TensorRT "
+                   "profile range (verification uses OPT)")
     p.add_argument("--report", type=Path, help="write a JSON report here")
     p.add_argument("--verify-each", action="store_true", help="verify after every pass")
     p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
@@ -107,6 +109,10 @@ def _add_run(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--check-each", action="store_true",
                    help="run the ONNX checker after every pass (the result is always checked)")
     p.add_argument("--no-emit", action="store_true", help="do not write the target back end's artefacts")
+    p.add_argument("--triton", type=Path, metavar="DIR",
+                   help="also write a Triton model repository entry: DIR/NAME/config.pbtxt and "
+                   "DIR/NAME/1/model.onnx (model.plan with target tensorrt)")
+    p.add_argument("--triton-name", metavar="NAME", help="the Triton model name (default: the input's stem)")
     p.set_defaults(handler=_cmd_run)
 
 
@@ -114,18 +120,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from iropt.app.console import PhaseProgress, make_progress, pass_table, stdout
     from iropt.app.optimize import RunOptions, optimize, raise_if_unverified
     from iropt.app.report import outcome_to_dict, write_report
-    from iropt.verify.feeds import parse_shape_overrides
+    from iropt.verify.feeds import parse_shape_ranges
 
     if args.report is not None and not args.report.resolve().parent.is_dir():
         raise UserError(f"{args.report}: the report's directory does not exist")
     build_progress = PhaseProgress(not args.quiet)
+    shape_ranges = parse_shape_ranges(args.shape)
     options = RunOptions(
         schedule=args.schedule,
         model=args.model,
         output=args.output,
         calibration=args.calibration,
         inputs=args.inputs,
-        shapes=parse_shape_overrides(args.shape),
+        shapes={name: list(r.opt) for name, r in shape_ranges.items()},
+        shape_ranges=shape_ranges,
         verify=not args.no_verify,
         verify_each=args.verify_each,
         force=args.force,
@@ -133,6 +141,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         check_each=args.check_each,
         emit=not args.no_emit,
         build_progress=build_progress,
+        triton=args.triton,
+        triton_name=args.triton_name,
     )
     try:
         outcome = optimize(options, progress=make_progress(not args.quiet))
@@ -148,9 +158,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             status = "passed" if comparison.passed else "FAILED"
             stdout.print(f"verification {status} ({comparison.criterion.describe()}):", markup=False)
             stdout.print(comparison.summary(), markup=False)
+        for line in outcome.target_lines:
+            stdout.print(line, markup=False)
         if outcome.output is not None:
             stdout.print(f"wrote {outcome.output}", markup=False)
-        for path in outcome.emitted:
+        for path in [*outcome.emitted, *outcome.triton_files]:
             stdout.print(f"wrote {path}", markup=False)
     raise_if_unverified(outcome)
     return 0

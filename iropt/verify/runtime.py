@@ -8,10 +8,8 @@ builds its sessions here too.
 
 from __future__ import annotations
 
-import functools
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from iropt.errors import UserError, first_line
-from iropt.io.save import save_model, save_proto
+from iropt.io.save import spilled_model_file
 from iropt.io.stream import export_streamed
 from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, PROTOBUF_LIMIT, Model, graph_stats, tensor_bytes
 from iropt.verify.runner import Runner
@@ -118,24 +116,20 @@ def make_session(
             options.add_session_config_entry("session.save_model_format", "ORT")
     if isinstance(model, (str, os.PathLike)):
         return _create(str(model), options, providers)
-    write: Callable[[Path], Path]
     if isinstance(model, Model):
         if graph_stats(model).parameter_bytes <= IN_MEMORY_LIMIT:  # an estimate: checked below
             # Serialized by the streaming writer: the weights are copied once, not four times.
             streamed = export_streamed(model)
             if streamed.byte_size() <= PROTOBUF_LIMIT:
                 return _create(streamed.to_bytes(), options, providers)
-        write = functools.partial(save_model, model, external_data=True)
-    else:
-        if tensor_bytes(model) <= IN_MEMORY_LIMIT:
-            return _create(model.SerializeToString(), options, providers)
-        write = functools.partial(save_proto, model, external_data=True)
+    elif tensor_bytes(model) <= IN_MEMORY_LIMIT:
+        return _create(model.SerializeToString(), options, providers)
     _externalize_optimized(options, optimized_model_path, save_ort_format)
     # Too big for one protobuf message: written with its data beside it for ORT to read. ORT
     # reads (or maps) the data while the session is created; on Linux a mapped file stays
-    # valid after its name is removed, elsewhere the cleanup error is ignored.
-    with tempfile.TemporaryDirectory(prefix="iropt-ort-", ignore_cleanup_errors=True) as tmp:
-        return _create(str(write(Path(tmp) / "model.onnx")), options, providers)
+    # valid after its name is removed.
+    with spilled_model_file(model) as path:
+        return _create(str(path), options, providers)
 
 
 def _externalize_optimized(
