@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from iropt.compress.prune.layout import WeightLayout, weight_layout
+from iropt.compress.prune.layout import WeightedNode, weighted_node
 from iropt.ir.graph import constant_value, is_op
 from iropt.ir.model import Model
 
@@ -100,7 +100,7 @@ class ChannelMap:
 class Producer:
     """A weighted node whose output channels are atoms."""
 
-    layout: WeightLayout
+    layout: WeightedNode
     atoms: np.ndarray
 
 
@@ -108,7 +108,7 @@ class Producer:
 class Consumer:
     """A weighted node whose input channels (weight columns along `in_axis`) follow `atoms`."""
 
-    layout: WeightLayout
+    layout: WeightedNode
     atoms: np.ndarray
 
 
@@ -313,7 +313,7 @@ class _Walker:
 
     def visit(self, node: gs.Node) -> None:
         mapped = [t for t in node.inputs if t.name in self.maps]
-        layout = weight_layout(node)
+        layout = weighted_node(node)
         if layout is not None:
             self.weighted(node, layout)
             return
@@ -330,7 +330,7 @@ class _Walker:
 
     # --- producers and consumers -------------------------------------------------------------
 
-    def weighted(self, node: gs.Node, layout: WeightLayout) -> None:
+    def weighted(self, node: gs.Node, layout: WeightedNode) -> None:
         source = self.maps.get(node.inputs[0].name)
         weight = layout.weight
         if is_op(node, "Conv") and layout.groups > 1:
@@ -348,7 +348,7 @@ class _Walker:
                 self.consumers.append(Consumer(layout, source.atoms))
         self.new_space(node, layout, frozen=f"excluded: '{node.name}'" if self.excluded(node) else None)
 
-    def new_space(self, node: gs.Node, layout: WeightLayout, frozen: str | None) -> None:
+    def new_space(self, node: gs.Node, layout: WeightedNode, frozen: str | None) -> None:
         output = node.outputs[0]
         if is_op(node, "Gemm"):
             rank: int | None = 2
@@ -365,7 +365,7 @@ class _Walker:
         self.producers.append(Producer(layout, atoms))
         self.maps[output.name] = ChannelMap(axis, rank, atoms)
 
-    def grouped_conv(self, node: gs.Node, layout: WeightLayout, source: ChannelMap | None) -> None:
+    def grouped_conv(self, node: gs.Node, layout: WeightedNode, source: ChannelMap | None) -> None:
         weight = layout.weight
         depthwise = weight.shape[1] == 1 and weight.shape[0] == layout.groups
         if source is not None and depthwise and source.axis == 1 and len(source.atoms) == layout.groups:

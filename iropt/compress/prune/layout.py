@@ -1,9 +1,9 @@
-"""Where the channels of a weighted op's constant weight lie.
+"""A weighted node as pruning sees it: its constant weight, bias, channel axes and matrix view.
 
-Conv weights are `[C_out, C_in / groups, *kernel]`; ConvTranspose weights `[C_in, C_out / groups,
-*kernel]`; Gemm's B is `[K, N]`, or `[N, K]` with `transB=1`; a MatMul's constant right-hand side
-is `[K, N]`. Pruning slices these along the output axis (the producer's channels) or the input
-axis (the consumer's channels), and reconstruction views them as an `[out, in * kernel]` matrix.
+The axes come from `iropt.ir.channels` (the one statement of the weight layouts); this adds what
+pruning needs on top: the node, where its bias input is, and an `[out, in * kernel]` matrix view
+for importance and least-squares reconstruction. Pruning handles what a single axis indexes:
+a transA Gemm and a MatMul whose weight is not 2-D are left alone.
 """
 
 from __future__ import annotations
@@ -13,19 +13,23 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from iropt.ir.channels import weight_layout
 from iropt.ir.graph import constant_value, is_op
+
+WEIGHT_INPUT = 1
+BIAS_INPUT = 2  # Conv, ConvTranspose and Gemm (C); MatMul has none
 
 
 @dataclass(frozen=True)
-class WeightLayout:
-    """The constant weight of `node`: its input index, channel axes, bias input and groups."""
+class WeightedNode:
+    """`node`'s constant weight (input 1): output and input channel axes, bias input, groups."""
 
     node: gs.Node
-    weight_input: int
     out_axis: int
     in_axis: int
     bias_input: int | None
     groups: int
+    weight_input: int = WEIGHT_INPUT
 
     @property
     def weight(self) -> np.ndarray:
@@ -52,19 +56,17 @@ class WeightLayout:
         return np.moveaxis(moved, (0, 1), (self.out_axis, self.in_axis)).astype(like.dtype)
 
 
-def weight_layout(node: gs.Node) -> WeightLayout | None:
-    """The layout of `node`'s constant weight, or None when it has none that pruning understands."""
-    if len(node.inputs) < 2 or constant_value(node.inputs[1]) is None:
+def weighted_node(node: gs.Node) -> WeightedNode | None:
+    """`node` as a weighted node, or None when it has no constant weight pruning understands."""
+    if not is_op(node, "Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) <= WEIGHT_INPUT:
         return None
-    rank = len(node.inputs[1].shape or ())
-    groups = int(node.attrs.get("group", 1))
-    if is_op(node, "Conv") and rank >= 3:
-        return WeightLayout(node, 1, 0, 1, 2, groups)
-    if is_op(node, "ConvTranspose") and rank >= 3:
-        return WeightLayout(node, 1, 1, 0, 2, groups)
-    if is_op(node, "Gemm") and rank == 2 and not node.attrs.get("transA", 0):
-        trans_b = bool(node.attrs.get("transB", 0))
-        return WeightLayout(node, 1, 0 if trans_b else 1, 1 if trans_b else 0, 2, 1)
-    if is_op(node, "MatMul") and rank == 2:
-        return WeightLayout(node, 1, 1, 0, None, 1)
-    return None
+    weight = constant_value(node.inputs[WEIGHT_INPUT])
+    if weight is None or weight.ndim < 2 or (is_op(node, "Conv", "ConvTranspose") and weight.ndim < 3):
+        return None
+    if (is_op(node, "Gemm") and node.attrs.get("transA", 0)) or (is_op(node, "MatMul") and weight.ndim != 2):
+        return None
+    layout = weight_layout(node, weight.ndim)
+    if layout is None:
+        return None
+    bias = None if is_op(node, "MatMul") else BIAS_INPUT
+    return WeightedNode(node, layout.out_axis, layout.in_axis, bias, layout.groups)

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from iropt.compress.prune.dependency import Analysis
-from iropt.compress.prune.layout import WeightLayout
+from iropt.compress.prune.layout import WeightedNode
 from iropt.compress.prune.statistics import Feeds, GramStats, input_rows, output_rows, run_batches
 from iropt.ir.graph import FreshNames, is_op
 from iropt.ir.model import Model
@@ -75,7 +75,7 @@ def _kept_outputs(analysis: Analysis, removed: set[int]) -> dict[int, np.ndarray
     }
 
 
-def _ready(graph: gs.Graph, pending: dict[int, WeightLayout]) -> list[WeightLayout]:
+def _ready(graph: gs.Graph, pending: dict[int, WeightedNode]) -> list[WeightedNode]:
     """Pending consumers with no other pending consumer upstream."""
     upstream: dict[int, set[int]] = {}
     for node in graph.nodes:
@@ -92,7 +92,7 @@ def _ready(graph: gs.Graph, pending: dict[int, WeightLayout]) -> list[WeightLayo
 def _accumulate(
     original: Model,
     pruned: Model,
-    wave: list[WeightLayout],
+    wave: list[WeightedNode],
     kept_out: dict[int, np.ndarray],
     feeds: FeedFactory,
     runner_factory: Callable[[Model], Runner],
@@ -116,7 +116,7 @@ def _accumulate(
     return grams
 
 
-def _refit(graph: gs.Graph, layout: WeightLayout, gram: GramStats, ridge: float) -> None:
+def _refit(graph: gs.Graph, layout: WeightedNode, gram: GramStats, ridge: float) -> None:
     node = layout.node
     weight = layout.weight
     alpha = float(node.attrs.get("alpha", 1.0)) if is_op(node, "Gemm") else 1.0
@@ -140,7 +140,7 @@ def _refit(graph: gs.Graph, layout: WeightLayout, gram: GramStats, ridge: float)
     _set_bias(graph, node, layout, new_b)
 
 
-def _set_bias(graph: gs.Graph, node: gs.Node, layout: WeightLayout, bias: np.ndarray) -> None:
+def _set_bias(graph: gs.Graph, node: gs.Node, layout: WeightedNode, bias: np.ndarray) -> None:
     fresh = FreshNames(graph.tensors().keys())
     constant = gs.Constant(fresh(f"{node.name or node.op}_bias_refit"), bias)
     if layout.bias_input is not None:

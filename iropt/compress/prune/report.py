@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from iropt.compress.prune.dependency import Analysis, Group, Shape
-from iropt.compress.prune.layout import weight_layout
+from iropt.compress.prune.layout import weighted_node
 from iropt.ir.graph import is_op
 from iropt.ir.model import Model
 
@@ -35,7 +35,7 @@ def layer_rows(model: Model, shapes: dict[str, Shape]) -> dict[str, dict[str, An
     """Parameters and MACs of every weighted layer, by node name."""
     rows: dict[str, dict[str, Any]] = {}
     for index, node in enumerate(model.graph.nodes):
-        layout = weight_layout(node)
+        layout = weighted_node(node)
         if layout is None:
             continue
         weight = layout.weight

@@ -1,7 +1,7 @@
 """Streaming second-order statistics of weighted layers' inputs, for importance and reconstruction.
 
 A consumer `y = W x + b` sees its input as rows of features: a Conv through im2col (one row per
-output position, the features `C_in * kernel` in the order of `WeightLayout.as_matrix`), a Gemm
+output position, the features `C_in * kernel` in the order of `WeightedNode.as_matrix`), a Gemm
 or MatMul as its input's last axis. Per consumer we accumulate, one batch at a time, the Gram
 matrix of `[x, 1]` and, when a target is given, its cross product with the target output rows:
 memory is `(K + 1)^2 + (K + 1) * M` floats whatever the number of samples.
@@ -16,7 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from iropt.compress.calibration import split_batches, with_outputs
-from iropt.compress.prune.layout import WeightLayout
+from iropt.compress.prune.layout import WeightedNode
 from iropt.ir.graph import is_op
 from iropt.ir.model import Model
 from iropt.verify.runner import Runner
@@ -51,13 +51,13 @@ class GramStats:
         return self.xtx[:-1, :-1] / max(self.rows, 1)
 
 
-def kernel_size(layout: WeightLayout) -> int:
+def kernel_size(layout: WeightedNode) -> int:
     """Weight columns per input channel in `as_matrix` order (the kernel's spatial size)."""
     shape = layout.weight.shape
     return int(np.prod([d for axis, d in enumerate(shape) if axis not in (layout.out_axis, layout.in_axis)]))
 
 
-def input_rows(node: gs.Node, x: np.ndarray, layout: WeightLayout) -> np.ndarray | None:
+def input_rows(node: gs.Node, x: np.ndarray, layout: WeightedNode) -> np.ndarray | None:
     """The consumer's input as rows of features, or None for an op reconstruction cannot model."""
     if is_op(node, "Conv") and layout.groups == 1:
         return im2col(x, node, layout.weight.shape[2:])
@@ -130,7 +130,7 @@ def run_batches(
 
 def consumer_grams(
     model: Model,
-    layouts: list[WeightLayout],
+    layouts: list[WeightedNode],
     feeds: Iterable[Feeds],
     runner_factory: Callable[[Model], Runner],
     batch_size: int,
