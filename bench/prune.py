@@ -237,7 +237,7 @@ def bench_transformer() -> str:
     want = _session(base, 2).run(None, test)[0]
     base_params = _matmul_params(base)
     rows = []
-    for ratio in (0.3, 0.4, 0.5):
+    for ratio in (0.35, 0.5):
         for criterion, refit in (("l1", False), ("output_error", False), ("output_error", True)):
             model, info, spent = _prune(files.model, str(files.calibration), ratio=ratio, importance=criterion,
                                         reconstruct=refit)
