@@ -198,3 +198,16 @@ def test_excluded_producers_keep_their_channels() -> None:
     conv = next(n for n in model.graph.nodes if n.op == "Conv")
     analysis = analyze(model, exclude_nodes=[conv.name])
     assert f"excluded: '{conv.name}'" in _reasons(analysis)
+
+
+def test_conv_transpose_reads_and_produces_channels_and_spatial_ops_pass_them() -> None:
+    net = Net()
+    y = net.cbr("x", 4, 8)
+    y = net.op("Pad", [y, net.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64))])
+    y = net.op("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 2])
+    up = net.op("ConvTranspose", [y, net.weight([8, 6, 2, 2]), net.const(np.zeros(6, np.float32))], strides=[2, 2])
+    up = net.op("Resize", [up, "", net.const(np.array([1, 1, 2, 2], dtype=np.float32))], mode="nearest")
+    model = net.model(IMAGE, [net.head(net.cbr(net.op("Relu", [up]), 6, 8), 8)])
+    analysis = analyze(model)
+    assert sorted(len(g.prunable) for g in analysis.groups) == [0, 6, 8, 8]
+    assert_prunes_exactly(model)
