@@ -23,8 +23,21 @@ Handler = Callable[[argparse.Namespace], int]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `iropt` console script."""
+    from iropt.app.streams import pipe_safe_output
+
+    logger = logging.getLogger(_LOGGER)
+    level = logger.level
+    try:
+        with pipe_safe_output():
+            return _main(argv)
+    finally:
+        logger.setLevel(level)  # main() may run inside another program (or a test): leave it as it was
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _merge_global_flags(args)
     _configure_logging(args)
     try:
         handler: Handler = args.handler
@@ -55,25 +68,45 @@ def _fail(args: argparse.Namespace, error: BaseException, code: int, prefix: str
     return code
 
 
+def _merge_global_flags(args: argparse.Namespace) -> None:
+    """-q and -v count wherever they are given: before the command (`iropt -q run ...`, as
+    `iropt --help` shows them) or after it (`iropt run -q ...`)."""
+    args.quiet = bool(args.quiet or getattr(args, "command_quiet", False))
+    args.verbose = int(args.verbose) + int(getattr(args, "command_verbose", 0))
+
+
+# The logger every iropt module logs under ("iropt", "iropt.model", ...).
+_LOGGER = "iropt"
+
+
 def _configure_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING
-    if getattr(args, "verbose", 0):
+    if args.verbose:
         level = logging.INFO if args.verbose == 1 else logging.DEBUG
-    if getattr(args, "quiet", False):
+    if args.quiet:
         level = logging.ERROR
-    logging.basicConfig(level=level, format="iropt: %(levelname)s: %(message)s", stream=sys.stderr)
+    # The level is set on iropt's own logger, not through basicConfig alone: basicConfig does
+    # nothing once the root logger has a handler (an embedding application's, pytest's).
+    logger = logging.getLogger(_LOGGER)
+    logger.setLevel(level)
+    logging.basicConfig(format="iropt: %(levelname)s: %(message)s", stream=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-q", "--quiet", action="store_true", help="print only errors")
-    common.add_argument("-v", "--verbose", action="count", default=0, help="more detail; tracebacks on errors")
     parser = argparse.ArgumentParser(
         prog="iropt",
         description="A compiler-style graph optimizer for ONNX models: verified rewrites, "
         "quantization and back ends, driven by schedule files.",
-        parents=[common],
     )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more detail (-vv: debug); tracebacks on errors")
+    # The same flags after the command, under their own names (a subcommand's defaults would
+    # otherwise overwrite what was given before the command); merged in _merge_global_flags.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", dest="command_quiet", action="store_true", help="print only errors")
+    common.add_argument("-v", "--verbose", dest="command_verbose", action="count", default=0,
+                        help="more detail (-vv: debug); tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"iropt {importlib.metadata.version('iropt')}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_run(sub, common)
@@ -81,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check(sub, common)
     _add_compare(sub, common)
     _add_inspect(sub, common)
+    _add_bench(sub, common)
     _add_export(sub, common)
     return parser
 
@@ -113,17 +147,26 @@ def _add_run(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="also write a Triton model repository entry: DIR/NAME/config.pbtxt and "
                    "DIR/NAME/1/model.onnx (model.plan with target tensorrt)")
     p.add_argument("--triton-name", metavar="NAME", help="the Triton model name (default: the input's stem)")
+    _add_plugin_argument(p)
     p.set_defaults(handler=_cmd_run)
 
 
+def _add_plugin_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="import a module (package.module) or a Python file that registers passes or "
+                   "back ends before the schedule is read (repeatable; also IROPT_PLUGINS, "
+                   "separated by ':', ';' on Windows)")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from iropt.app.console import PhaseProgress, make_progress, pass_table, stdout
-    from iropt.app.optimize import RunOptions, optimize, raise_if_unverified
-    from iropt.app.report import outcome_to_dict, write_report
+    from iropt.app.console import PhaseProgress, make_progress
+    from iropt.app.optimize import RunOptions, RunOutcome, optimize, raise_if_unverified
+    from iropt.app.plugins import load_plugins
+    from iropt.app.report import check_report_path
     from iropt.verify.feeds import parse_shape_ranges
 
-    if args.report is not None and not args.report.resolve().parent.is_dir():
-        raise UserError(f"{args.report}: the report's directory does not exist")
+    if args.report is not None:
+        check_report_path(args.report)
     build_progress = PhaseProgress(not args.quiet)
     shape_ranges = parse_shape_ranges(args.shape)
     options = RunOptions(
@@ -143,29 +186,55 @@ def _cmd_run(args: argparse.Namespace) -> int:
         build_progress=build_progress,
         triton=args.triton,
         triton_name=args.triton_name,
+        status=_status_line if not args.quiet else None,
     )
+    outcome = RunOutcome()
+    failure: BaseException | None = None
     try:
-        outcome = optimize(options, progress=make_progress(not args.quiet))
+        load_plugins(args.plugin)
+        optimize(options, progress=make_progress(not args.quiet), outcome=outcome)
+    except BaseException as error:
+        failure = error
+        raise
     finally:
         build_progress.close()
-    if args.report is not None:
-        write_report(outcome_to_dict(outcome, args.schedule, args.model), args.report)
-    if not args.quiet:
-        stdout.print(pass_table(outcome.report.records, outcome.initial, outcome.final))
-        for note in outcome.feed_notes:
-            stdout.print(f"inputs: {note}", markup=False)
-        for comparison in outcome.comparisons:
-            status = "passed" if comparison.passed else "FAILED"
-            stdout.print(f"verification {status} ({comparison.criterion.describe()}):", markup=False)
-            stdout.print(comparison.summary(), markup=False)
-        for line in outcome.target_lines:
-            stdout.print(line, markup=False)
-        if outcome.output is not None:
-            stdout.print(f"wrote {outcome.output}", markup=False)
-        for path in [*outcome.emitted, *outcome.triton_files]:
-            stdout.print(f"wrote {path}", markup=False)
-    raise_if_unverified(outcome)
+        _finish_run(args, outcome, failure)
+    # The comparisons were printed above unless -q: the error then only sums them up.
+    raise_if_unverified(outcome, details=args.quiet)
     return 0
+
+
+def _status_line(text: str) -> None:
+    from iropt.app.console import stderr
+
+    stderr.print(f"iropt: {text}", markup=False)
+
+
+def _finish_run(args: argparse.Namespace, outcome: Any, failure: BaseException | None) -> None:
+    """What every run leaves, however it ends: the report (with the failure in it) and the
+    per-pass table of the passes that ran."""
+    from iropt.app.console import pass_table, stdout
+    from iropt.app.report import outcome_to_dict, write_report
+
+    if args.report is not None:
+        write_report(outcome_to_dict(outcome, args.schedule, args.model, failure), args.report)
+    if args.quiet:
+        return
+    if outcome.report.records or failure is None:
+        stdout.print(pass_table(outcome.report.records, outcome.initial, outcome.final))
+    for note in outcome.feed_notes:
+        stdout.print(f"inputs: {note}", markup=False)
+    for failure in outcome.pass_failures:  # --verify-each --force: noted, and the run went on
+        stdout.print(f"verification FAILED: {failure}", markup=False)
+    for comparison in outcome.comparisons:
+        status = "passed" if comparison.passed else "FAILED"
+        stdout.print(f"verification {status} ({comparison.criterion.describe()}):", markup=False)
+        stdout.print(comparison.summary(), markup=False)
+    for line in outcome.target_lines:
+        stdout.print(line, markup=False)
+    for written in (outcome.output, *outcome.emitted, *outcome.triton_files):
+        if written is not None:
+            stdout.print(f"wrote {written}", markup=False)
 
 
 def _add_passes(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -174,6 +243,7 @@ def _add_passes(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help="a pass (or, with --targets, a back end) to describe")
     p.add_argument("--targets", action="store_true", help="list back ends instead of passes")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_plugin_argument(p)
     p.set_defaults(handler=_cmd_passes)
 
 
@@ -181,9 +251,11 @@ def _cmd_passes(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from iropt.app.console import stdout
+    from iropt.app.plugins import load_plugins
     from iropt.infra.registry import BACKENDS, PASSES
     from iropt.schedules import builtin_schedule_names
 
+    load_plugins(args.plugin)
     registry = BACKENDS if args.targets else PASSES
     if args.name:
         entry = registry.get(args.name)
@@ -204,7 +276,8 @@ def _cmd_passes(args: argparse.Namespace) -> int:
         return 0
     table = Table(show_edge=False)
     for column in ("name", "kind", "options", "summary"):
-        table.add_column(column)
+        # Wrapped, never cut: a long word ("Transpose/Reshape/Cast/...") breaks across lines.
+        table.add_column(column, overflow="fold")
     for e in entries:
         table.add_row(e.name, e.kind.value if e.kind else "target", ", ".join(s.name for s in e.options), e.summary)
     stdout.print(table)
@@ -231,13 +304,16 @@ def _add_check(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("check", parents=[common], help="parse and check a schedule without running it",
                        description="Parse SCHEDULE and check every pass name and option against the registry.")
     p.add_argument("schedule", help="schedule file (.opt) or built-in schedule name")
+    _add_plugin_argument(p)
     p.set_defaults(handler=_cmd_check)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from iropt.app.console import stdout
     from iropt.app.optimize import load_pipeline
+    from iropt.app.plugins import load_plugins
 
+    load_plugins(args.plugin)
     pipeline = load_pipeline(args.schedule)
     if not args.quiet:
         names = [p.name for p in pipeline.passes()]
@@ -304,6 +380,58 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print_model_summary(summary)
+    return 0
+
+
+def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "bench", parents=[common], help="measure models on ONNX Runtime, side by side",
+        description="Latency (p50/p95/p99), throughput, session start time and peak memory of each "
+        "MODEL on ONNX Runtime. Each model runs in its own process; the models take turns, and the "
+        "table gives every figure as a ratio to the first model's.",
+    )
+    p.add_argument("models", nargs="+", type=Path, metavar="MODEL", help=".onnx models (the first is the baseline)")
+    p.add_argument("--providers", default="CPUExecutionProvider",
+                   help="execution providers in order of preference, comma-separated (default: CPU)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default 0: ONNX Runtime's choice)")
+    p.add_argument("--batch", type=int, help="batch size for inputs with a dynamic first dimension")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
+                   help="concrete shape for an input, e.g. x:1x3x224x224 (repeatable)")
+    p.add_argument("--inputs", help="inputs: .npz, folder of .npy/.npz, or module:function (default: generated)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs per model first (default 10)")
+    p.add_argument("--runs", type=int, default=100, help="timed runs per model (default 100)")
+    p.add_argument("--rounds", type=int, default=10, help="turns the timed runs are split into (default 10)")
+    p.add_argument("--optimization-level", default="all", choices=["disable", "basic", "extended", "layout", "all"],
+                   help="ONNX Runtime graph optimization level (default all)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write every figure and latency here as JSON")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the latency distributions (needs matplotlib)")
+    p.set_defaults(handler=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from iropt.app import bench
+    from iropt.app.console import make_progress, stdout
+    from iropt.verify.feeds import parse_shape_overrides
+
+    options = bench.BenchOptions(
+        models=tuple(args.models),
+        providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
+        threads=args.threads, batch=args.batch, shapes=parse_shape_overrides(args.shape), inputs=args.inputs,
+        warmup=args.warmup, runs=args.runs, rounds=args.rounds, optimization_level=args.optimization_level,
+    )
+    options.check()
+    if args.json is not None:
+        bench.check_output_file(args.json, None, options.models)
+    if args.plot is not None:
+        bench.check_output_file(args.plot, ".png", options.models)
+        bench.check_plot_available()
+    result = bench.run_bench(options, progress=make_progress(not args.quiet))
+    if not args.quiet:
+        stdout.print(bench.bench_table(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if args.plot is not None:
+        bench.plot_latencies(result, args.plot)
     return 0
 
 

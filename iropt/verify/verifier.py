@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -50,6 +51,8 @@ class Verifier:
         self.runner_factory = runner_factory
         self.progress = progress
         self._reference_outputs: list[Outputs] | None = None
+        # Wall time spent running models and comparing, over the verifier's life.
+        self.seconds = 0.0
 
     @property
     def reference(self) -> Model:
@@ -64,11 +67,15 @@ class Verifier:
 
     def outputs_of(self, model: Model, description: str = "verifying") -> list[Outputs]:
         """Outputs of `model` on every feed (UserError when the runtime cannot run it)."""
-        runner = self.runner_factory(model)
-        feeds: Iterable[Feeds] = self.feeds
-        if self.progress is not None:
-            feeds = self.progress(self.feeds, description, total=len(self.feeds))
-        return [runner.run(feed) for feed in feeds]
+        start = time.perf_counter()
+        try:
+            runner = self.runner_factory(model)
+            feeds: Iterable[Feeds] = self.feeds
+            if self.progress is not None:
+                feeds = self.progress(self.feeds, description, total=len(self.feeds))
+            return [runner.run(feed) for feed in feeds]
+        finally:
+            self.seconds += time.perf_counter() - start
 
     def candidate_outputs(self, model: Model, what: str = "the transformed model") -> list[Outputs]:
         """Like `outputs_of`, but a model the runtime refuses is a VerificationError about `what`."""
@@ -85,6 +92,11 @@ class Verifier:
 
     def check_outputs(self, outputs: Sequence[Outputs], criterion: Criterion) -> Comparison:
         """Compare outputs already computed (by another back end, say) with the reference."""
-        return compare(self.reference_outputs(), outputs, criterion)
+        reference = self.reference_outputs()
+        start = time.perf_counter()
+        try:
+            return compare(reference, outputs, criterion)
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
