@@ -165,3 +165,16 @@ def random_cnn(blocks: Sequence[str], widths: Sequence[int], seed: int) -> Model
             x = net.op("Concat", [net.cbr(first, c // 2, width), net.cbr(second, c - c // 2, width)], axis=1)
             c = 2 * width
     return net.model(IMAGE, [net.head(x, c)])
+
+
+def assert_pruned_like(reference: Model, pruned: Model, feeds: dict[str, np.ndarray]) -> None:
+    """`pruned` gives `reference`'s outputs (same shapes) and passes the checker and shape inference."""
+    from iropt.verify.runtime import reference_runner
+
+    want, got = reference_runner(reference).run(feeds), reference_runner(pruned).run(feeds)
+    for name, value in want.items():
+        assert got[name].shape == value.shape
+        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5)
+    proto = pruned.to_onnx()
+    onnx.checker.check_model(proto)
+    onnx.shape_inference.infer_shapes(proto, strict_mode=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from helpers_prune import BLOCKS, feeds_for, ffn, random_cnn
+from helpers_prune import BLOCKS, assert_pruned_like, feeds_for, ffn, random_cnn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -49,14 +49,7 @@ def test_pruning_equals_masking_the_channels(model: Model, data: st.DataObject) 
     zero_consumer_inputs(analyze(masked), removed)
     pruned = model.copy()
     prune_units(pruned.graph, analyze(pruned), removed)
-    feeds = feeds_for(model, batch=3)
-    want, got = _outputs(masked, feeds), _outputs(pruned, feeds)
-    for name, value in want.items():
-        assert got[name].shape == value.shape
-        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5)
-    proto = pruned.to_onnx()
-    onnx.checker.check_model(proto)
-    onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    assert_pruned_like(masked, pruned, feeds_for(model, batch=3))
 
 
 @FAST
