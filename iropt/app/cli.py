@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub, common)
     _add_bench(sub, common)
     _add_export(sub, common)
+    _add_batch(sub, common)
+    _add_tune(sub, common)
     return parser
 
 
@@ -452,6 +454,156 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     result: int = run_export(args)
     return result
+
+
+def _add_batch(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "batch", parents=[common], help="run a schedule over many models on Ray (needs iropt[distributed])",
+        description="Run SCHEDULE on every MODEL (or every model of --manifest) as a Ray task, each "
+        "verified like `iropt run` and written to DIR/NAME.opt.onnx. A local Ray instance is started "
+        "unless --address or RAY_ADDRESS names a cluster. DIR/ledger.jsonl records every result; a "
+        "rerun skips the models already done with the same model, data and schedule.",
+    )
+    p.add_argument("schedule", help="schedule file (.opt) or built-in schedule name")
+    p.add_argument("models", nargs="*", type=Path, help="input .onnx models (never modified)")
+    p.add_argument("-o", "--output-dir", type=Path, required=True, metavar="DIR", help="folder for the results")
+    p.add_argument("--manifest", type=Path, help="TOML or JSON file listing models with their inputs, "
+                   "calibration data and shapes (paths relative to it)")
+    p.add_argument("--inputs", help="verification inputs for every MODEL given on the command line")
+    p.add_argument("--calibration", help="calibration data for every MODEL given on the command line")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
+                   help="concrete shape for a dynamic input of the command-line models (repeatable)")
+    _add_ray_arguments(p)
+    p.add_argument("--retries", type=int, default=3, help="times a task is retried when its worker is lost")
+    p.add_argument("--rerun", action="store_true", help="run every model again, even those in the ledger")
+    p.add_argument("--no-latency", action="store_true", help="do not measure latency before and after")
+    p.add_argument("--json", type=Path, help="also write the summary JSON here (always: DIR/summary.json)")
+    p.set_defaults(handler=_cmd_batch)
+
+
+def _add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else a local instance)")
+    p.add_argument("--workers", type=int, help="CPUs of the local Ray instance (default: all)")
+
+
+def _check_workers(args: argparse.Namespace) -> None:
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from iropt.app.batch import (
+        SUMMARY_COLUMNS,
+        BatchOptions,
+        items_from_paths,
+        plan_batch,
+        read_manifest,
+        run_batch,
+        summary_cells,
+        write_summary,
+    )
+    from iropt.app.console import make_progress, stdout, table_of
+    from iropt.app.distributed import connect, import_ray
+    from iropt.verify.feeds import parse_shape_overrides
+
+    import_ray("batch")  # before any work: without Ray, say how to install it
+    items = items_from_paths(args.models, parse_shape_overrides(args.shape), args.inputs, args.calibration)
+    if args.manifest is not None:
+        items += read_manifest(args.manifest)
+    if not items:
+        raise UserError("iropt batch: no models; give MODEL paths or --manifest")
+    _check_workers(args)
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise UserError(f"{args.output_dir}: exists and is not a folder")
+    options = BatchOptions(schedule=args.schedule, items=tuple(items), out_dir=args.output_dir,
+                           retries=args.retries, rerun=args.rerun, measure_latency=not args.no_latency)
+    plan = plan_batch(options)  # a bad schedule is bad input before Ray starts
+    if plan.todo:
+        with connect("batch", address=args.address, num_cpus=args.workers) as ray:
+            result = run_batch(ray, options, plan, progress=make_progress(not args.quiet))
+    else:  # everything is in the ledger: no need to start Ray
+        result = run_batch(None, options, plan)
+    written = write_summary(result, options)
+    if args.json is not None:
+        write_summary(result, options, args.json)
+    if not args.quiet:
+        stdout.print(table_of("batch", SUMMARY_COLUMNS, [summary_cells(row) for row in result.rows]))
+        stdout.print(f"{result.ran} ran, {result.skipped} done before, {result.seconds:.1f}s; wrote {written}",
+                     markup=False)
+    return 0 if result.all_ok else 1
+
+
+def _add_tune(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "tune", parents=[common], help="search schedule options on Ray Tune (needs iropt[distributed])",
+        description="Search the schedules and pass options of SPACE (a TOML file) for MODEL with Ray Tune: "
+        "each trial optimizes, verifies and measures the objective. Writes DIR/trials.json, the Pareto "
+        "front of the objective against the constraint's metric (DIR/pareto.json, DIR/pareto.svg) and "
+        "the best schedule meeting the constraint as DIR/best.opt, which `iropt run` reproduces.",
+    )
+    p.add_argument("model", type=Path, help="input .onnx model (never modified)")
+    p.add_argument("--space", type=Path, required=True, help="search space (.toml)")
+    p.add_argument("-o", "--output-dir", type=Path, required=True, metavar="DIR", help="folder for the results")
+    p.add_argument("--objective", default="latency", choices=["latency", "size", "nodes"],
+                   help="what to minimize (latency: median ms on ONNX Runtime CPU, one thread)")
+    p.add_argument("--constraint", default="cosine>=0.99",
+                   help="what every kept schedule must meet, e.g. cosine>=0.99, top1>=0.98, max_abs<=1e-3")
+    p.add_argument("--trials", type=int, default=16, help="number of trials")
+    p.add_argument("--search", default="optuna", choices=["random", "optuna"],
+                   help="searcher: random sampling, or Optuna's TPE (model-based)")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="trials at once (default 1: latency measured without neighbours)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the searcher")
+    p.add_argument("--inputs", help="verification inputs: .npz, folder of .npy/.npz, or module:function")
+    p.add_argument("--calibration", help="calibration data for schedules that quantize")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS", help="shape for a dynamic input")
+    _add_ray_arguments(p)
+    p.set_defaults(handler=_cmd_tune)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from iropt.app.console import stdout, table_of
+    from iropt.app.distributed import connect, import_ray
+    from iropt.app.tune import (
+        TrialSetup,
+        TuneOptions,
+        parse_constraint,
+        read_space,
+        run_tune,
+        tune_table_rows,
+        with_baseline,
+        write_results,
+    )
+    from iropt.io.load import load_model
+    from iropt.verify.feeds import parse_shape_overrides
+
+    import_ray("tune")
+    _check_workers(args)
+    if args.trials < 1 or args.concurrency < 1:
+        raise UserError("--trials and --concurrency must be at least 1")
+    constraint = parse_constraint(args.constraint)
+    space = read_space(args.space)
+    load_model(args.model)  # an unreadable model is bad input before Ray starts
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise UserError(f"{args.output_dir}: exists and is not a folder")
+    setup = TrialSetup(model=str(args.model.resolve()), space=space, objective=args.objective,
+                       constraint=constraint, inputs=args.inputs, calibration=args.calibration,
+                       shapes=parse_shape_overrides(args.shape))
+    setup = with_baseline(setup)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    options = TuneOptions(setup=setup, out_dir=args.output_dir, trials=args.trials, searcher=args.search,
+                          concurrency=args.concurrency, seed=args.seed)
+    with connect("tune", address=args.address, num_cpus=args.workers) as ray:
+        rows = run_tune(ray, options)
+    written = write_results(rows, options)
+    if not args.quiet:
+        columns, cells = tune_table_rows(rows, setup)
+        stdout.print(table_of("trials", columns, cells))
+        for path in written.values():
+            stdout.print(f"wrote {path}", markup=False)
+        if "best" not in written:
+            stdout.print(f"no trial met {constraint.describe()}; no best.opt written", markup=False)
+    return 0 if "best" in written else 1
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import onnx_graphsurgeon as gs
@@ -131,6 +131,16 @@ def pass_table(records: list[PassRecord], initial: GraphStats | None, final: Gra
         _delta((initial.nodes, final.nodes)), _delta((initial.parameters, final.parameters)),
         _delta((initial.parameter_bytes, final.parameter_bytes)), "", "",
     )
+    return table
+
+
+def table_of(title: str, columns: Sequence[tuple[str, str]], rows: Iterable[Sequence[str]]) -> Table:
+    """A plain table: `columns` as (header, justify) pairs, then the rows' cells."""
+    table = Table(title=title, title_justify="left", show_edge=False)
+    for header, justify in columns:
+        table.add_column(header, justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        table.add_row(*row)
     return table
 
 

@@ -58,6 +58,9 @@ class RunOptions:
     # check exports the whole model (seconds for models with hundreds of MB of weights).
     check_each: bool = False
     emit: bool = True
+    # On a failed verification, find the first pass that broke it (reruns prefixes of the
+    # schedule); a search that only wants the metric turns it off.
+    bisect: bool = True
     # Called as build_progress(phase, done, total) by back ends with long builds (TensorRT).
     build_progress: Callable[[str, int, int], None] | None = None
     # Called with a line about what the run does next when it is not what the user asked for
@@ -158,7 +161,7 @@ def _optimize(options: RunOptions, progress: ProgressFn, outcome: RunOutcome) ->
     if verifier is not None:
         _verify_final(outcome, model, verifier)
         outcome.verify_seconds = verifier.seconds
-        if not outcome.verified:
+        if not outcome.verified and options.bisect:
             outcome.culprit = _find_culprit(outcome, verifier, snapshots, ctx, options.status)
             outcome.bisect_seconds = verifier.seconds - outcome.verify_seconds
     if outcome.verified or options.force:
@@ -276,7 +279,8 @@ def _make_verifier(
         spec = options.calibration
     source = feed_source(spec, reference, shapes=options.shapes, count=criterion.samples)
     feeds = list(itertools.islice(source, MAX_VERIFY_FEEDS))
-    verifier = Verifier(reference, feeds, progress=progress)
+    # The reference is the input file itself: run from it, not from a copy held in memory.
+    verifier = Verifier(reference, feeds, progress=progress, reference_file=options.model)
     # Run the reference now: a model ONNX Runtime cannot run is bad input, reported before the
     # schedule runs rather than after.
     try:

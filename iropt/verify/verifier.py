@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from iropt.errors import UserError, VerificationError
+from iropt.io.load import load_model
 from iropt.ir.model import Model
 from iropt.util.progress import ProgressFn
 from iropt.verify.compare import Comparison, compare
 from iropt.verify.criteria import Criterion
 from iropt.verify.feeds import Feeds
-from iropt.verify.runner import RunnerFactory
+from iropt.verify.runner import Runner, RunnerFactory
 from iropt.verify.runtime import reference_runner
 
 Outputs = dict[str, np.ndarray]
@@ -43,10 +45,15 @@ class Verifier:
         *,
         runner_factory: RunnerFactory = reference_runner,
         progress: ProgressFn | None = None,
+        reference_file: Path | None = None,
     ) -> None:
+        """`reference_file`: the file `reference` was read from, unchanged. Then no copy is kept:
+        the reference runs from the file (ONNX Runtime reads its weights, iropt encodes nothing),
+        and is read again only if bisection needs it. A large model is held once, not twice."""
         if not feeds:
             raise UserError("verification needs at least one input sample")
-        self._reference = reference.copy()
+        self._reference_file = reference_file
+        self._reference: Model | None = None if reference_file is not None else reference.copy()
         self.feeds = list(feeds)
         self.runner_factory = runner_factory
         self.progress = progress
@@ -57,19 +64,32 @@ class Verifier:
     @property
     def reference(self) -> Model:
         """The verifier's own copy of the reference model (never modified)."""
+        if self._reference is None:
+            assert self._reference_file is not None
+            self._reference = load_model(self._reference_file)
         return self._reference
 
     def reference_outputs(self) -> list[Outputs]:
         """The reference model's outputs on every feed (computed on the first call)."""
         if self._reference_outputs is None:
-            self._reference_outputs = self.outputs_of(self._reference, "running the reference")
+            reference_file = self._reference_file
+            make_runner: Callable[[], Runner]
+            if reference_file is not None and self.runner_factory is reference_runner:
+                make_runner = lambda: reference_runner(reference_file)  # noqa: E731
+            else:
+                make_runner = lambda: self.runner_factory(self.reference)  # noqa: E731
+            self._reference_outputs = self._run(make_runner, "running the reference")
         return self._reference_outputs
 
     def outputs_of(self, model: Model, description: str = "verifying") -> list[Outputs]:
         """Outputs of `model` on every feed (UserError when the runtime cannot run it)."""
+        return self._run(lambda: self.runner_factory(model), description)
+
+    def _run(self, make_runner: Callable[[], Runner], description: str) -> list[Outputs]:
+        """Run every feed through the runner `make_runner` builds; the time goes to `seconds`."""
         start = time.perf_counter()
         try:
-            runner = self.runner_factory(model)
+            runner = make_runner()
             feeds: Iterable[Feeds] = self.feeds
             if self.progress is not None:
                 feeds = self.progress(self.feeds, description, total=len(self.feeds))

@@ -38,6 +38,14 @@ class Moments:
             self.total += chunk.sum(axis=0)
             self.count += chunk.shape[0]
 
+    def merge(self, other: Moments) -> None:
+        """Add another shard's sums: shards gathered apart (in parallel) merge into the whole."""
+        if other.gram.shape != self.gram.shape:
+            raise ValueError(f"cannot merge moments of {other.gram.shape[0]} and {self.gram.shape[0]} features")
+        self.gram += other.gram
+        self.total += other.total
+        self.count += other.count
+
     @property
     def second(self) -> np.ndarray:
         """E[x x^T]."""
