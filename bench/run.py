@@ -39,8 +39,10 @@ BENCHES: dict[str, str] = {
     "quant_saturation": "int8 weights against the int16 saturation of x86 CPUs without VNNI (bench/quant_saturation.py)",
     "quant_sensitivity": "Sensitivity analysis: fast ranking against exhaustive (bench/quant_sensitivity.py)",
     "quant_int4": "4-bit weights and int8 dynamic on a trained sentence encoder, against ORT's quantizers (bench/quant_int4.py)",
+    "prune": "Channel pruning without fine-tuning: iropt against Torch-Pruning (bench/prune.py)",
 }
-PACKAGES = ["onnx", "onnxruntime", "onnx-graphsurgeon", "onnxsim", "onnxslim", "onnxoptimizer", "onnxconverter-common", "numpy"]
+PACKAGES = ["onnx", "onnxruntime", "onnx-graphsurgeon", "onnxsim", "onnxslim", "onnxoptimizer", "onnxconverter-common", "numpy",
+            "torch-pruning"]
 # Whole-bench guard: a bench that runs past this is stopped and its section says so.
 BENCH_TIMEOUT_S = 1200
 

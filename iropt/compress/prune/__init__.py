@@ -1,0 +1,1 @@
+"""Structured channel pruning on the ONNX graph: dependency analysis, importance, rewrite, re-fitting."""
