@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,7 +12,9 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from iropt.errors import ModelLoadError
+from iropt.io.external import check_external_data, load_external_data
 from iropt.ir.model import Model
+from iropt.util.text import shorten
 
 
 def load_model(path: str | os.PathLike[str]) -> Model:
@@ -29,16 +33,18 @@ def _load(model_path: Path) -> tuple[onnx.ModelProto, frozenset[Path]]:
     _check_readable(model_path)
     try:
         proto = onnx.load_model(str(model_path), load_external_data=False)
+    except PermissionError as exc:
+        raise ModelLoadError(f"{model_path}: permission denied (the file cannot be read)") from exc
     except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
         raise ModelLoadError(
-            f"{model_path}: not a readable ONNX model (the file is truncated or not ONNX protobuf: {exc})"
+            f"{model_path}: not a readable ONNX model (the file is truncated or not ONNX protobuf: "
+            f"{shorten(str(exc), 200)})"
         ) from exc
     _check_looks_like_onnx(model_path, proto)
-    if not _uses_external_data(proto):
-        return proto, frozenset()
-    data_files = _check_external_locations(model_path, proto)
-    onnx.external_data_helper.load_external_data_for_model(proto, str(model_path.parent))
-    return proto, data_files
+    _check_unique_definitions(model_path, proto)
+    refs = check_external_data(model_path, proto)
+    load_external_data(refs)
+    return proto, frozenset(ref.file for ref in refs)
 
 
 def _check_readable(model_path: Path) -> None:
@@ -46,6 +52,10 @@ def _check_readable(model_path: Path) -> None:
         raise ModelLoadError(f"{model_path}: no such file")
     if model_path.is_dir():
         raise ModelLoadError(f"{model_path}: is a directory, expected an .onnx file")
+    if not model_path.is_file():
+        raise ModelLoadError(f"{model_path}: is not a regular file, expected an .onnx file")
+    if not os.access(model_path, os.R_OK):
+        raise ModelLoadError(f"{model_path}: permission denied (the file cannot be read)")
     if model_path.stat().st_size == 0:
         raise ModelLoadError(f"{model_path}: the file is empty")
 
@@ -59,32 +69,36 @@ def _check_looks_like_onnx(model_path: Path, proto: onnx.ModelProto) -> None:
         )
 
 
-def _uses_external_data(proto: onnx.ModelProto) -> bool:
-    return any(
-        t.data_location == onnx.TensorProto.EXTERNAL
-        for t in onnx.external_data_helper._get_all_tensors(proto)
-    )
+def _check_unique_definitions(model_path: Path, proto: onnx.ModelProto) -> None:
+    """ModelLoadError for a name given two values in one graph.
 
-
-def _check_external_locations(model_path: Path, proto: onnx.ModelProto) -> frozenset[Path]:
-    """The external data files the model reads (resolved); ModelLoadError for a missing one or
-    one outside the model's folder."""
-    base = model_path.parent.resolve()
-    files: set[Path] = set()
-    for tensor in onnx.external_data_helper._get_all_tensors(proto):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = onnx.external_data_helper.ExternalDataInfo(tensor)
-        target = (base / info.location).resolve()
-        if not target.is_relative_to(base):
+    Two initializers of one name, or a value both an initializer and a node's output, or the
+    output of two nodes: runtimes and graph libraries each keep a different one, so the model
+    has no single meaning. Refused rather than guessed at.
+    """
+    for graph in _graphs(proto.graph):
+        definitions = Counter(
+            [t.name for t in graph.initializer]
+            + [s.values.name for s in graph.sparse_initializer]
+            + [name for node in graph.node for name in node.output if name]
+        )
+        twice = [name for name, count in definitions.items() if count > 1]
+        if twice:
+            where = "" if graph is proto.graph else f" (in subgraph '{shorten(graph.name)}')"
+            names = ", ".join(f"'{shorten(name)}'" for name in twice[:3])
+            more = f" and {len(twice) - 3} more" if len(twice) > 3 else ""
             raise ModelLoadError(
-                f"{model_path}: tensor '{tensor.name}' points at external data outside the model's "
-                f"folder ({info.location}); refusing to read it"
+                f"{model_path}: {names}{more} defined more than once{where} (two initializers, or "
+                "an initializer and a node output, of the same name); runtimes disagree on which "
+                "one counts, so the model is refused: give each value its own name"
             )
-        if not target.is_file():
-            raise ModelLoadError(
-                f"{model_path}: external data file '{info.location}' of tensor '{tensor.name}' is missing"
-            )
-        files.add(target)
-    return frozenset(files)
 
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                yield from _graphs(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _graphs(subgraph)
