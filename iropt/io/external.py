@@ -116,7 +116,7 @@ def _checked_ref(model_path: Path, base: Path, tensor: onnx.TensorProto) -> Exte
     if Path(location).is_absolute() or not target.is_relative_to(base):
         raise refuse(f"is outside the model's folder ({shown}); refusing to read it")
     if not target.exists():
-        raise refuse(f"is in '{shown}', which is missing")
+        raise ModelLoadError(f"{model_path}: external data file '{shown}' of tensor '{name}' is missing")
     if not target.is_file():
         raise refuse(f"is in '{shown}', which is not a regular file")
     offset = _whole_number(fields.get("offset", "0"), refuse, "offset")
