@@ -16,12 +16,16 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from iropt.infra.backend import Backend
+from iropt.infra.options import Range
 from iropt.infra.registry import register_backend
 from iropt.ir.model import Model
 from iropt.verify.runtime import OptimizationLevel, OrtRunner, check_providers, make_session
+
+# More threads than this is a typo, not a machine.
+MAX_THREADS = 4096
 
 
 @register_backend("ort")
@@ -36,8 +40,8 @@ class OrtBackend(Backend):
     """
 
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
-    intra_op_threads: int = 0
-    inter_op_threads: int = 0
+    intra_op_threads: Annotated[int, Range(min=0, max=MAX_THREADS)] = 0
+    inter_op_threads: Annotated[int, Range(min=0, max=MAX_THREADS)] = 0
     optimization_level: OptimizationLevel = "all"
     save_optimized: bool = False
     save_ort_format: bool = False

@@ -43,13 +43,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import onnx
 
 from iropt.errors import OptionError, UserError
 from iropt.infra.backend import Backend
+from iropt.infra.options import Range
 from iropt.infra.registry import register_backend
 from iropt.io.save import save_proto
 from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, Model, tensor_bytes
@@ -231,12 +232,12 @@ class TensorRTBackend(Backend):
     """
 
     precision: Literal["fp32", "fp16", "int8", "best"] = "fp32"
-    workspace: int = 1 << 30
+    workspace: Annotated[int, Range(min=1)] = 1 << 30
     min_shapes: dict[str, list[int]] | list[str] = field(default_factory=dict)
     opt_shapes: dict[str, list[int]] | list[str] = field(default_factory=dict)
     max_shapes: dict[str, list[int]] | list[str] = field(default_factory=dict)
     timing_cache: str | None = None
-    builder_optimization_level: int = 3
+    builder_optimization_level: Annotated[int, Range(min=0, max=5)] = 3
     engine_path: str | None = None
     # Not options: set by the caller (the command line draws a progress bar with it).
     progress: ProgressCallback | None = field(default=None, init=False, repr=False, compare=False)

@@ -4,9 +4,11 @@ and with external data when the tensors would not fit protobuf's 2 GB limit.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -139,15 +141,62 @@ def _stage_and_move(out: Path, sidecars: list[str], write: Callable[[Path], None
     """`write(staged)` into a scratch folder beside `out`, then rename into place (atomic per file).
 
     `sidecars` are the names of files written beside the model (its external data); they are
-    moved first, so a model file never points at data that is not there yet.
+    moved first, so a model file never points at data that is not there yet. The renames hold a
+    lock on the folder, so two saves to one path cannot pair one's model with the other's data.
+    Scratch folders that a killed save left behind are removed first.
     """
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+    _remove_stale_staging(out)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=_staging_prefix(out) + f"{os.getpid()}.") as tmp:
         staged = Path(tmp) / out.name
         write(staged)
-        for name in sidecars:
-            if (Path(tmp) / name).exists():  # onnx writes no data file when no tensor needs one
-                os.replace(Path(tmp) / name, out.parent / name)
-        os.replace(staged, out)
+        with _folder_lock(out.parent):
+            for name in sidecars:
+                if (Path(tmp) / name).exists():  # onnx writes no data file when no tensor needs one
+                    os.replace(Path(tmp) / name, out.parent / name)
+            os.replace(staged, out)
+
+
+def _staging_prefix(out: Path) -> str:
+    return f".{out.name}.iropt-"
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Remove this path's scratch folders whose save process no longer runs (it was killed)."""
+    prefix = _staging_prefix(out)
+    try:
+        candidates = [p for p in out.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    except OSError:
+        return
+    for folder in candidates:
+        pid_text = folder.name[len(prefix):].split(".", 1)[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # alive, but another user's
+    return True
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `folder` among iropt's saves (a no-op where flock is absent)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the renames are still atomic one by one
+        yield
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
 
 
 def check_output_path(out: Path, protected: Collection[Path] = ()) -> None:
@@ -161,6 +210,7 @@ def check_output_path(out: Path, protected: Collection[Path] = ()) -> None:
         raise ModelSaveError(f"{out}: the output directory {out.parent} does not exist")
     if out.is_dir():
         raise ModelSaveError(f"{out}: is a directory, expected a file name")
+    refuse_special_file(out, "the output")
     inputs = [path.resolve() for path in protected]
     if out.resolve() in inputs[:1]:
         raise ModelSaveError(
@@ -172,9 +222,20 @@ def check_output_path(out: Path, protected: Collection[Path] = ()) -> None:
             "output path with -o"
         )
     sidecar = out.parent / (out.name + ".data")
+    refuse_special_file(sidecar, "the output's external data file")
     if sidecar.resolve() in inputs:
         raise ModelSaveError(
             f"{out}: its external data would go to {sidecar}, the input model's own external data "
             "file; choose another output path with -o"
         )
 
+
+
+def refuse_special_file(path: Path, what: str) -> None:
+    """ModelSaveError when `path` exists and is not a regular file (a device, a pipe, a socket):
+    a save replaces the file at its path, and must never replace one of those."""
+    if path.exists() and not path.is_file():
+        raise ModelSaveError(
+            f"{path}: {what} exists and is not a regular file (a device, pipe or socket); "
+            "refusing to replace it: choose another path"
+        )
