@@ -10,8 +10,11 @@ from iropt.schedules import builtin_schedule_names, builtin_schedule_text
 
 from .ast import Schedule
 from .errors import Diagnostic, ScheduleError
-from .parser import parse_schedule
+from .parser import MAX_SCHEDULE_CHARS, parse_schedule
 from .resolver import resolve
+
+# A file past this is refused unread (the parser refuses longer text too).
+MAX_SCHEDULE_BYTES = MAX_SCHEDULE_CHARS
 
 
 def load_schedule(path_or_name: str | os.PathLike[str]) -> Pipeline:
@@ -41,7 +44,15 @@ def read_schedule(path_or_name: str | os.PathLike[str]) -> tuple[str, str, str]:
     label = str(path_or_name)
     if path.is_file():
         try:
+            if path.stat().st_size > MAX_SCHEDULE_BYTES:
+                raise _error(
+                    label,
+                    f"the file is {path.stat().st_size} bytes; schedules are limited to "
+                    f"{MAX_SCHEDULE_BYTES} bytes ({MAX_SCHEDULE_BYTES // 1024} KiB)",
+                )
             return path.read_text(encoding="utf-8"), label, label
+        except PermissionError:
+            raise _error(label, "permission denied: the schedule file cannot be read") from None
         except (OSError, UnicodeDecodeError) as error:
             raise _error(label, f"cannot read schedule: {error}") from None
     if path.exists():

@@ -21,6 +21,7 @@ from iropt.errors import UnknownPassError
 from iropt.infra.options import OptionSpec, bind_options, option_specs
 from iropt.infra.pass_base import Pass, PassKind
 from iropt.util.suggest import did_you_mean
+from iropt.util.text import shorten
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -93,7 +94,7 @@ class Registry:
             self._load_all_plugins()
         if name not in self._entries:
             raise UnknownPassError(
-                f"unknown {self.what} '{name}'{did_you_mean(name, self._entries)}; "
+                f"unknown {self.what} '{shorten(name)}'{did_you_mean(name, self._entries)}; "
                 f"run `{self._listing}` to list them"
             )
         return self._entries[name]
