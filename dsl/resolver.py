@@ -180,6 +180,13 @@ class _Resolver:
         values = self.bind(f"back end '{target.name}'", entry.options, target.options, target.pos)
         if values is None:
             return None
+        try:
+            # The back end's own checks (providers this runtime lacks, conflicting options), so
+            # that `iropt check` and a run find them before any work.
+            BACKENDS.create(target.name, values)
+        except (UserError, ValueError, TypeError) as error:
+            self.error(target.name_pos or target.pos, str(error))
+            return None
         return TargetSpec(target.name, values)
 
     def bind(

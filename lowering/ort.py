@@ -28,6 +28,10 @@ from iropt.verify.runtime import OptimizationLevel, OrtRunner, check_providers, 
 MAX_THREADS = 4096
 
 
+def _artefact_path(onnx_path: Path, suffix: str) -> Path:
+    return onnx_path.with_name(onnx_path.name.removesuffix(".onnx") + suffix)
+
+
 @register_backend("ort")
 @dataclass(kw_only=True)
 class OrtBackend(Backend):
@@ -69,9 +73,12 @@ class OrtBackend(Backend):
             written.append(self._save(model, onnx_path, ".ort", ort_format=True))
         return written
 
+    def planned_outputs(self, onnx_path: Path) -> list[Path]:
+        suffixes = [(self.save_optimized, ".ort-optimized.onnx"), (self.save_ort_format, ".ort")]
+        return [_artefact_path(onnx_path, suffix) for wanted, suffix in suffixes if wanted]
+
     def _save(self, model: Model, onnx_path: Path, suffix: str, *, ort_format: bool) -> Path:
-        stem = onnx_path.name.removesuffix(".onnx")
-        target = onnx_path.with_name(stem + suffix)
+        target = _artefact_path(onnx_path, suffix)
         # Written into a scratch folder beside the target and moved in place, so a failed
         # session never leaves half a file under the final name.
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:

@@ -262,9 +262,18 @@ class TensorRTBackend(Backend):
         engine = self.build_engine(model)
         return TensorRTRunner.load(engine, load_tensorrt())
 
+    def planned_outputs(self, onnx_path: Path) -> list[Path]:
+        return [self._engine_target(onnx_path)]
+
+    def check_ready(self) -> None:
+        load_tensorrt()
+
+    def _engine_target(self, onnx_path: Path) -> Path:
+        return Path(self.engine_path) if self.engine_path else onnx_path.with_suffix(".engine")
+
     def emit(self, model: Model, onnx_path: Path) -> list[Path]:
         """Build and write the engine atomically: `engine_path`, else `<onnx stem>.engine` beside it."""
-        target = Path(self.engine_path) if self.engine_path else onnx_path.with_suffix(".engine")
+        target = self._engine_target(onnx_path)
         if not target.parent.is_dir():
             raise UserError(f"{target}: the engine's directory {target.parent} does not exist")
         _write_atomic(target, self.build_engine(model))

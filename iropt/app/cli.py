@@ -112,12 +112,14 @@ def _add_run(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from iropt.app.console import PhaseProgress, make_progress, pass_table, stdout
-    from iropt.app.optimize import RunOptions, optimize, raise_if_unverified
+    from iropt.app.optimize import RunOptions, default_output_path, optimize, raise_if_unverified
     from iropt.app.report import outcome_to_dict, write_report
+    from iropt.io.save import check_output_file
     from iropt.verify.feeds import parse_shape_overrides
 
-    if args.report is not None and not args.report.resolve().parent.is_dir():
-        raise UserError(f"{args.report}: the report's directory does not exist")
+    if args.report is not None:
+        output = args.output or default_output_path(args.model)
+        check_output_file(args.report, "the report", [args.model, output])
     build_progress = PhaseProgress(not args.quiet)
     options = RunOptions(
         schedule=args.schedule,
@@ -257,6 +259,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from iropt.io.load import load_model
     from iropt.verify.criteria import Criterion
     from iropt.verify.feeds import open_feeds, parse_shape_overrides
+    from iropt.verify.runtime import file_runner
     from iropt.verify.verifier import Verifier
 
     try:
@@ -264,9 +267,20 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                               max=args.max, samples=args.samples)
     except ValueError as error:
         raise UserError(str(error)) from error
-    a, b = load_model(args.a), load_model(args.b)
+    a = load_model(args.a)
+    load_model(args.b)  # checked as the reference is: a bad file is bad input, named as such
     feeds = open_feeds(args.inputs, a, shapes=parse_shape_overrides(args.shape), count=criterion.samples)
-    comparison = Verifier(a, feeds.feeds, progress=make_progress(not args.quiet)).check(b, criterion)
+    # Both files run as they are, not as iropt re-encodes them.
+    verifier = Verifier(a, feeds.feeds, progress=make_progress(not args.quiet), reference_file=args.a)
+    try:
+        verifier.reference_outputs()
+    except UserError as error:
+        raise UserError(f"{args.a}: {error}") from error
+    try:
+        outputs = verifier.run(file_runner(args.b))
+    except UserError as error:
+        raise UserError(f"{args.b}: {error}") from error
+    comparison = verifier.check_outputs(outputs, criterion)
     if args.json:
         print(json.dumps(comparison.to_dict(), indent=2))
     elif not args.quiet:

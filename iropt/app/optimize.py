@@ -22,7 +22,7 @@ from iropt.infra.pass_manager import Instrument, PassManager, PassRecord, RunRep
 from iropt.infra.pipeline import Pipeline, VerifyStep
 from iropt.infra.registry import BACKENDS
 from iropt.io.load import load_model
-from iropt.io.save import ModelCheck, check_output_path, save_model
+from iropt.io.save import ModelCheck, check_output_file, check_output_path, save_model
 from iropt.ir.model import GraphStats, Model, graph_stats
 from iropt.util.progress import ProgressFn, no_progress
 from iropt.verify.criteria import EXACT_CRITERION, LOSSY_CRITERION, Criterion
@@ -97,7 +97,7 @@ def optimize(options: RunOptions, progress: ProgressFn = no_progress) -> RunOutc
     model = load_model(options.model)
     output = options.output or default_output_path(options.model)
     # Checked before any work so a long run never ends in "cannot write".
-    check_output_path(output, model.input_files())
+    check_outputs(options, output, model, pipeline)
     ctx = PassContext(
         target=pipeline.target,
         calibration=options.calibration,
@@ -119,6 +119,19 @@ def optimize(options: RunOptions, progress: ProgressFn = no_progress) -> RunOutc
             outcome.emitted = _emit(model, pipeline, output, options.build_progress)
     outcome.total_seconds = time.perf_counter() - start
     return outcome
+
+
+def check_outputs(options: RunOptions, output: Path, model: Model, pipeline: Pipeline) -> None:
+    """UserError unless everything the run would write can be written: the model, the IR dumps,
+    the back end's artefacts (and the back end can run here)."""
+    check_output_path(output, model.input_files())
+    if options.dump_dir is not None and options.dump_dir.exists() and not options.dump_dir.is_dir():
+        raise UserError(f"{options.dump_dir}: --dump-ir names a file; it takes a folder to write into")
+    if options.emit and pipeline.target is not None:
+        backend = BACKENDS.create(pipeline.target.name, dict(pipeline.target.options))
+        backend.check_ready()
+        for path in backend.planned_outputs(output):
+            check_output_file(path, f"the {pipeline.target.name} artefact", [*model.input_files(), output])
 
 
 def _checker(source: Path, checked_each: bool) -> ModelCheck:
@@ -156,6 +169,7 @@ def _make_verifier(
     if not (options.verify or options.verify_each):
         return None, []
     from iropt.verify.feeds import feed_source
+    from iropt.verify.runtime import ModelRunError
     from iropt.verify.verifier import Verifier
 
     criterion = final_criterion(pipeline)
@@ -166,12 +180,12 @@ def _make_verifier(
         spec = options.calibration
     source = feed_source(spec, reference, shapes=options.shapes, count=criterion.samples)
     feeds = list(itertools.islice(source, MAX_VERIFY_FEEDS))
-    verifier = Verifier(reference, feeds, progress=progress)
+    verifier = Verifier(reference, feeds, progress=progress, reference_file=options.model)
     # Run the reference now: a model ONNX Runtime cannot run is bad input, reported before the
     # schedule runs rather than after.
     try:
         verifier.reference_outputs()
-    except UserError as error:
+    except ModelRunError as error:
         raise UserError(f"{error}{_generated_inputs_hint(source)}") from error
     return verifier, [source.description, *source.notes]
 

@@ -67,6 +67,18 @@ def _check_looks_like_onnx(model_path: Path, proto: onnx.ModelProto) -> None:
         raise ModelLoadError(
             f"{model_path}: not an ONNX model (no IR version, opset import or graph outputs)"
         )
+    if proto.ir_version > onnx.IR_VERSION:
+        raise ModelLoadError(
+            f"{model_path}: IR version {proto.ir_version} is newer than any this onnx knows "
+            f"({onnx.IR_VERSION}); the file is damaged or needs a newer onnx"
+        )
+    newest = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise ModelLoadError(
+                f"{model_path}: imports opset {opset.version} of the default domain, newer than any "
+                f"this onnx knows ({newest}); the file is damaged or needs a newer onnx"
+            )
 
 
 def _check_unique_definitions(model_path: Path, proto: onnx.ModelProto) -> None:

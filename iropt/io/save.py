@@ -231,6 +231,18 @@ def check_output_path(out: Path, protected: Collection[Path] = ()) -> None:
 
 
 
+def check_output_file(path: Path, what: str, protected: Collection[Path] = ()) -> None:
+    """ModelSaveError unless `what` (a report, an engine) can be written at `path` without
+    replacing a folder, a device, or one of the `protected` files (the input, the output model)."""
+    if not path.parent.is_dir():
+        raise ModelSaveError(f"{path}: the directory of {what}, {path.parent}, does not exist")
+    if path.is_dir():
+        raise ModelSaveError(f"{path}: {what} names a directory, expected a file name")
+    refuse_special_file(path, what)
+    if path.resolve() in {p.resolve() for p in protected}:
+        raise ModelSaveError(f"{path}: {what} would be written over a model of this run; choose another path")
+
+
 def refuse_special_file(path: Path, what: str) -> None:
     """ModelSaveError when `path` exists and is not a regular file (a device, a pipe, a socket):
     a save replaces the file at its path, and must never replace one of those."""

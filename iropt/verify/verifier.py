@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -12,7 +13,7 @@ from iropt.util.progress import ProgressFn
 from iropt.verify.compare import Comparison, compare
 from iropt.verify.criteria import Criterion
 from iropt.verify.feeds import Feeds
-from iropt.verify.runtime import RunnerFactory, reference_runner
+from iropt.verify.runtime import Runner, RunnerFactory, file_runner, reference_runner
 
 Outputs = dict[str, np.ndarray]
 
@@ -32,6 +33,9 @@ class Verifier:
 
     The reference is copied when the Verifier is made, so rewriting the same Model object in
     place afterwards does not change the reference; its outputs are computed once, on first use.
+    With `reference_file` (the file the reference was loaded from), the reference outputs come
+    from running that file as it is, not the model as iropt re-encoded it: whatever iropt's
+    reading of the file gets wrong then shows as a difference, never as a match.
     """
 
     def __init__(
@@ -41,6 +45,7 @@ class Verifier:
         *,
         runner_factory: RunnerFactory = reference_runner,
         progress: ProgressFn | None = None,
+        reference_file: Path | None = None,
     ) -> None:
         if not feeds:
             raise UserError("verification needs at least one input sample")
@@ -48,6 +53,7 @@ class Verifier:
         self.feeds = list(feeds)
         self.runner_factory = runner_factory
         self.progress = progress
+        self.reference_file = reference_file
         self._reference_outputs: list[Outputs] | None = None
 
     @property
@@ -58,12 +64,19 @@ class Verifier:
     def reference_outputs(self) -> list[Outputs]:
         """The reference model's outputs on every feed (computed on the first call)."""
         if self._reference_outputs is None:
-            self._reference_outputs = self.outputs_of(self._reference, "running the reference")
+            if self.reference_file is not None:
+                runner = file_runner(self.reference_file)
+            else:
+                runner = self.runner_factory(self._reference)
+            self._reference_outputs = self.run(runner, "running the reference")
         return self._reference_outputs
 
     def outputs_of(self, model: Model, description: str = "verifying") -> list[Outputs]:
         """Outputs of `model` on every feed (UserError when the runtime cannot run it)."""
-        runner = self.runner_factory(model)
+        return self.run(self.runner_factory(model), description)
+
+    def run(self, runner: Runner, description: str = "verifying") -> list[Outputs]:
+        """Outputs of `runner` on every feed."""
         feeds: Iterable[Feeds] = self.feeds
         if self.progress is not None:
             feeds = self.progress(self.feeds, description, total=len(self.feeds))
