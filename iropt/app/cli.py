@@ -19,12 +19,17 @@ from iropt import __version__
 from iropt.errors import IroptError, UserError, VerificationError
 
 Handler = Callable[[argparse.Namespace], int]
+# 128 + SIGINT, as shells report a command stopped with Ctrl-C.
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `iropt` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        return _interrupted()
     _configure_logging(args)
     try:
         handler: Handler = args.handler
@@ -36,9 +41,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except IroptError as error:
         return _fail(args, error, 1)
     except KeyboardInterrupt:
-        return 130
+        return _interrupted()
     except Exception as error:  # a bug: say so plainly, the traceback is one -v away
         return _fail(args, error, 1, prefix="internal error")
+
+
+def _interrupted() -> int:
+    """Ctrl-C: no traceback, nothing half-written (saves stage their files and clean up on the
+    way out), and the shell's exit status for SIGINT."""
+    print("iropt: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _fail(args: argparse.Namespace, error: BaseException, code: int, prefix: str = "error") -> int:

@@ -150,6 +150,19 @@ def _dtype_or_none(name: str) -> Any:
         return None
 
 
+def nothing_to_compare(outputs: Sequence[Outputs]) -> list[str]:
+    """Why some outputs of a reference cannot be compared: empty, or no finite value, on every
+    sample. A check on them would compare nothing, so it cannot pass."""
+    problems = []
+    for name in outputs[0] if outputs else []:
+        arrays = [sample[name] for sample in outputs]
+        if all(a.size == 0 for a in arrays):
+            problems.append(f"output '{name}' is empty ({list(arrays[0].shape)}) on every input sample")
+        elif arrays[0].dtype.kind in "fc" and not any(np.isfinite(a).any() for a in arrays):
+            problems.append(f"output '{name}' has no finite value (all NaN or infinite) on any input sample")
+    return problems
+
+
 def _json_float(value: float | None) -> float | str | None:
     if value is None or math.isnan(value):
         return None
@@ -259,6 +272,10 @@ def _numeric(
     result.top1 = totals.rows_agree / totals.rows if totals.rows else None
     result.atol_to_pass = math.inf if totals.nonfinite else totals.atol_needed
     result.passed, result.message = _judge(result, totals, criterion, (rtol, atol))
+    if not totals.finite_pairs:
+        # Statistics of nothing (max_abs=0, cosine=1, snr=inf) would read as a perfect match.
+        result.max_abs = result.mean_abs = result.max_rel = result.cosine = result.snr_db = None
+        result.atol_to_pass = None
     return result
 
 

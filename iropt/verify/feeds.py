@@ -29,6 +29,7 @@ whose values fit), with a note; anything else is a `UserError`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +43,14 @@ from iropt.errors import UserError
 from iropt.ir.model import Model
 from iropt.util.pyimport import import_location
 from iropt.util.suggest import did_you_mean
+from iropt.util.text import shorten
 
 Feeds = dict[str, np.ndarray]
 
+# --shape dimensions past this are typos (and past what numpy can index).
+MAX_DIM = 2**40
+# One sample of generated inputs may take at most this many bytes.
+MAX_GENERATED_BYTES = 2**30
 # Unnamed and symbolic dimensions of generated inputs default to this.
 DEFAULT_DYNAMIC_DIM = 1
 # Generated integer inputs are drawn from [0, GENERATED_INT_HIGH): small and non-negative, so
@@ -222,16 +228,19 @@ def parse_shape_overrides(items: Iterable[str]) -> dict[str, list[int]]:
     for item in items:
         name, sep, dims_text = item.rpartition(":")
         if not sep or not name or not dims_text:
-            raise UserError(f"--shape '{item}': expected NAME:DIMS such as x:1x3x224x224")
+            raise UserError(f"--shape '{shorten(item)}': expected NAME:DIMS such as x:1x3x224x224")
         parts = dims_text.replace(",", "x").split("x")
         if not all(p.strip().isdigit() for p in parts):
             raise UserError(
-                f"--shape '{item}': dimensions must be non-negative integers separated by 'x' "
+                f"--shape '{shorten(item)}': dimensions must be non-negative integers separated by 'x' "
                 "(such as 1x3x224x224)"
             )
         if name in result:
-            raise UserError(f"--shape: input '{name}' is given twice")
-        result[name] = [int(p) for p in parts]
+            raise UserError(f"--shape: input '{shorten(name)}' is given twice")
+        dims = [int(p) for p in parts]
+        if any(dim > MAX_DIM for dim in dims):
+            raise UserError(f"--shape '{shorten(item)}': a dimension is larger than {MAX_DIM}")
+        result[name] = dims
     return result
 
 
@@ -358,6 +367,7 @@ def _generated_source(
                 f"cannot generate data for input '{spec.name}' of type {spec.onnx_type}; "
                 "give real inputs (an .npz file, a folder or module:function)"
             )
+    _check_generated_size(inputs, shapes)
     notes.append(GENERATED_DATA_WARNING)
     _log.warning("%s", GENERATED_DATA_WARNING)
 
@@ -370,6 +380,21 @@ def _generated_source(
 
     description = f"{count} generated input sample(s) (seed {seed})"
     return FeedSource(description, produce, inputs, generated=True, notes=notes)
+
+
+def _check_generated_size(inputs: Sequence[InputSpec], shapes: Mapping[str, list[int]]) -> None:
+    """UserError when one generated sample would pass MAX_GENERATED_BYTES (a typo in --shape)."""
+    total = 0
+    for spec in inputs:
+        assert spec.dtype is not None
+        total += math.prod(shapes[spec.name]) * spec.dtype.itemsize
+    if total > MAX_GENERATED_BYTES:
+        sizes = ", ".join(f"{spec.name}: {'x'.join(map(str, shapes[spec.name]))}" for spec in inputs)
+        raise UserError(
+            f"generated inputs would take {total / 2**30:.3g} GiB per sample ({shorten(sizes, 200)}); "
+            f"the limit is {MAX_GENERATED_BYTES // 2**30} GiB: check --shape, or give real inputs "
+            "with --inputs"
+        )
 
 
 def _generated_shape(spec: InputSpec, overrides: Mapping[str, list[int]], notes: list[str]) -> list[int]:

@@ -10,7 +10,7 @@ import numpy as np
 from iropt.errors import UserError, VerificationError
 from iropt.ir.model import Model
 from iropt.util.progress import ProgressFn
-from iropt.verify.compare import Comparison, compare
+from iropt.verify.compare import Comparison, compare, nothing_to_compare
 from iropt.verify.criteria import Criterion
 from iropt.verify.feeds import Feeds
 from iropt.verify.runtime import Runner, RunnerFactory, file_runner, reference_runner
@@ -68,7 +68,14 @@ class Verifier:
                 runner = file_runner(self.reference_file)
             else:
                 runner = self.runner_factory(self._reference)
-            self._reference_outputs = self.run(runner, "running the reference")
+            outputs = self.run(runner, "running the reference")
+            vacuous = nothing_to_compare(outputs)
+            if vacuous:
+                raise VerificationError(
+                    f"verification would compare nothing: {'; '.join(vacuous)}; give inputs the "
+                    "model computes something on (check --shape or --inputs)"
+                )
+            self._reference_outputs = outputs
         return self._reference_outputs
 
     def outputs_of(self, model: Model, description: str = "verifying") -> list[Outputs]:
