@@ -25,7 +25,7 @@ from iropt.infra.pipeline import (
     Step,
     VerifyStep,
 )
-from iropt.infra.registry import BACKENDS, PASSES
+from iropt.infra.registry import BACKENDS, PASSES, target_spec
 from iropt.util.suggest import did_you_mean
 from iropt.util.text import shorten
 from iropt.verify.criteria import Criterion
@@ -187,7 +187,7 @@ class _Resolver:
         except (UserError, ValueError, TypeError) as error:
             self.error(target.name_pos or target.pos, str(error))
             return None
-        return TargetSpec(target.name, values)
+        return target_spec(target.name, values)
 
     def bind(
         self, owner: str, specs: Sequence[OptionSpec], options: Sequence[Option], call_pos: Position | None

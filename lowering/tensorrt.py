@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import onnx
@@ -51,6 +51,7 @@ import onnx
 from iropt.errors import OptionError, UserError
 from iropt.infra.backend import Backend
 from iropt.infra.options import Range
+from iropt.infra.pass_base import Capabilities
 from iropt.infra.registry import register_backend
 from iropt.io.save import save_proto
 from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, Model, tensor_bytes
@@ -230,6 +231,8 @@ class TensorRTBackend(Backend):
     builder_optimization_level: 0 (fast build) to 5 (slow build, fastest engine).
     engine_path: where `emit` writes the engine (default: beside the ONNX, `.engine`).
     """
+
+    capabilities: ClassVar[Capabilities] = Capabilities(quant_format="tensorrt", fp16=True, strongly_typed=True)
 
     precision: Literal["fp32", "fp16", "int8", "best"] = "fp32"
     workspace: Annotated[int, Range(min=1)] = 1 << 30

@@ -44,6 +44,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from iropt.ir.channels import weight_layout
 from iropt.ir.graph import constant_value, is_graph_output, is_op
 from iropt.ir.model import Model, iter_graphs
 
@@ -325,7 +326,8 @@ def _check_weight_axis(node: gs.Node) -> Iterator[LintIssue]:
     rank = _weight_rank(dequantize)
     if scale is None or scale.size <= 1 or rank is None:
         return
-    expected = _output_channel_axis(node, rank)
+    layout = weight_layout(node, rank)
+    expected = layout.out_axis if layout is not None else None
     actual = _axis(dequantize, rank)
     if expected is not None and actual != expected:
         yield _issue(
@@ -334,16 +336,6 @@ def _check_weight_axis(node: gs.Node) -> Iterator[LintIssue]:
             f"output channels are axis {expected}; TensorRT folds only output-channel scales into "
             f"the int8 kernel (set axis={expected})",
         )
-
-
-def _output_channel_axis(node: gs.Node, rank: int) -> int | None:
-    if node.op == "Conv":
-        return 0
-    if node.op == "ConvTranspose":
-        return 1
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
-    return rank - 1  # MatMul: B is [..., K, N]
 
 
 def _check_half_quantized(node: gs.Node) -> Iterator[LintIssue]:

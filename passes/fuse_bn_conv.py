@@ -34,6 +34,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from iropt.infra.registry import register_pass
+from iropt.ir.channels import scale_output_channels
 from iropt.rewrite import (
     Match,
     OpPattern,
@@ -48,11 +49,10 @@ from iropt.rewrite import (
     tensor_rank,
 )
 from iropt.rewrite.conv import (
+    conv_layout,
     conv_problem,
     conv_producer,
     new_constant,
-    output_channels,
-    scale_output_channels,
     set_input,
 )
 
@@ -120,13 +120,13 @@ class ConvBn(RewriteRule):
         problem = conv_problem(match)
         if problem is not None:
             return problem
-        channels = output_channels(match.nodes["conv"], match.value("w"), match.opset)
+        channels = conv_layout(match.nodes["conv"]).output_channels(match.value("w").shape)
         return _bn_problem(match, channels)
 
     def rewrite(self, match: Match, graph: gs.Graph) -> None:
         conv, weight = match.nodes["conv"], match.value("w")
         s, shift = _affine(match)
-        new_weight = scale_output_channels(conv, weight, s, match.opset)
+        new_weight = scale_output_channels(conv_layout(conv), weight, s)
         new_bias = _bias(match, s.shape[0]) * s + shift
         set_input(conv, 1, new_constant(match, "w", "bn", new_weight, weight.dtype))
         bias_base = "b" if match.tensors.get("b") is not None else "w"

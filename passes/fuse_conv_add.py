@@ -19,10 +19,10 @@ import onnx_graphsurgeon as gs
 from iropt.infra.registry import register_pass
 from iropt.rewrite import Match, RewritePass, RewriteRule, const, op, take_outputs
 from iropt.rewrite.conv import (
+    conv_layout,
     conv_problem,
     conv_producer,
     new_constant,
-    output_channels,
     per_channel,
     set_input,
 )
@@ -43,7 +43,7 @@ class ConvAdd(RewriteRule):
 
     def _vector(self, match: Match) -> np.ndarray | str:
         weight = match.value("w")
-        channels = output_channels(match.nodes["conv"], weight, match.opset)
+        channels = conv_layout(match.nodes["conv"]).output_channels(weight.shape)
         return per_channel(match.value("c"), channels, weight.ndim)
 
     def rewrite(self, match: Match, graph: gs.Graph) -> None:

@@ -19,14 +19,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from iropt.infra.registry import register_pass
+from iropt.ir.channels import scale_output_channels
 from iropt.rewrite import Match, RewritePass, RewriteRule, const, op, take_outputs
 from iropt.rewrite.conv import (
+    conv_layout,
     conv_problem,
     conv_producer,
     new_constant,
-    output_channels,
     per_channel,
-    scale_output_channels,
     set_input,
 )
 
@@ -46,14 +46,14 @@ class ConvMul(RewriteRule):
 
     def _vector(self, match: Match) -> np.ndarray | str:
         weight = match.value("w")
-        channels = output_channels(match.nodes["conv"], weight, match.opset)
+        channels = conv_layout(match.nodes["conv"]).output_channels(weight.shape)
         return per_channel(match.value("m"), channels, weight.ndim)
 
     def rewrite(self, match: Match, graph: gs.Graph) -> None:
         conv, weight = match.nodes["conv"], match.value("w")
         vector = self._vector(match)
         assert not isinstance(vector, str)
-        new_weight = scale_output_channels(conv, weight, vector, match.opset)
+        new_weight = scale_output_channels(conv_layout(conv), weight, vector)
         set_input(conv, 1, new_constant(match, "w", "mul", new_weight, weight.dtype))
         bias = match.values.get("b")
         if bias is not None:

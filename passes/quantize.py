@@ -11,7 +11,7 @@ Static mode (the default) calibrates activation ranges on real inputs and insert
    entropy, mse). Tensors that share a scale (MaxPool in/out...) get the union of their ranges.
 3. Optionally, sensitivity analysis (`iropt.quant_sensitivity`): measure each quantized layer
    alone against the float outputs, keep the most harmful ones in float until `target_metric`
-   reaches `target_min`. The ranking is logged and kept in `last_ranking`.
+   reaches `target_min`. The ranking is logged and returned in the result's `info`.
 4. Rewrite (`iropt.quant_rewrite`) for the format: `ort` = uint8 asymmetric activations, int8
    per-channel weights, int32 bias (what ORT's QDQ fusion turns into QLinearConv/QGemm);
    `tensorrt` = int8 symmetric everywhere, zero points 0, float bias.
@@ -40,7 +40,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -76,7 +76,7 @@ from iropt.ir.graph import is_op
 from iropt.ir.model import Model
 from iropt.passes.toposort import sorted_nodes
 from iropt.verify.feeds import iter_feeds
-from iropt.verify.runtime import Runner
+from iropt.verify.runner import Runner
 
 STATIC_MIN_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights)
 DYNAMIC_MIN_OPSET = 11  # DynamicQuantizeLinear
@@ -145,20 +145,15 @@ class Quantize(Pass):
     # --- entry point -----------------------------------------------------------------------
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        self.last_ranking, self.last_kept_float = [], []
         if self.mode == "dynamic":
             return self._run_dynamic(model, ctx)
         return self._run_static(model, ctx)
 
     def resolve_format(self, ctx: PassContext) -> QuantFormat:
-        """`format`, or for `auto` the schedule's target (ort or tensorrt; no target: ort)."""
+        """`format`, or for `auto` the format the schedule's target declares (no target: ort)."""
         if self.format != "auto":
             return self.format
-        name = ctx.target.name if ctx.target is not None else "ort"
-        if name not in SCHEMES:
-            ctx.log.info("quantize: target '%s' has no quantization format of its own; using 'ort'", name)
-            return "ort"
-        return "tensorrt" if name == "tensorrt" else "ort"
+        return ctx.capabilities.quant_format
 
     # --- static ------------------------------------------------------------------------------
 
@@ -187,15 +182,16 @@ class Quantize(Pass):
             _rewrite_static(target, sub, params, scheme)
 
         floats: frozenset[str] = frozenset()
+        info: dict[str, Any] = {}
         if self.sensitivity:
             layers = [(c.key, f"{c.label} ({c.node.op})") for c in plan.nodes]
-            floats = self._sensitivity(model, ctx, layers, build, kept)
+            floats, info = self._sensitivity(model, ctx, layers, build, kept)
             plan = plan_quantization(
                 model.graph, scheme, op_types=op_types, excluded=self._excluded(floats | slow),
                 dtypes=dtypes,
             )
         rewrite = _rewrite_static(model, plan, params, scheme)
-        return PassResult.from_stats(
+        result = PassResult.from_stats(
             quantized_nodes=rewrite.quantized_nodes,
             quantized_activations=rewrite.quantized_activations,
             quantized_weights=rewrite.quantized_weights,
@@ -204,6 +200,8 @@ class Quantize(Pass):
             skipped_slow=len(slow),
             calibration_samples=samples,
         )
+        result.info = info
+        return result
 
     def _slow_nodes(self, model: Model, scheme: Scheme, op_types: list[str], ctx: PassContext) -> frozenset[str]:
         """Keys of the nodes ORT would run slower quantized (format ort, `skip_slow_layers`)."""
@@ -263,16 +261,19 @@ class Quantize(Pass):
             return count
 
         floats: frozenset[str] = frozenset()
+        info: dict[str, Any] = {}
         if self.sensitivity:
             layers = [(c.key, f"{c.label} ({c.node.op})") for c in dynamic_candidates(
                 model.graph, op_types, self._excluded())]
             batches = (b for f in self._feeds(model, ctx) for b in split_batches(f, self.batch_size))
             feeds = list(limit_rows(batches, self.sensitivity_samples))
-            floats = self._sensitivity(model, ctx, layers, build, feeds)
+            floats, info = self._sensitivity(model, ctx, layers, build, feeds)
         quantized = build(model, None, floats)
-        return PassResult.from_stats(
+        result = PassResult.from_stats(
             quantized_nodes=quantized, quantized_weights=quantized, kept_float=len(floats)
         )
+        result.info = info
+        return result
 
     # --- shared ------------------------------------------------------------------------------
 
@@ -294,8 +295,12 @@ class Quantize(Pass):
         layers: list[tuple[str, str]],
         build: Callable[[Model, frozenset[str] | None, frozenset[str]], object],
         feeds: list[Feeds],
-    ) -> frozenset[str]:
-        """Rank `layers` on `feeds` and choose which to keep in float; logs the ranking."""
+    ) -> tuple[frozenset[str], dict[str, Any]]:
+        """Rank `layers` on `feeds` and choose which to keep in float; logs the ranking.
+
+        Returns the keys kept in float and the report's view of the analysis: the ranking (most
+        harmful first, each layer's metric when quantized alone), the layers kept in float and
+        the metric of the model chosen."""
         if not feeds:
             raise UserError("quantize: sensitivity analysis needs calibration inputs, and none were read")
         reference = _run_all(ctx.runner_factory(model.copy()), feeds)
@@ -307,10 +312,14 @@ class Quantize(Pass):
             return score(reference, _run_all(ctx.runner_factory(candidate), feeds), metric)
 
         result = analyze(layers, evaluate, self.target_min, ctx.progress)
-        self.last_ranking = list(result.ranking)
-        self.last_kept_float = [item.label for item in result.kept_float]
         _log_ranking(ctx, result, metric, self.target_min)
-        return frozenset(item.key for item in result.kept_float)
+        info = {
+            "sensitivity_metric": metric,
+            "ranking": [{"layer": item.label, "score": item.score} for item in result.ranking],
+            "kept_float": [item.label for item in result.kept_float],
+            "score": result.score,
+        }
+        return frozenset(item.key for item in result.kept_float), info
 
 
 def _rewrite_static(model: Model, plan: Plan, params: Mapping[str, QParams], scheme: Scheme) -> RewriteStats:

@@ -21,8 +21,8 @@ import onnx.parser
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from iropt.infra.pass_base import PassContext, PassResult, TargetSpec
-from iropt.infra.registry import create_pass
+from iropt.infra.pass_base import PassContext, PassResult
+from iropt.infra.registry import create_pass, target_spec
 from iropt.ir.model import Model
 from iropt.passes.quantize import Quantize
 
@@ -61,7 +61,7 @@ def quantize(
     pass_ = create_pass("quantize", options)
     assert isinstance(pass_, Quantize)
     ctx = PassContext(
-        target=TargetSpec(target) if target else None,
+        target=target_spec(target) if target else None,
         calibration=calibration,
         log=log or logging.getLogger("iropt.test_quantize"),
     )

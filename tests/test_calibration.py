@@ -40,7 +40,8 @@ from iropt.compress.quant.params import (
 from iropt.errors import UserError
 from iropt.ir.model import Model
 from iropt.verify.feeds import iter_feeds
-from iropt.verify.runtime import Runner, reference_runner
+from iropt.verify.runner import Runner
+from iropt.verify.runtime import reference_runner
 
 # Values on a 1e-3 grid up to 1000: exactly representable sums with any power-of-two radius,
 # so streaming and one-shot histograms must agree bin for bin.

@@ -32,7 +32,7 @@ from iropt.infra.registry import BACKENDS, PASSES
 from iropt.ir.model import Model
 from iropt.schedules import builtin_schedule_names, builtin_schedule_text
 from iropt.verify.criteria import Criterion
-from iropt.verify.runtime import Runner
+from iropt.verify.runner import Runner
 
 
 @dataclass(kw_only=True)

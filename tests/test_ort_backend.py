@@ -14,8 +14,8 @@ from iropt.errors import OptionError, UserError
 from iropt.infra.options import option_specs
 from iropt.infra.registry import BACKENDS
 from iropt.io.save import save_model
-from iropt.verify import runtime as ort_backend
 from iropt.lowering.ort import OrtBackend
+from iropt.verify import runtime as ort_backend
 from iropt.verify.runtime import OrtRunner, make_session
 
 RTOL, ATOL = 1e-6, 1e-6

@@ -49,12 +49,12 @@ def test_the_harmful_layer_is_kept_in_float(tmp_path: Path, fmt: str, caplog: py
 
     model = _fragile_mlp()
     with caplog.at_level(logging.INFO, logger="iropt.test_quantize"):
-        result, pass_ = quantize(model, spec, format=fmt, sensitivity=True, target_metric="cosine", target_min=0.995)
+        result, _pass = quantize(model, spec, format=fmt, sensitivity=True, target_metric="cosine", target_min=0.995)
     checked(model)
     assert result.stats["kept_float"] == 1 and result.stats["quantized_nodes"] == 2
-    assert pass_.last_kept_float == ["fc2 (Gemm)"]
-    assert pass_.last_ranking[0].label == "fc2 (Gemm)"
-    assert [item.score for item in pass_.last_ranking] == sorted(item.score for item in pass_.last_ranking)
+    assert result.info["kept_float"] == ["fc2 (Gemm)"]
+    assert result.info["ranking"][0]["layer"] == "fc2 (Gemm)"
+    assert [item["score"] for item in result.info["ranking"]] == sorted(item["score"] for item in result.info["ranking"])
     assert _fc2_is_float(model)
     assert cosine(want, run(model, feeds)["y"]) >= 0.995
     assert "sensitivity ranking" in caplog.text and "kept in float: fc2 (Gemm)" in caplog.text
@@ -64,8 +64,8 @@ def test_top1_target(tmp_path: Path) -> None:
     spec, feeds = _calibration(tmp_path)
     original = _fragile_mlp()
     model = _fragile_mlp()
-    result, pass_ = quantize(model, spec, sensitivity=True, target_metric="top1", target_min=0.95)
-    assert pass_.last_kept_float == ["fc2 (Gemm)"] and result.stats["kept_float"] == 1
+    result, _pass = quantize(model, spec, sensitivity=True, target_metric="top1", target_min=0.95)
+    assert result.info["kept_float"] == ["fc2 (Gemm)"] and result.stats["kept_float"] == 1
     want, got = run(original, feeds)["y"], run(model, feeds)["y"]
     assert np.mean(want.argmax(-1) == got.argmax(-1)) >= 0.95
 
@@ -73,17 +73,17 @@ def test_top1_target(tmp_path: Path) -> None:
 def test_a_harmless_model_keeps_nothing_in_float(tmp_path: Path) -> None:
     spec, _ = _calibration(tmp_path)
     model, _ = mlp_model(np.random.default_rng(2))
-    result, pass_ = quantize(model, spec, sensitivity=True, target_metric="snr", target_min=20.0)
-    assert result.stats["kept_float"] == 0 and pass_.last_kept_float == []
-    assert len(pass_.last_ranking) == 3
+    result, _pass = quantize(model, spec, sensitivity=True, target_metric="snr", target_min=20.0)
+    assert result.stats["kept_float"] == 0 and result.info["kept_float"] == []
+    assert len(result.info["ranking"]) == 3
 
 
 def test_dynamic_mode_sensitivity(tmp_path: Path) -> None:
     spec, feeds = _calibration(tmp_path)
     original = _fragile_mlp()
     model = _fragile_mlp()
-    result, pass_ = quantize(model, spec, mode="dynamic", sensitivity=True, target_min=0.995)
-    assert pass_.last_kept_float == ["fc2 (Gemm)"] and result.stats["quantized_nodes"] == 2
+    result, _pass = quantize(model, spec, mode="dynamic", sensitivity=True, target_min=0.995)
+    assert result.info["kept_float"] == ["fc2 (Gemm)"] and result.stats["quantized_nodes"] == 2
     assert _fc2_is_float(model)
     assert cosine(run(original, feeds)["y"], run(model, feeds)["y"]) >= 0.995
 

@@ -29,6 +29,7 @@ def _record(record: PassRecord) -> dict[str, Any]:
         "block": record.block,
         "changed": record.changed,
         "stats": record.stats,
+        "info": _plain(record.info),
         "seconds": record.seconds,
         "nodes": _pair(record.nodes),
         "parameters": _pair(record.parameters),

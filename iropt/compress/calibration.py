@@ -40,7 +40,7 @@ import onnx
 from iropt.errors import UserError
 from iropt.ir.model import Model
 from iropt.util.progress import ProgressFn
-from iropt.verify.runtime import Runner
+from iropt.verify.runner import Runner
 
 CalibrationMethod = Literal["minmax", "percentile", "entropy", "mse"]
 METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")

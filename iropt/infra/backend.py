@@ -12,14 +12,17 @@ import abc
 from pathlib import Path
 from typing import ClassVar
 
+from iropt.infra.pass_base import DEFAULT_CAPABILITIES, Capabilities
 from iropt.ir.model import Model
-from iropt.verify.runtime import Runner
+from iropt.verify.runner import Runner
 
 
 class Backend(abc.ABC):
     """A target: options are typed keyword-only constructor parameters, like a pass's."""
 
     name: ClassVar[str] = ""
+    # What lossy passes read to pick formats (the schedule's `target` carries it to them).
+    capabilities: ClassVar[Capabilities] = DEFAULT_CAPABILITIES
 
     @abc.abstractmethod
     def compile(self, model: Model) -> Runner:

@@ -14,13 +14,13 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from iropt.ir.model import Model
 from iropt.util.progress import ProgressFn, no_progress
 
 if TYPE_CHECKING:
-    from iropt.verify.runtime import Runner, RunnerFactory
+    from iropt.verify.runner import Runner, RunnerFactory
 
 T = TypeVar("T")
 
@@ -38,6 +38,8 @@ class PassResult:
 
     changed: bool
     stats: dict[str, int] = field(default_factory=dict)
+    # Report-only data (JSON-ready): rankings, layers kept in float, kept channel indices.
+    info: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_stats(cls, **stats: int) -> PassResult:
@@ -45,12 +47,37 @@ class PassResult:
         return cls(changed=any(stats.values()), stats=dict(stats))
 
 
+QuantFormat = Literal["ort", "tensorrt"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a back end runs well, declared by the back end and read by lossy passes.
+
+    - `quant_format`: the Q/DQ layout it runs fastest: `ort` (uint8 activations, int8
+      per-channel weights, int32 bias) or `tensorrt` (symmetric int8, zero points 0, float bias,
+      Q/DQ on both inputs of weighted ops).
+    - `fp16`: it has float16 kernels worth converting to.
+    - `strongly_typed`: precision comes from the graph's types only (no builder precision flags).
+    """
+
+    quant_format: QuantFormat = "ort"
+    fp16: bool = False
+    strongly_typed: bool = False
+
+
+# No target: what ONNX Runtime on the CPU, the verification runtime, runs well.
+DEFAULT_CAPABILITIES = Capabilities()
+
+
 @dataclass(frozen=True)
 class TargetSpec:
-    """The back end a schedule is meant for, with its options (`target ort(...)`)."""
+    """The back end a schedule is meant for, with its options (`target ort(...)`) and what it
+    declares it runs well."""
 
     name: str
     options: Mapping[str, Any] = field(default_factory=dict)
+    capabilities: Capabilities = DEFAULT_CAPABILITIES
 
 
 def _default_runner_factory(model: Model) -> Runner:
@@ -81,6 +108,11 @@ class PassContext:
     progress: ProgressFn = no_progress
     work_dir: Path | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("iropt"))
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """The target's declared capabilities (ONNX Runtime's on the CPU without a target)."""
+        return self.target.capabilities if self.target is not None else DEFAULT_CAPABILITIES
 
 
 class Pass(abc.ABC):

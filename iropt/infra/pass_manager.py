@@ -31,6 +31,7 @@ class PassRecord:
     pass_: Pass
     changed: bool = False
     stats: dict[str, int] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
     seconds: float | None = None
     nodes: tuple[int, int] | None = None
     parameters: tuple[int, int] | None = None
@@ -154,6 +155,7 @@ class PassManager:
             )
         record.changed = result.changed
         record.stats = dict(result.stats)
+        record.info = dict(result.info)
         for instrument in self.instruments:
             instrument.after_pass(record, model, result)
         return result.changed

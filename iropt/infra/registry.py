@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from iropt.errors import UnknownPassError
 from iropt.infra.options import OptionSpec, bind_options, option_specs
-from iropt.infra.pass_base import Pass, PassKind
+from iropt.infra.pass_base import DEFAULT_CAPABILITIES, Pass, PassKind, TargetSpec
 from iropt.util.suggest import did_you_mean
 from iropt.util.text import shorten
 
@@ -174,3 +174,9 @@ def create_pass(name: str, options: Mapping[str, Any] | None = None) -> Pass:
     """A pass instance from its name and options, with every option checked."""
     created: Pass = PASSES.create(name, options)
     return created
+
+
+def target_spec(name: str, options: Mapping[str, Any] | None = None) -> TargetSpec:
+    """The TargetSpec of back end `name`: its options and the capabilities it declares."""
+    cls = BACKENDS.get(name).cls
+    return TargetSpec(name, dict(options or {}), capabilities=getattr(cls, "capabilities", DEFAULT_CAPABILITIES))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from iropt.ir.channels import WeightLayout, weight_layout
 from iropt.rewrite import Match, OpPattern, attribute, const, op, tensor
 
 CONV_TYPES = ("Conv", "ConvTranspose")
@@ -23,30 +24,12 @@ def conv_producer(op_types: tuple[str, ...] = CONV_TYPES, name: str = "conv") ->
     )
 
 
-def output_channels(conv: gs.Node, weight: np.ndarray, opset: int) -> int:
-    """Output channels of a Conv ([C_out, C_in/g, k...]) or ConvTranspose ([C_in, C_out/g, k...])."""
-    if conv.op == "ConvTranspose":
-        return int(weight.shape[1]) * int(attribute(conv, "group", opset) or 1)
-    return int(weight.shape[0])
-
-
-def scale_output_channels(conv: gs.Node, weight: np.ndarray, scale: np.ndarray, opset: int) -> np.ndarray:
-    """The weight with output channel o multiplied by `scale[o]` (float64).
-
-    Conv: output channel o is weight row o, whatever the group count. ConvTranspose with g
-    groups: the weight is [C_in, C_out/g, k...] and output channel o = i*(C_out/g) + j is column
-    j of input-channel block i, so the weight is viewed as [g, C_in/g, C_out/g, k...] and scaled
-    by scale viewed as [g, 1, C_out/g, 1...].
-    """
-    w = weight.astype(np.float64)
-    kernel_ones = (1,) * (w.ndim - 2)
-    if conv.op != "ConvTranspose":
-        return w * scale.reshape((-1, 1, *kernel_ones))
-    groups = int(attribute(conv, "group", opset) or 1)
-    c_in, per_group = w.shape[:2]
-    blocks = w.reshape(groups, c_in // groups, per_group, *w.shape[2:])
-    scaled = blocks * scale.reshape(groups, 1, per_group, *kernel_ones)
-    return scaled.reshape(w.shape)
+def conv_layout(conv: gs.Node) -> WeightLayout:
+    """The weight layout of a Conv/ConvTranspose (see `iropt.ir.channels`)."""
+    layout = weight_layout(conv, weight_rank=3)  # a convolution's layout does not depend on rank
+    if layout is None or conv.op not in CONV_TYPES:
+        raise ValueError(f"{conv.op} is not a convolution")
+    return layout
 
 
 def conv_problem(match: Match) -> str | None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from iropt.ir.model import Model
 from iropt.verify.criteria import Criterion
-from iropt.verify.runtime import Runner
+from iropt.verify.runner import Runner
 
 Outputs = dict[str, np.ndarray]
 RunnerFactory = Callable[[Model], Runner]

@@ -14,7 +14,7 @@ import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -25,6 +25,7 @@ from iropt.io.save import save_model, save_proto
 from iropt.io.stream import export_streamed
 from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, PROTOBUF_LIMIT, Model, graph_stats, tensor_bytes
 from iropt.util.text import shorten
+from iropt.verify.runner import Runner
 
 OptimizationLevel = Literal["disable", "basic", "extended", "layout", "all"]
 
@@ -209,15 +210,6 @@ def check_providers(providers: Sequence[str]) -> None:
             )
 
 
-
-
-class Runner(Protocol):
-    """Anything that runs a model: an ONNX Runtime session, a TensorRT engine."""
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
-
-RunnerFactory = Callable[[Model], Runner]
 
 
 def file_runner(path: Path) -> Runner:

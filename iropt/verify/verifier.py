@@ -13,7 +13,8 @@ from iropt.util.progress import ProgressFn
 from iropt.verify.compare import Comparison, compare, nothing_to_compare
 from iropt.verify.criteria import Criterion
 from iropt.verify.feeds import Feeds
-from iropt.verify.runtime import Runner, RunnerFactory, file_runner, reference_runner
+from iropt.verify.runner import Runner, RunnerFactory
+from iropt.verify.runtime import file_runner, reference_runner
 
 Outputs = dict[str, np.ndarray]
 

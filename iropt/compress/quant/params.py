@@ -20,11 +20,11 @@ TensorRT requires and as keeps `-w` representable whenever `w` is).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
-QuantFormat = Literal["ort", "tensorrt"]
+from iropt.infra.pass_base import QuantFormat
+
 FORMATS: tuple[str, ...] = ("ort", "tensorrt")
 
 WEIGHT_QMAX = 127

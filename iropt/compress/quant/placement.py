@@ -41,6 +41,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from iropt.compress.quant.params import Scheme
+from iropt.ir.channels import weight_layout
 from iropt.ir.graph import constant_value, is_graph_output, is_op
 from iropt.ir.model import Model
 
@@ -220,25 +221,13 @@ def _describe_anchor(node: gs.Node, key: str, label: str, dtypes: Mapping[str, i
     bias_index = 2 if len(node.inputs) > 2 and node.inputs[2].name else None
     if bias_index is not None and constant_value(node.inputs[bias_index]) is None:
         return None  # a computed bias: leave the node in float
-    axis = _weight_axis(node, weight.ndim)
+    layout = weight_layout(node, weight.ndim)
+    axis = layout.per_channel_axis if layout is not None else None
     if is_op(node, "MatMul"):
         bias_index = None
         if weight.ndim != 2:
             return None  # batched constant weights: rare, and MatMulInteger needs 2-D here
     return QuantizedNode(node, key, label, [0], WeightSpec(1, axis), bias_index)
-
-
-def _weight_axis(node: gs.Node, ndim: int) -> int | None:
-    """The output-channel axis of an anchor's weight: where per-channel scales go."""
-    if is_op(node, "Conv"):
-        return 0  # [Cout, Cin/g, k...]
-    if is_op(node, "ConvTranspose"):
-        # [Cin, Cout/g, k...]: with groups, axis 1 holds Cout/g channels but the bias has Cout,
-        # so per-channel scales would not line up with the bias; use one scale.
-        return 1 if int(node.attrs.get("group", 1)) == 1 else None
-    if is_op(node, "Gemm"):
-        return 0 if int(node.attrs.get("transB", 0)) else 1
-    return ndim - 1  # MatMul [K, N]
 
 
 def _absorbable_activation(graph: gs.Graph, candidate: QuantizedNode, dtypes: Mapping[str, int]) -> gs.Node | None:

@@ -24,6 +24,7 @@ import onnx_graphsurgeon as gs
 
 from iropt.compress.quant.params import QParams, Scheme, bias_params, weight_params
 from iropt.compress.quant.placement import Plan, QuantizedNode, QuantizedTensor
+from iropt.ir.channels import weight_layout
 from iropt.ir.graph import FreshNames, constant_value, is_op, replace_in
 
 
@@ -151,9 +152,7 @@ def _output_channels(node: gs.Node) -> int:
     weight = node.inputs[1]
     if isinstance(weight, gs.Variable) and weight.inputs:
         weight = weight.inputs[0].inputs[0]  # read through the DequantizeLinear just inserted
-    shape = list(np.asarray(constant_value(weight)).shape)
-    if is_op(node, "ConvTranspose"):
-        return int(shape[1]) * int(node.attrs.get("group", 1))
-    if is_op(node, "Gemm"):
-        return int(shape[0] if int(node.attrs.get("transB", 0)) else shape[1])
-    return int(shape[0])
+    shape = np.asarray(constant_value(weight)).shape
+    layout = weight_layout(node, len(shape))
+    assert layout is not None, f"{node.op} is not a weighted op"
+    return layout.output_channels(shape)
