@@ -257,7 +257,7 @@ def _numeric(
     criterion: Criterion,
 ) -> OutputComparison:
     totals = _Totals()
-    rtol, atol = criterion.tolerance_for(refs[0].dtype)
+    rtol, atol = criterion.tolerance_for(refs[0].dtype, _largest_magnitude(refs))
     for ref, cand in zip(refs, cands, strict=True):
         _accumulate(totals, ref.astype(np.float64), cand.astype(np.float64), rtol, atol)
         _accumulate_top1(totals, ref, cand)
@@ -277,6 +277,16 @@ def _numeric(
         result.max_abs = result.mean_abs = result.max_rel = result.cosine = result.snr_db = None
         result.atol_to_pass = None
     return result
+
+
+def _largest_magnitude(arrays: list[np.ndarray]) -> float:
+    """The largest finite |value| over all samples (0 when there is none)."""
+    largest = 0.0
+    for array in arrays:
+        finite = np.abs(array[np.isfinite(array)])
+        if finite.size:
+            largest = max(largest, float(finite.max()))
+    return largest
 
 
 def _accumulate(totals: _Totals, ref: np.ndarray, cand: np.ndarray, rtol: float, atol: float) -> None:

@@ -17,9 +17,13 @@ HIGHER_IS_BETTER = {"cosine", "snr", "top1"}
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-5
 # Default tolerances of a floating-point output: never below the fp32 defaults above, and at least
-# this many units in the last place of the output's type (relative) and one (absolute), so a
-# rewrite that rounds once more in fp16 (a fused BatchNorm) passes where a real change does not.
+# this many units in the last place of the output's type (relative) and one (absolute). For types
+# coarser than fp32 (fp16, bfloat16), where a sum rounds to the precision of its largest terms,
+# the absolute tolerance is also _DEFAULT_ULPS_OF_SCALE units at the output's largest magnitude:
+# a rewrite that rounds differently (a fused BatchNorm) passes where a real change does not.
 _DEFAULT_ULPS_RELATIVE = 4
+_DEFAULT_ULPS_OF_SCALE = 2
+_FP32_EPS = float(np.finfo(np.float32).eps)
 # More samples than this is a typo: each one is a run of the reference and the candidate.
 MAX_SAMPLES = 10_000
 # Lossy schedules with no verify(...) statement are held to this output cosine similarity.
@@ -58,9 +62,10 @@ class Criterion:
             key = "max" if self.metric in ("max_abs", "max_rel") else "min"
             raise ValueError(f"verify(metric={self.metric!r}) {key}={value:g} must be {bounds.describe()}")
 
-    def tolerance_for(self, dtype: Any) -> tuple[float, float]:
-        """(rtol, atol) for an output of `dtype`: the given ones, else the type's defaults."""
-        default_rtol, default_atol = default_tolerance(dtype)
+    def tolerance_for(self, dtype: Any, scale: float = 0.0) -> tuple[float, float]:
+        """(rtol, atol) for an output of `dtype` whose largest magnitude is `scale`: the given
+        ones, else the type's defaults."""
+        default_rtol, default_atol = default_tolerance(dtype, scale)
         return (
             default_rtol if self.rtol is None else self.rtol,
             default_atol if self.atol is None else self.atol,
@@ -86,13 +91,17 @@ _METRIC_BOUNDS = {
 }
 
 
-def default_tolerance(dtype: Any) -> tuple[float, float]:
-    """(rtol, atol) for outputs of `dtype` when a check gives none (see `_DEFAULT_ULPS_RELATIVE`)."""
+def default_tolerance(dtype: Any, scale: float = 0.0) -> tuple[float, float]:
+    """(rtol, atol) for outputs of `dtype`, largest magnitude `scale`, when a check gives none
+    (see `_DEFAULT_ULPS_RELATIVE`)."""
     try:
         eps = float(np.finfo(dtype).eps)
     except (TypeError, ValueError):
         return DEFAULT_RTOL, DEFAULT_ATOL  # integers, booleans: compared as fp32 would be
-    return max(DEFAULT_RTOL, _DEFAULT_ULPS_RELATIVE * eps), max(DEFAULT_ATOL, eps)
+    atol = max(DEFAULT_ATOL, eps)
+    if eps > _FP32_EPS:
+        atol = max(atol, _DEFAULT_ULPS_OF_SCALE * eps * scale)
+    return max(DEFAULT_RTOL, _DEFAULT_ULPS_RELATIVE * eps), atol
 
 
 EXACT_CRITERION = Criterion()
