@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from iropt.errors import ModelLoadError
 from iropt.io.external import check_external_data, load_external_data
@@ -41,6 +41,7 @@ def _load(model_path: Path) -> tuple[onnx.ModelProto, frozenset[Path]]:
             f"{shorten(str(exc), 200)})"
         ) from exc
     _check_looks_like_onnx(model_path, proto)
+    _check_text_fields(model_path, proto)
     _check_unique_definitions(model_path, proto)
     refs = check_external_data(model_path, proto)
     load_external_data(refs)
@@ -79,6 +80,26 @@ def _check_looks_like_onnx(model_path: Path, proto: onnx.ModelProto) -> None:
                 f"{model_path}: imports opset {opset.version} of the default domain, newer than any "
                 f"this onnx knows ({newest}); the file is damaged or needs a newer onnx"
             )
+
+
+def _check_text_fields(model_path: Path, message: Message) -> None:
+    """ModelLoadError for a text field (a name, a doc string) that is not UTF-8.
+
+    ONNX's protobuf schema does not enforce UTF-8, and protobuf hands such a field over as bytes,
+    which breaks whatever reads it as text later. Raw tensor data are bytes fields, not walked.
+    """
+    for field, value in message.ListFields():
+        if field.type not in (field.TYPE_MESSAGE, field.TYPE_STRING):
+            continue
+        items = value if field.is_repeated else [value]
+        for item in items:
+            if field.type == field.TYPE_MESSAGE:
+                _check_text_fields(model_path, item)
+            elif isinstance(item, bytes):
+                raise ModelLoadError(
+                    f"{model_path}: a {message.DESCRIPTOR.name}'s {field.name} is not UTF-8 text "
+                    f"({shorten(repr(item))}); the file is damaged or not ONNX"
+                )
 
 
 def _check_unique_definitions(model_path: Path, proto: onnx.ModelProto) -> None:
