@@ -129,6 +129,34 @@ def test_bad_external_data_fields_are_bad_input(tmp_path: Path) -> None:
             load_model(save(model, tmp_path / "m.onnx"))
 
 
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [("type_0", "no valid element type"), ("type_99", "no valid element type"), ("negative_dim", "negative dimension"),
+     ("short_raw_data", "the file is damaged"), ("producer_not_utf8", "not UTF-8"), ("ir_999", "IR version 999")],
+)
+def test_damaged_tensors_and_fields_are_bad_input(
+    damage: str, match: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = add_model()
+    tensor = model.graph.initializer[0]
+    if damage.startswith("type_"):
+        tensor.data_type = int(damage.split("_")[1])
+    elif damage == "negative_dim":
+        tensor.dims[0] = -1
+    elif damage == "short_raw_data":
+        tensor.raw_data = tensor.raw_data[:-4]
+    elif damage == "ir_999":
+        model.ir_version = 999
+    data = model.SerializeToString()
+    if damage == "producer_not_utf8":
+        model.producer_name = "iropt-test"
+        data = model.SerializeToString().replace(b"iropt-test", b"\x80ropt-test")
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data)
+    for command in (["inspect", str(path)], ["run", "cleanup", str(path)]):
+        refused(command, tmp_path, capsys, match=match)
+
+
 # --- 2. names defined twice; the input file is the reference -------------------------------------
 
 
@@ -470,6 +498,8 @@ def test_long_names_are_cut_in_messages(mlp: Path, tmp_path: Path, capsys: pytes
     outcome = refused(["passes", long_name], tmp_path, capsys, match="unknown pass")
     assert len(outcome.err) < 500
     refused(["run", long_name + ".opt", str(mlp)], tmp_path, capsys)
+    refused(["inspect", str(tmp_path / long_name[:5000])], tmp_path, capsys, match="too long")
+    refused(["run", "cleanup", str(mlp), "-o", str(tmp_path / long_name[:5000])], tmp_path, capsys, match="too long")
 
 
 def test_an_unreadable_file_is_called_what_it_is(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

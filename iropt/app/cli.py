@@ -42,8 +42,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, error, 1)
     except KeyboardInterrupt:
         return _interrupted()
+    except OSError as error:  # a file that cannot be read or written where the code did not expect it
+        return _fail(args, UserError(_os_error_text(error)), 2)
     except Exception as error:  # a bug: say so plainly, the traceback is one -v away
         return _fail(args, error, 1, prefix="internal error")
+
+
+def _os_error_text(error: OSError) -> str:
+    """'PATH: reason' in words, the path cut short when long."""
+    from iropt.util.text import shorten
+
+    reason = error.strerror or str(error)
+    return f"{shorten(str(error.filename))}: {reason}" if error.filename else reason
 
 
 def _interrupted() -> int:

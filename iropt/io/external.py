@@ -13,7 +13,7 @@ model's folder, and its byte range lies inside that file and matches the tensor'
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,15 +133,33 @@ def _checked_ref(model_path: Path, base: Path, tensor: onnx.TensorProto) -> Exte
     return ExternalRef(tensor, target, offset, length)
 
 
-def _whole_number(text: str, refuse: object, what: str) -> int:
+def _whole_number(text: str, refuse: Callable[[str], ModelLoadError], what: str) -> int:
     try:
         value = int(text)
     except ValueError:
         value = -1
     if value < 0:
-        assert callable(refuse)
         raise refuse(f"has a bad {what} ({shorten(text)!r}); expected a non-negative whole number")
     return value
+
+
+def check_tensor_data(model_path: Path, proto: onnx.ModelProto) -> None:
+    """ModelLoadError for a tensor whose type is not an ONNX type, whose shape has a negative
+    dimension, or whose inline bytes do not fill its shape (a truncated or damaged file)."""
+    known = set(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
+    for tensor in all_tensors(proto):
+        name = shorten(tensor.name)
+        if tensor.data_type not in known:
+            raise ModelLoadError(f"{model_path}: tensor '{name}' has no valid element type ({tensor.data_type})")
+        if any(dim < 0 for dim in tensor.dims):
+            raise ModelLoadError(f"{model_path}: tensor '{name}' has a negative dimension {list(tensor.dims)}")
+        expected = _expected_bytes(tensor)
+        inline = tensor.data_location != _EXTERNAL and tensor.HasField("raw_data")
+        if inline and expected is not None and len(tensor.raw_data) != expected:
+            raise ModelLoadError(
+                f"{model_path}: tensor '{name}' holds {len(tensor.raw_data)} bytes, but its shape "
+                f"{list(tensor.dims)} and type need {expected}: the file is damaged"
+            )
 
 
 def _expected_bytes(tensor: onnx.TensorProto) -> int | None:

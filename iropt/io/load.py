@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import onnx
 from google.protobuf.message import DecodeError, Message
 
 from iropt.errors import ModelLoadError
-from iropt.io.external import check_external_data, load_external_data
+from iropt.io.external import check_external_data, check_tensor_data, load_external_data
 from iropt.ir.model import Model
 from iropt.util.text import shorten
 
@@ -20,7 +21,16 @@ from iropt.util.text import shorten
 def load_model(path: str | os.PathLike[str]) -> Model:
     """Read an ONNX model, with its external data, and explain what is wrong when it cannot."""
     proto, data_files = _load(Path(path))
-    return replace(Model.from_onnx(proto, Path(path).resolve()), source_data_files=data_files)
+    try:
+        model = Model.from_onnx(proto, Path(path).resolve())
+    except Exception as error:
+        # The proto passed every check above, so what the graph library still refuses is a
+        # damaged model (a field combination no check foresaw), not a bug in iropt.
+        raise ModelLoadError(
+            f"{path}: the model cannot be read into a graph: {type(error).__name__}: "
+            f"{shorten(str(error), 300)}"
+        ) from error
+    return replace(model, source_data_files=data_files)
 
 
 def load_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -43,12 +53,18 @@ def _load(model_path: Path) -> tuple[onnx.ModelProto, frozenset[Path]]:
     _check_looks_like_onnx(model_path, proto)
     _check_text_fields(model_path, proto)
     _check_unique_definitions(model_path, proto)
+    check_tensor_data(model_path, proto)
     refs = check_external_data(model_path, proto)
     load_external_data(refs)
     return proto, frozenset(ref.file for ref in refs)
 
 
 def _check_readable(model_path: Path) -> None:
+    try:
+        model_path.stat()
+    except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:
+            raise ModelLoadError(f"{shorten(str(model_path))}: the file name is too long") from error
     if not model_path.exists():
         raise ModelLoadError(f"{model_path}: no such file")
     if model_path.is_dir():
