@@ -179,3 +179,28 @@ def test_damaged_schedules_keep_the_contract(cut: int, edits: list[tuple[int, st
         ran = run_cli(["run", str(schedule), str(model), "-o", str(folder / "o.onnx"), "-q"], capsys)  # type: ignore[arg-type]
         _contract(ran, sandbox, inputs)
         assert (ran.code == 2) == (checked.code == 2), (checked.err, ran.err)
+
+
+# --- input files ------------------------------------------------------------------------------------
+
+INPUT_BYTES = INPUTS.read_bytes()
+
+
+@settings(_SHARED_FIXTURE, max_examples=10)
+@given(cut=st.integers(0, len(INPUT_BYTES)), flips=st.lists(st.tuples(st.integers(0, len(INPUT_BYTES) - 1),
+                                                                     st.integers(0, 255)), max_size=4))
+def test_damaged_input_files_keep_the_contract(cut: int, flips: list[tuple[int, int]], capsys: object) -> None:
+    data = bytearray(INPUT_BYTES[:cut] if not flips else INPUT_BYTES)
+    for position, value in flips:
+        data[position] = value
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        inputs = folder / "x.npz"
+        inputs.write_bytes(bytes(data))
+        model = folder / "m.onnx"
+        model.write_bytes(MODEL_BYTES)
+        digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (inputs, model)}
+        sandbox = Sandbox(folder)
+        outcome = run_cli(["run", "cleanup", str(model), "-o", str(folder / "o.onnx"), "--inputs", str(inputs), "-q"],
+                          capsys)  # type: ignore[arg-type]
+        _contract(outcome, sandbox, digests)

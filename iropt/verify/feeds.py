@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import logging
 import math
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -485,19 +487,23 @@ def _single_input(inputs: Sequence[InputSpec], where: str, hint: str = "") -> st
     return inputs[0].name
 
 
+# What numpy raises for a damaged or truncated .npy/.npz (a zip archive of .npy files).
+_UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
 def _read_npz(path: Path) -> Feeds:
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path}: not a readable .npz file ({error})") from error
+    except _UNREADABLE as error:
+        raise UserError(f"{path}: not a readable .npz file ({type(error).__name__}: {shorten(str(error), 200)})") from error
 
 
 def _read_npy(path: Path) -> np.ndarray:
     try:
         array: np.ndarray = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path}: not a readable .npy file ({error})") from error
+    except _UNREADABLE as error:
+        raise UserError(f"{path}: not a readable .npy file ({type(error).__name__}: {shorten(str(error), 200)})") from error
     return array
 
 
