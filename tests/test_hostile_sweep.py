@@ -22,7 +22,7 @@ from onnx import TensorProto, helper
 # capsys is read and reset around every command, so sharing it between examples is safe. Each
 # model example runs three commands (a run verifies through ONNX Runtime), so the model sweeps
 # draw fewer examples than the profile's default to stay within seconds.
-_SHARED_FIXTURE = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+_SHARED_FIXTURE = settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
 _MODEL_CASES = settings(_SHARED_FIXTURE, max_examples=15)
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden_models"
