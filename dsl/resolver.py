@@ -1,7 +1,7 @@
 """AST -> `iropt.infra.pipeline.Pipeline`: names and options checked against the registries.
 
 Every pass name is looked up in `iropt.infra.registry.PASSES`, the target in `BACKENDS`, and every
-option is checked against the typed constructor parameters (`iropt.options`); `verify(...)`
+option is checked against the typed constructor parameters (`iropt.infra.options`); `verify(...)`
 options are those of `iropt.verify.criteria.Criterion`. Each problem becomes a diagnostic at the
 offending name, key or value, and all of them are reported together in one ScheduleError, so
 `iropt check` shows every mistake in a file at once.

@@ -1,35 +1,35 @@
-"""The TensorRT back end: build a serialized engine from the optimized model, write it, run it.
+"""The TensorRT back end: build a serialized engine from the optimized model, check it, write it.
 
-`target tensorrt(precision="int8", max_shapes={"input": [32, 3, 224, 224]})` in a schedule makes
-`iropt run` write `model.opt.engine` beside `model.opt.onnx`. The engine is built by TensorRT's
-ONNX parser and builder:
+`target tensorrt(...)` in a schedule makes `iropt run` build `model.opt.engine` beside
+`model.opt.onnx`. The engine is built by TensorRT's ONNX parser and builder:
 
-- *Precision.* `fp32`; `fp16`; `int8` for explicitly quantized models (Q/DQ nodes: run
-  `quantize(format="tensorrt")` first; `iropt.trt_lint` checks the Q/DQ rules and its findings
-  are added to a failed build's message); `best` lets the builder choose among fp32, fp16 and
-  the model's int8. TensorRT 10 has weakly typed networks with FP16/INT8 builder flags;
-  TensorRT 11 and TensorRT-RTX build strongly typed networks only, where every layer runs in
-  the type the model gives it, so `fp16` there needs a model already converted to float16.
-  Explicitly quantized models are built strongly typed wherever the builder offers it, which
-  is what NVIDIA recommends for Q/DQ networks.
-- *Shapes.* Inputs with dynamic dimensions get one optimization profile. `min_shapes`,
-  `opt_shapes` and `max_shapes` give full shapes per input name, as a dict from Python
-  (`{"input": [32, 3, 224, 224]}`) or, in a schedule, which has no dict values, as a list of
-  `NAME:DIMS` strings like `--shape` (`["input:32x3x224x224"]`). A dynamic dimension that is
-  not given defaults to min 1, opt 1, max 8 (`DYNAMIC_MIN`, `DYNAMIC_OPT`, `DYNAMIC_MAX`), a
-  guess that fits tests and small batches: pass the serving shapes for a real deployment.
+- *Precision from the graph.* Networks are built strongly typed, with every TensorRT that has
+  the flag (10.x, 11.x, TensorRT-RTX): each layer runs in the type the model gives it. fp16
+  needs a model converted to float16 (`convert_fp16`), int8 an explicitly quantized model
+  (`quantize(format="tensorrt")`: Q/DQ nodes; `tensorrt_lint` checks TensorRT's Q/DQ rules and
+  its findings are added to a failed build's message). The FP16/INT8 builder flags, removed in
+  TensorRT 11, are never used: the same graph builds the same way on 10.x. `precision` states
+  what the model must contain ("auto": whatever it has).
+- *The precision gate.* The build uses detailed profiling verbosity; the engine's layer
+  information (inspector JSON, or the build log where the engine cannot be loaded here) is
+  mapped back to ONNX nodes (`tensorrt_precision`). Nodes that asked for int8/fp16 and run
+  wider are listed; `require_precision=true` makes that a failure (nothing is written).
+- *Shapes.* Inputs with dynamic dimensions get one optimization profile, from `--shape
+  NAME:MIN,OPT,MAX` or the `min_shapes`/`opt_shapes`/`max_shapes` options (see
+  `tensorrt_profile`). The profile is printed and reported; a failed build names its dynamic
+  dimensions and how to give their range.
 - *Timing cache.* `timing_cache="path"` is loaded when the file exists and written back after
   the build, so rebuilds skip kernel timing; an unreadable or mismatched file is replaced. With
   TensorRT-RTX the option is ignored (with a note): RTX keeps the API for source compatibility,
   but the cache has no effect there, and reading one needs a GPU even for an ahead-of-time build.
+- *Running.* With an NVIDIA GPU (and torch built with CUDA) the engine is loaded and run on
+  the profile's min, opt and max shapes against ONNX Runtime on the input model; without one
+  the run says "engine not run: no GPU" and verification covers the ONNX model only.
 - *Progress.* A build can take minutes. Set `backend.progress = fn(phase, done, total)` to hear
-  about the builder's phases (the command line draws a progress bar with it; a callback that
-  raises cancels the build). The library itself prints nothing.
+  about the builder's phases (a callback that raises cancels the build).
 
 The module imports without TensorRT; `tensorrt` (10.x/11.x) is imported on first use, falling
 back to `tensorrt_rtx`, and API differences are found by feature tests, not version numbers.
-TensorRT-RTX builds engines without a GPU; running one (`compile(...).run`) needs an NVIDIA GPU,
-and device buffers come from torch (CUDA build).
 """
 
 from __future__ import annotations
@@ -37,10 +37,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import os
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -48,28 +46,62 @@ from typing import Annotated, Any, ClassVar, Literal
 import numpy as np
 import onnx
 
-from iropt.errors import OptionError, UserError
-from iropt.infra.backend import Backend
+from iropt.errors import IroptError, OptionError, UserError
+from iropt.infra.backend import Backend, EmitContext, StagedArtefacts
 from iropt.infra.options import Range
 from iropt.infra.pass_base import Capabilities
 from iropt.infra.registry import register_backend
-from iropt.io.save import save_proto
+from iropt.io.save import spilled_model_file, write_bytes_atomically
 from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, Model, tensor_bytes
 from iropt.lowering.tensorrt_lint import LintIssue, format_lint, lint_qdq_for_tensorrt
-from iropt.util.suggest import did_you_mean
+from iropt.lowering.tensorrt_precision import (
+    PrecisionReport,
+    layers_from_json,
+    layers_from_log,
+    precision_report,
+    requested_precisions,
+)
+from iropt.lowering.tensorrt_profile import (
+    DYNAMIC_MAX,
+    DYNAMIC_MIN,
+    DYNAMIC_OPT,
+    ProfileInput,
+    failure_hint,
+    resolve_profile,
+    target_ranges,
+)
+from iropt.verify.criteria import Criterion
+from iropt.verify.feeds import ShapeRange
+
+__all__ = [
+    "DYNAMIC_MAX",
+    "DYNAMIC_MIN",
+    "DYNAMIC_OPT",
+    "ENGINE_NOT_RUN",
+    "INSTALL_HINT",
+    "NO_GPU_MESSAGE",
+    "BuildReport",
+    "PrecisionGateError",
+    "TensorRTBackend",
+    "TensorRTRunner",
+    "load_tensorrt",
+    "tensorrt_flavor",
+]
 
 INSTALL_HINT = "TensorRT is not installed: pip install iropt[tensorrt] (or tensorrt-rtx)"
 NO_GPU_MESSAGE = "running a TensorRT engine needs an NVIDIA GPU; the engine was built"
-
-# Profile defaults for a dynamic dimension that the options do not give.
-DYNAMIC_MIN = 1
-DYNAMIC_OPT = 1
-DYNAMIC_MAX = 8
+ENGINE_NOT_RUN = "engine not run: no GPU"
 
 # Called as progress(phase, steps_done, steps_total) while the builder works.
 ProgressCallback = Callable[[str, int, int], None]
 
 _FLAVORS = ("tensorrt", "tensorrt_rtx")
+
+
+class PrecisionGateError(IroptError):
+    """`require_precision=true` and nodes run wider than the graph asks (exit 1)."""
+
+    exit_code = 1
 
 
 # --- the TensorRT module and its differences ---------------------------------------------------
@@ -89,11 +121,6 @@ class TensorRTApi:
     @property
     def label(self) -> str:
         return f"{self.flavor} {self.version}"
-
-    @property
-    def weak_typing(self) -> bool:
-        """TensorRT 10 builds weakly typed networks with precision flags; 11 and RTX do not."""
-        return hasattr(self.module.BuilderFlag, "FP16")
 
     @property
     def strongly_typed_flag(self) -> Any | None:
@@ -134,26 +161,55 @@ def tensorrt_flavor() -> str | None:
         return None
 
 
-@functools.cache
-def _logger_class(trt: Any) -> type:
-    class CapturingLogger(trt.ILogger):  # type: ignore[misc, name-defined]
-        """Keeps TensorRT's warnings and errors, so failures can quote them."""
+class _LogCapture:
+    """What TensorRT logged during one build: warnings, errors and the engine's layer lines."""
 
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str]] = []
+
+    def errors(self) -> list[str]:
+        return [m for s, m in self.records if s in ("ERROR", "INTERNAL_ERROR")]
+
+    def warnings(self) -> list[str]:
+        return [m for s, m in self.records if s == "WARNING"]
+
+    def verbose(self) -> list[str]:
+        return [m for s, m in self.records if s == "VERBOSE"]
+
+
+@functools.cache
+def _shared_logger(trt: Any) -> Any:
+    """The one logger of the process: TensorRT keeps the first logger a builder or runtime is
+    given and ignores later ones, so every build reports to this one, which forwards to the
+    capture of the build in progress."""
+
+    class CapturingLogger(trt.ILogger):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
-            self.records: list[tuple[str, str]] = []
+            self.capture: _LogCapture | None = None
 
         def log(self, severity: Any, msg: str) -> None:
+            if self.capture is None:
+                return
             if severity <= trt.ILogger.Severity.WARNING:
-                self.records.append((severity.name, msg))
+                self.capture.records.append((severity.name, msg))
+            elif msg.startswith("Layers:") or msg.startswith("Engine Layer Information"):
+                # The per-layer listing a detailed build prints: the precision gate's source
+                # when the engine cannot be loaded here.
+                self.capture.records.append(("VERBOSE", msg))
 
-        def errors(self) -> list[str]:
-            return [m for s, m in self.records if s in ("ERROR", "INTERNAL_ERROR")]
+    return CapturingLogger()
 
-        def warnings(self) -> list[str]:
-            return [m for s, m in self.records if s == "WARNING"]
 
-    return CapturingLogger
+@contextlib.contextmanager
+def _capturing(trt: Any) -> Iterator[tuple[Any, _LogCapture]]:
+    logger = _shared_logger(trt)
+    capture, previous = _LogCapture(), logger.capture
+    logger.capture = capture
+    try:
+        yield logger, capture
+    finally:
+        logger.capture = previous
 
 
 @functools.cache
@@ -195,24 +251,56 @@ def _progress_class(trt: Any) -> type:
 
 @dataclass
 class BuildReport:
-    """What the last engine build did, for the command line's summary and for tests."""
+    """What the last engine build did, for the command line's summary, the report and tests."""
 
     tensorrt: str
     precision: str
-    strongly_typed: bool
+    strongly_typed: bool = True
     seconds: float = 0.0
     engine_bytes: int = 0
-    profiles: dict[str, tuple[list[int], list[int], list[int]]] = field(default_factory=dict)
+    profile: list[ProfileInput] = field(default_factory=list)
     timing_cache: Path | None = None
     timing_cache_loaded: bool = False
+    precisions: PrecisionReport | None = None
+    engine_run: str = ENGINE_NOT_RUN
+    engine_checks: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def profiles(self) -> dict[str, tuple[list[int], list[int], list[int]]]:
+        return {p.name: (list(p.min), list(p.opt), list(p.max)) for p in self.profile}
 
-@dataclass
-class _InputInfo:
-    name: str
-    shape: list[int]  # -1 for a dynamic dimension
+    def lines(self) -> list[str]:
+        """The build as the command line prints it."""
+        lines = [f"engine: {self.engine_bytes:,} bytes, built in {self.seconds:.2f} s by {self.tensorrt}"]
+        lines += [f"engine profile: {p.describe()}" for p in self.profile]
+        if self.precisions is not None:
+            lines.append(self.precisions.summary())
+            lines += [f"  {line}" for line in self.precisions.missed_lines()]
+        if self.engine_run == ENGINE_NOT_RUN:
+            lines.append(f"{ENGINE_NOT_RUN}: verification ran the ONNX model in ONNX Runtime, not the engine")
+        else:
+            lines.append(self.engine_run)
+        lines += [f"note: {note}" for note in self.notes]
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tensorrt": self.tensorrt,
+            "precision": self.precision,
+            "strongly_typed": self.strongly_typed,
+            "build_seconds": self.seconds,
+            "engine_bytes": self.engine_bytes,
+            "profile": {p.name: p.to_dict() for p in self.profile},
+            "timing_cache": None if self.timing_cache is None else str(self.timing_cache),
+            "timing_cache_loaded": self.timing_cache_loaded,
+            "precision_report": None if self.precisions is None else self.precisions.to_dict(),
+            "engine_run": self.engine_run,
+            "engine_checks": self.engine_checks,
+            "warnings": list(self.warnings),
+            "notes": list(self.notes),
+        }
 
 
 # --- the back end --------------------------------------------------------------------------------
@@ -221,20 +309,25 @@ class _InputInfo:
 @register_backend("tensorrt")
 @dataclass(kw_only=True)
 class TensorRTBackend(Backend):
-    """Build a TensorRT engine (`<model>.engine`) with optimization profiles and a timing cache.
+    """Build a TensorRT engine (`<model>.engine`), strongly typed, with a profile and a precision gate.
 
-    precision: fp32, fp16, int8 (explicit Q/DQ models) or best (the builder chooses).
+    precision: auto (what the graph has), fp32, fp16 (the model must hold float16: convert_fp16)
+    or int8 (the model must be quantized: quantize(format="tensorrt")).
+    require_precision: fail (exit 1, nothing written) when a node that asks for int8/fp16 in the
+    graph runs wider in the engine.
     workspace: bytes of scratch memory the builder may give a layer.
     min_shapes / opt_shapes / max_shapes: full shapes per input for the optimization profile
-    ({"x": [8, 3, 224, 224]}, or ["x:8x3x224x224"] in a schedule).
-    timing_cache: a file to load kernel timings from and save them to.
+    ({"x": [8, 3, 224, 224]}, or ["x:8x3x224x224"] in a schedule); `--shape x:MIN,OPT,MAX`
+    on the command line takes precedence.
+    timing_cache: a file to load kernel timings from and save them to (reused across builds).
     builder_optimization_level: 0 (fast build) to 5 (slow build, fastest engine).
     engine_path: where `emit` writes the engine (default: beside the ONNX, `.engine`).
     """
 
     capabilities: ClassVar[Capabilities] = Capabilities(quant_format="tensorrt", fp16=True, strongly_typed=True)
 
-    precision: Literal["fp32", "fp16", "int8", "best"] = "fp32"
+    precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
+    require_precision: bool = False
     workspace: Annotated[int, Range(min=1)] = 1 << 30
     min_shapes: dict[str, list[int]] | list[str] = field(default_factory=dict)
     opt_shapes: dict[str, list[int]] | list[str] = field(default_factory=dict)
@@ -266,185 +359,156 @@ class TensorRTBackend(Backend):
         return TensorRTRunner.load(engine, load_tensorrt())
 
     def planned_outputs(self, onnx_path: Path) -> list[Path]:
-        return [self._engine_target(onnx_path)]
+        return [self.engine_target(onnx_path)]
 
     def check_ready(self) -> None:
         load_tensorrt()
 
-    def _engine_target(self, onnx_path: Path) -> Path:
-        return Path(self.engine_path) if self.engine_path else onnx_path.with_suffix(".engine")
-
     def emit(self, model: Model, onnx_path: Path) -> list[Path]:
-        """Build and write the engine atomically: `engine_path`, else `<onnx stem>.engine` beside it."""
-        target = self._engine_target(onnx_path)
+        """Build and write the engine: `engine_path`, else `<onnx stem>.engine` beside it."""
+        return self.stage(model, onnx_path, EmitContext(progress=self.progress)).write()
+
+    def check_inputs(self, model: Model, context: EmitContext) -> None:
+        """The profile must resolve (shapes that fit, ranges for every dynamic dimension)."""
+        self.profile_for(_declared_inputs(model.to_onnx()), context.shape_ranges)
+
+    def stage(self, model: Model, onnx_path: Path, context: EmitContext) -> StagedArtefacts:
+        """Build the engine in memory, run the precision gate and, with a GPU, the numerical gate."""
+        target = self.engine_target(onnx_path)
+        if context.progress is not None:
+            self.progress = context.progress
+        engine = self.build_engine(model, context.shape_ranges)
+        report = self.last_build
+        assert report is not None
+        if context.reference is not None:
+            check_engine(engine, context.reference, report, context.criterion)
+        elif _gpu_visible():
+            report.engine_run = "engine not run: verification is off"
+
+        def write() -> list[Path]:
+            write_bytes_atomically(target, engine)
+            return [target]
+
+        return StagedArtefacts(write=write, report=report.to_dict(), lines=report.lines(), serving_bytes=engine)
+
+    def engine_target(self, onnx_path: Path) -> Path:
+        target = Path(self.engine_path) if self.engine_path else onnx_path.with_suffix(".engine")
         if not target.parent.is_dir():
             raise UserError(f"{target}: the engine's directory {target.parent} does not exist")
-        _write_atomic(target, self.build_engine(model))
-        return [target]
+        return target
 
     # -- building --
 
-    def build_engine(self, model: Model) -> bytes:
+    def profile_for(
+        self, inputs: Sequence[tuple[str, Sequence[int]]], command_line: Mapping[str, ShapeRange]
+    ) -> list[ProfileInput]:
+        tables = {"min_shapes": self.min_shapes, "opt_shapes": self.opt_shapes, "max_shapes": self.max_shapes}
+        return resolve_profile(inputs, command_line, target_ranges(tables))  # type: ignore[arg-type]
+
+    def build_engine(self, model: Model, shape_ranges: Mapping[str, ShapeRange] | None = None) -> bytes:
         """Parse `model` with TensorRT's ONNX parser and build a serialized engine.
 
         Raises UserError listing every parser error (node name, op, description) or the
-        builder's logged errors; on a Q/DQ model the TensorRT Q/DQ lint's findings are added.
+        builder's logged errors (with the profile's dynamic dimensions); on a Q/DQ model the
+        TensorRT Q/DQ lint's findings are added. PrecisionGateError when `require_precision`
+        and a node runs wider than the graph asks.
         """
         api = load_tensorrt()
-        trt = api.module
         proto = model.to_onnx()
         quantized = _has_qdq(proto)
-        strongly_typed = self._strongly_typed(api, proto, quantized)
-        report = BuildReport(api.label, self.precision, strongly_typed)
+        self._check_precision_option(api, proto, quantized)
+        report = BuildReport(api.label, self.precision)
         self.last_build = report
+        report.profile = self.profile_for(_declared_inputs(proto), shape_ranges or {})
         lint = lint_qdq_for_tensorrt(model) if quantized else []
         if lint:
             report.notes.append(format_lint(lint))
-        logger = _logger_class(trt)()
+        with _capturing(api.module) as (logger, capture):
+            engine = self._build(api, proto, report, logger, capture, lint)
+        report.warnings = capture.warnings()
+        report.engine_bytes = len(engine)
+        report.precisions = _precision_gate(api, engine, proto, capture, report.profile)
+        if report.precisions.missed and self.require_precision:
+            raise PrecisionGateError(
+                "require_precision: these nodes asked for a precision the engine does not run them in "
+                "(nothing written):\n" + "\n".join(f"  - {line}" for line in report.precisions.missed_lines())
+            )
+        return engine
+
+    def _build(
+        self, api: TensorRTApi, proto: onnx.ModelProto, report: BuildReport, logger: Any,
+        capture: _LogCapture, lint: list[LintIssue],
+    ) -> bytes:
+        trt = api.module
         builder = trt.Builder(logger)
-        flags = 1 << int(api.strongly_typed_flag) if strongly_typed and api.strongly_typed_flag is not None else 0
-        network = builder.create_network(flags)
+        network = builder.create_network(1 << int(api.strongly_typed_flag))
         parser = trt.OnnxParser(network, logger)
         if not _parse(parser, proto):
             raise UserError(_with_lint(_parse_failure(api, parser, proto), lint))
         config = builder.create_builder_config()
-        self._configure(api, builder, network, config, report, quantized)
-        self._load_timing_cache(api, config, report, logger)
+        self._configure(api, builder, config, report)
+        self._load_timing_cache(api, config, report, capture)
         monitor = self._attach_progress(trt, config)
         start = time.perf_counter()
         serialized = builder.build_serialized_network(network, config)
         report.seconds = time.perf_counter() - start
         if monitor is not None and monitor.failure is not None:
             raise monitor.failure
-        report.warnings = logger.warnings()
         if serialized is None:
-            raise UserError(_with_lint(_build_failure(api, logger.errors(), self.workspace), lint))
-        engine = memoryview(serialized).tobytes()
-        report.engine_bytes = len(engine)
-        self._save_timing_cache(api, config, report)
-        return engine
+            message = _build_failure(api, capture.errors(), self.workspace)
+            hint = failure_hint(report.profile)
+            raise UserError(_with_lint(f"{message}\n{hint}" if hint else message, lint))
+        self._save_timing_cache(config, report)
+        return memoryview(serialized).tobytes()
 
-    def _strongly_typed(self, api: TensorRTApi, proto: onnx.ModelProto, quantized: bool) -> bool:
-        """Whether to build strongly typed, refusing precisions this TensorRT cannot honour."""
+    def _check_precision_option(self, api: TensorRTApi, proto: onnx.ModelProto, quantized: bool) -> None:
+        """Refuse what the graph cannot give: precision comes from the graph, not builder flags."""
+        if api.strongly_typed_flag is None:
+            raise UserError(
+                f"{api.label} cannot build strongly typed networks (TensorRT 10 or later is needed): "
+                "iropt takes precision from the graph, never from builder flags"
+            )
         if self.precision == "int8" and not quantized:
             raise UserError(
                 "precision='int8' needs an explicitly quantized model (QuantizeLinear/DequantizeLinear "
-                'nodes); TensorRT has no implicit calibration here: run quantize(format="tensorrt") '
-                "before the target, or use precision='fp16'"
+                'nodes): TensorRT takes precision from the graph; run quantize(format="tensorrt") '
+                "before the target, or use precision='auto'"
             )
-        if not api.weak_typing:
-            if self.precision == "fp16" and not _has_float16(proto):
-                raise UserError(
-                    f"precision='fp16': {api.label} builds strongly typed networks only (every layer "
-                    "runs in the model's own types) and this model has no float16 tensors; convert the "
-                    "model to float16 first (e.g. ModelOpt AutoCast), or use precision='fp32'"
-                )
-            return True
-        # TensorRT 10: Q/DQ models strongly typed (NVIDIA's recommendation) unless the builder is
-        # asked to mix in fp16, which only weak typing can do.
-        return quantized and self.precision in ("fp32", "int8") and api.strongly_typed_flag is not None
+        if self.precision == "fp16" and not _has_float16(proto):
+            raise UserError(
+                "precision='fp16': TensorRT builds strongly typed (every layer runs in the model's own "
+                "types) and this model has no float16 tensors; run convert_fp16 before the target, or "
+                "use precision='auto'"
+            )
+        if self.precision == "fp32" and (quantized or _has_float16(proto)):
+            raise UserError(
+                "precision='fp32', but the model has Q/DQ or float16 tensors, which TensorRT runs as "
+                "the graph says; use precision='auto' (or the model before quantize/convert_fp16)"
+            )
 
-    def _configure(
-        self, api: TensorRTApi, builder: Any, network: Any, config: Any, report: BuildReport, quantized: bool
-    ) -> None:
+    def _configure(self, api: TensorRTApi, builder: Any, config: Any, report: BuildReport) -> None:
         trt = api.module
         if hasattr(config, "set_memory_pool_limit"):
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace)
         if hasattr(config, "builder_optimization_level"):
             config.builder_optimization_level = self.builder_optimization_level
-        self._set_precision_flags(api, config, report, quantized)
-        self._add_profile(builder, network, config, report)
-
-    def _set_precision_flags(self, api: TensorRTApi, config: Any, report: BuildReport, quantized: bool) -> None:
-        flags = api.module.BuilderFlag
-        if report.strongly_typed:
-            if self.precision == "best":
-                report.notes.append(
-                    f"{api.label} builds strongly typed: layers run in the model's own types "
-                    "(precision='best' adds nothing)"
-                )
-            return
-        if self.precision in ("fp16", "best"):
-            config.set_flag(flags.FP16)
-        if quantized and hasattr(flags, "INT8"):
-            # A weakly typed network runs its Q/DQ layers in int8 only with the INT8 flag set.
-            config.set_flag(flags.INT8)
-        if self.precision == "best" and not quantized:
-            report.notes.append("precision='best' without Q/DQ nodes: fp32 and fp16 kernels only")
-
-    def _add_profile(self, builder: Any, network: Any, config: Any, report: BuildReport) -> None:
-        inputs = [
-            _InputInfo(network.get_input(i).name, [int(d) for d in network.get_input(i).shape])
-            for i in range(network.num_inputs)
-        ]
-        names = [info.name for info in inputs]
-        for option, given in self._shape_options():
-            for name in given:
-                if name not in names:
-                    raise UserError(
-                        f"back end 'tensorrt' option {option} names input '{name}'"
-                        f"{did_you_mean(name, names)}, but the model's inputs are: {', '.join(names)}"
-                    )
-        dynamic = [info for info in inputs if any(d < 0 for d in info.shape)]
-        for info in inputs:
-            shapes = self._profile_shapes(info)  # checks given shapes of fixed inputs too
-            if info in dynamic:
-                report.profiles[info.name] = shapes
-        if not dynamic:
-            return
-        profile = builder.create_optimization_profile()
-        for name, (low, opt, high) in report.profiles.items():
-            profile.set_shape(name, low, opt, high)
-        config.add_optimization_profile(profile)
-        defaulted = [i.name for i in dynamic if i.name not in self.max_shapes]
+        # Detailed layer information is what the precision gate reads back.
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+        if report.profile:
+            profile = builder.create_optimization_profile()
+            for entry in report.profile:
+                profile.set_shape(entry.name, entry.min, entry.opt, entry.max)
+            config.add_optimization_profile(profile)
+        defaulted = [entry.name for entry in report.profile if entry.source == "default"]
         if defaulted:
             report.notes.append(
-                f"dynamic dimensions of {', '.join(defaulted)} default to min {DYNAMIC_MIN}, opt "
-                f"{DYNAMIC_OPT}, max {DYNAMIC_MAX}; give min_shapes/opt_shapes/max_shapes for serving shapes"
+                f"the batch dimension of {', '.join(defaulted)} defaults to min {DYNAMIC_MIN}, opt "
+                f"{DYNAMIC_OPT}, max {DYNAMIC_MAX}: give --shape NAME:MIN,OPT,MAX for serving shapes"
             )
-
-    def _shape_options(self) -> list[tuple[str, dict[str, list[int]]]]:
-        return [
-            (option, _shape_table(option, getattr(self, option)))
-            for option in ("min_shapes", "opt_shapes", "max_shapes")
-        ]
-
-    def _profile_shapes(self, info: _InputInfo) -> tuple[list[int], list[int], list[int]]:
-        """(min, opt, max) for one input: given shapes checked, dynamic dimensions defaulted."""
-        rank = len(info.shape)
-        given = {}
-        for option, shapes in self._shape_options():
-            if info.name in shapes:
-                shape = shapes[info.name]
-                if len(shape) != rank:
-                    raise UserError(
-                        f"back end 'tensorrt' option {option}['{info.name}'] = {shape} has rank "
-                        f"{len(shape)}, but the input has rank {rank} (shape {info.shape}, -1 = dynamic)"
-                    )
-                given[option] = shape
-        low = given.get("min_shapes") or [DYNAMIC_MIN if d < 0 else d for d in info.shape]
-        opt = given.get("opt_shapes") or [
-            max(lo, DYNAMIC_OPT) if d < 0 else d for d, lo in zip(info.shape, low, strict=True)
-        ]
-        high = given.get("max_shapes") or [
-            max(o, DYNAMIC_MAX) if d < 0 else d for d, o in zip(info.shape, opt, strict=True)
-        ]
-        for axis, (d, a, b, c) in enumerate(zip(info.shape, low, opt, high, strict=True)):
-            if d >= 0 and not a == b == c == d:
-                raise UserError(
-                    f"input '{info.name}' dimension {axis} is fixed at {d}, but the profile gives "
-                    f"min {a}, opt {b}, max {c}"
-                )
-            if not 1 <= a <= b <= c:
-                raise UserError(
-                    f"input '{info.name}' dimension {axis}: the profile needs 1 <= min <= opt <= max, "
-                    f"got min {a}, opt {b}, max {c}"
-                )
-        return low, opt, high
 
     # -- timing cache --
 
-    def _load_timing_cache(self, api: TensorRTApi, config: Any, report: BuildReport, logger: Any) -> None:
+    def _load_timing_cache(self, api: TensorRTApi, config: Any, report: BuildReport, capture: _LogCapture) -> None:
         if self.timing_cache is None or not hasattr(config, "create_timing_cache"):
             return
         path = Path(self.timing_cache)
@@ -456,11 +520,11 @@ class TensorRTBackend(Backend):
             return
         report.timing_cache = path
         data = path.read_bytes() if path.is_file() else b""
-        logged = len(logger.records)
+        logged = len(capture.records)
         cache = config.create_timing_cache(data)
         accepted = cache is not None and config.set_timing_cache(cache, False)
         # An unreadable file is not an exception: TensorRT logs it and returns an empty cache.
-        complaints = [m for _, m in logger.records[logged:] if "timing cache" in m.lower()]
+        complaints = [m for _, m in capture.records[logged:] if "timing cache" in m.lower()]
         if not accepted or complaints:
             reason = "; ".join(complaints) or "it does not match this TensorRT"
             report.notes.append(f"timing cache {path} was not used ({reason}); it is rewritten after the build")
@@ -468,13 +532,13 @@ class TensorRTBackend(Backend):
         else:
             report.timing_cache_loaded = bool(data)
 
-    def _save_timing_cache(self, api: TensorRTApi, config: Any, report: BuildReport) -> None:
+    def _save_timing_cache(self, config: Any, report: BuildReport) -> None:
         if report.timing_cache is None:
             return
         cache = config.get_timing_cache()
         data = memoryview(cache.serialize()).tobytes() if cache is not None else b""
         if data:
-            _write_atomic(report.timing_cache, data)
+            write_bytes_atomically(report.timing_cache, data)
 
     def _attach_progress(self, trt: Any, config: Any) -> Any:
         if self.progress is None or not hasattr(config, "progress_monitor"):
@@ -482,6 +546,120 @@ class TensorRTBackend(Backend):
         monitor = _progress_class(trt)(self.progress)
         config.progress_monitor = monitor
         return monitor
+
+
+def _declared_inputs(proto: onnx.ModelProto) -> list[tuple[str, list[int]]]:
+    """(name, shape with -1 for a dynamic dimension) of every input that is not an initializer."""
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = []
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        inputs.append((value.name, [d.dim_value if d.HasField("dim_value") else -1 for d in dims]))
+    return inputs
+
+
+# --- the precision gate and the numerical gate ---------------------------------------------------
+
+
+def _precision_gate(
+    api: TensorRTApi, engine: bytes, proto: onnx.ModelProto, capture: _LogCapture, profile: Sequence[ProfileInput]
+) -> PrecisionReport:
+    """Layer information from the engine inspector where the engine loads here (a GPU), else
+    from the build log; the log also when the inspector's JSON names no precision."""
+    requested = requested_precisions(proto)
+    text = _inspector_json(api, engine, profile)
+    if text is not None:
+        report = precision_report(layers_from_json(text), requested, "inspector")
+        if report.realized:
+            return report
+    return precision_report(layers_from_log(capture.verbose()), requested, "build log")
+
+
+def _inspector_json(api: TensorRTApi, engine: bytes, profile: Sequence[ProfileInput]) -> str | None:
+    """The inspector's JSON, or None when the engine cannot be deserialized (no GPU).
+
+    With dynamic inputs the inspector is given an execution context at the profile's opt
+    shapes: without one, TensorRT writes "N/A due to dynamic shapes" for every tensor's type.
+    """
+    if not _gpu_visible():
+        return None
+    trt = api.module
+    with _capturing(trt) as (logger, _):
+        runtime = trt.Runtime(logger)
+        loaded = runtime.deserialize_cuda_engine(engine)
+        if loaded is None:
+            return None
+        inspector = loaded.create_engine_inspector()
+        context = loaded.create_execution_context() if profile else None
+        if context is not None:
+            for entry in profile:
+                context.set_input_shape(entry.name, entry.opt)
+            inspector.execution_context = context
+        return str(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+
+
+def _gpu_visible() -> bool:
+    try:
+        torch = importlib.import_module("torch")
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def check_engine(engine: bytes, reference: Model, report: BuildReport, criterion: Criterion | None) -> None:
+    """Run the engine at the profile's min, opt and max shapes against ONNX Runtime on
+    `reference`; without a GPU, record that the engine was not run."""
+    if not _gpu_visible():
+        report.engine_run = ENGINE_NOT_RUN
+        return
+    from iropt.verify.compare import compare
+    from iropt.verify.feeds import feed_source
+    from iropt.verify.runtime import reference_runner
+
+    try:
+        runner = TensorRTRunner.load(engine, load_tensorrt())
+    except UserError as error:
+        # A GPU this TensorRT cannot use (a driver older than its CUDA runtime, say): the
+        # engine was built for the machine that serves it, not necessarily for this one.
+        report.engine_run = f"engine not run: {' '.join(str(error).split())}"
+        return
+    reference_run = reference_runner(reference)
+    gate = _engine_criterion(criterion)
+    failures = []
+    for label, shapes in _profile_points(report.profile):
+        feeds = list(feed_source(None, reference, shapes=shapes, count=1, seed=7))
+        comparison = compare([reference_run.run(f) for f in feeds], [runner.run(f) for f in feeds], gate)
+        report.engine_checks.append({"shape": label, **comparison.to_dict()})
+        if not comparison.passed:
+            failures.append(f"at {label}: {comparison.summary()}")
+    report.engine_run = f"engine run on the GPU at {len(report.engine_checks)} shape(s) ({gate.describe()})"
+    if failures:
+        from iropt.errors import VerificationError
+
+        raise VerificationError(
+            "the TensorRT engine does not match ONNX Runtime on the input model (nothing written):\n"
+            + "\n".join(failures)
+        )
+
+
+def _engine_criterion(criterion: Criterion | None) -> Criterion:
+    """The run's criterion; a tolerance check loosened to 1e-3, since TensorRT may pick TF32
+    kernels for fp32 convolutions and matrix products."""
+    if criterion is None or criterion.metric == "tolerance":
+        return Criterion(rtol=1e-3, atol=1e-3)
+    return criterion
+
+
+def _profile_points(profile: Sequence[ProfileInput]) -> list[tuple[str, dict[str, list[int]]]]:
+    if not profile:
+        return [("the model's static shape", {})]
+    points = []
+    for label in ("min", "opt", "max"):
+        shapes = {entry.name: list(getattr(entry, label)) for entry in profile}
+        points.append((label, shapes))
+    return points
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -493,12 +671,11 @@ class TensorRTRunner:
     Device buffers are torch CUDA tensors; one optimization profile (the one the back end builds).
     """
 
-    def __init__(self, api: TensorRTApi, runtime: Any, engine: Any, logger: Any, torch: Any) -> None:
+    def __init__(self, api: TensorRTApi, runtime: Any, engine: Any, torch: Any) -> None:
         trt = api.module
         self._api = api
         self._runtime = runtime  # the engine must not outlive its runtime
         self._engine = engine
-        self._logger = logger
         self._torch = torch
         self._context = engine.create_execution_context()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -509,14 +686,14 @@ class TensorRTRunner:
     def load(cls, engine_bytes: bytes, api: TensorRTApi) -> TensorRTRunner:
         """Deserialize `engine_bytes`; a UserError when no GPU (or no CUDA torch) is available."""
         torch = _cuda_torch(len(engine_bytes), api)
-        logger = _logger_class(api.module)()
-        runtime = api.module.Runtime(logger)
-        engine = runtime.deserialize_cuda_engine(engine_bytes)
+        with _capturing(api.module) as (logger, capture):
+            runtime = api.module.Runtime(logger)
+            engine = runtime.deserialize_cuda_engine(engine_bytes)
         if engine is None:
             raise UserError(
-                f"{api.label} could not load the engine it built: " + "; ".join(logger.errors()[-5:])
+                f"{api.label} could not load the engine it built: " + "; ".join(capture.errors()[-5:])
             )
-        return cls(api, runtime, engine, logger, torch)
+        return cls(api, runtime, engine, torch)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
@@ -544,9 +721,11 @@ class TensorRTRunner:
             results[name] = torch.empty(shape, dtype=dtype, device="cuda")
             self._context.set_tensor_address(name, results[name].data_ptr())
         stream = torch.cuda.current_stream()
-        if not self._context.execute_async_v3(stream.cuda_stream):
-            raise UserError("TensorRT failed to run the engine: " + "; ".join(self._logger.errors()[-5:]))
-        stream.synchronize()
+        with _capturing(self._api.module) as (_, capture):
+            launched = self._context.execute_async_v3(stream.cuda_stream)
+            stream.synchronize()
+        if not launched:
+            raise UserError("TensorRT failed to run the engine: " + "; ".join(capture.errors()[-5:]))
         return {name: tensor.cpu().numpy() for name, tensor in results.items()}
 
     def _numpy_dtype(self, name: str) -> np.dtype:
@@ -618,8 +797,7 @@ def _parse(parser: Any, proto: onnx.ModelProto) -> bool:
     """Parse from memory, or through a temporary file with external data past the 2 GB limit."""
     if tensor_bytes(proto) <= EXTERNAL_DATA_THRESHOLD:
         return bool(parser.parse(proto.SerializeToString()))
-    with tempfile.TemporaryDirectory(prefix="iropt-trt-") as tmp:
-        path = save_proto(proto, Path(tmp) / "model.onnx", external_data=True)
+    with spilled_model_file(proto) as path:
         return bool(parser.parse_from_file(str(path)))
 
 
@@ -654,16 +832,3 @@ def _build_failure(api: TensorRTApi, errors: list[str], workspace: int) -> str:
 def _with_lint(message: str, issues: list[LintIssue]) -> str:
     """A failure message with the Q/DQ lint's findings, which usually name the cause and the fix."""
     return f"{message}\n{format_lint(issues)}" if issues else message
-
-
-def _write_atomic(target: Path, data: bytes) -> None:
-    """Write to a temporary file beside `target`, then rename: readers never see half a file."""
-    fd, staged = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(staged, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(staged)
-        raise

@@ -45,8 +45,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from iropt.ir.channels import weight_layout
-from iropt.ir.graph import constant_value, is_graph_output, is_op
-from iropt.ir.model import Model, iter_graphs
+from iropt.ir.graph import constant_value, is_graph_output, is_op, iter_graphs
+from iropt.ir.model import Model
 
 Severity = Literal["error", "warning"]
 

@@ -31,9 +31,9 @@ from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from iropt.infra.pass_base import Pass, PassContext, PassResult
 from iropt.infra.registry import register_pass
-from iropt.ir.evaluate import is_storable_dtype, peek_values
-from iropt.ir.graph import node_subgraphs
-from iropt.ir.model import Model, iter_graphs
+from iropt.ir.evaluate import is_storable_dtype
+from iropt.ir.graph import iter_graphs, node_subgraphs, peek_values
+from iropt.ir.model import Model
 
 
 @register_pass("dedupe_initializers")

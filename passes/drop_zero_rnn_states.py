@@ -20,9 +20,8 @@ import onnx_graphsurgeon as gs
 
 from iropt.infra.pass_base import Pass, PassContext, PassResult
 from iropt.infra.registry import register_pass
-from iropt.ir.evaluate import peek_constant, peek_values
-from iropt.ir.graph import is_op
-from iropt.ir.model import Model, iter_graphs
+from iropt.ir.graph import constant_value, is_op, iter_graphs, peek_values
+from iropt.ir.model import Model
 
 # Input positions of the initial states, by op.
 _STATE_INPUTS: dict[str, tuple[int, ...]] = {"RNN": (5,), "GRU": (5,), "LSTM": (5, 6)}
@@ -63,7 +62,7 @@ def _drop_zero_states(node: gs.Node) -> int:
 
 def _all_zeros(tensor: gs.Tensor, hops: int) -> bool:
     """True when every element of `tensor` is provably 0."""
-    value = peek_constant(tensor)
+    value = constant_value(tensor)
     if value is not None:
         return value.size > 0 and not np.any(value)
     if len(tensor.inputs) != 1:

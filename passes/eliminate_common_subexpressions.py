@@ -38,9 +38,9 @@ from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from iropt.infra.pass_base import Pass, PassContext, PassResult
 from iropt.infra.registry import register_pass
-from iropt.ir.evaluate import has_subgraph, is_deterministic, is_storable_dtype, peek_values
-from iropt.ir.graph import node_subgraphs, replace_in, replace_uses
-from iropt.ir.model import Model, iter_graphs
+from iropt.ir.evaluate import has_subgraph, is_deterministic, is_storable_dtype
+from iropt.ir.graph import iter_graphs, node_subgraphs, peek_values, replace_in, replace_uses
+from iropt.ir.model import Model
 
 # Constants up to this size are compared by value; larger ones are left to dedupe_initializers.
 _SMALL_CONSTANT_BYTES = 1024

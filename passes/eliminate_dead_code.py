@@ -26,8 +26,8 @@ import onnx_graphsurgeon as gs
 
 from iropt.infra.pass_base import Pass, PassContext, PassResult
 from iropt.infra.registry import register_pass
-from iropt.ir.graph import node_subgraphs, relink_outer_scope
-from iropt.ir.model import Model, iter_graphs
+from iropt.ir.graph import iter_graphs, node_subgraphs, relink_outer_scope
+from iropt.ir.model import Model
 
 
 @register_pass("eliminate_dead_code")

@@ -14,8 +14,8 @@ import onnx_graphsurgeon as gs
 
 from iropt.infra.pass_base import Pass, PassContext, PassResult
 from iropt.infra.registry import register_pass
-from iropt.ir.graph import constant_value, is_graph_input, is_op, replace_in, replace_uses
-from iropt.ir.model import Model, iter_graphs
+from iropt.ir.graph import constant_value, is_graph_input, is_op, iter_graphs, replace_in, replace_uses
+from iropt.ir.model import Model
 
 
 @register_pass("eliminate_identity")

@@ -42,11 +42,9 @@ import onnx_graphsurgeon as gs
 from iropt.infra.pass_base import Pass, PassContext, PassResult
 from iropt.infra.registry import register_pass
 from iropt.ir.edit import ModelEdit, const_ints, dims_of, ints_param, rank_of, static_shape
-from iropt.ir.evaluate import peek_constant
-from iropt.ir.graph import is_op
+from iropt.ir.graph import constant_value, is_op
+from iropt.ir.layout_ops import INT64_MAX, clamp_range, perm_of, read_slice
 from iropt.ir.model import Model
-from iropt.passes.merge_consecutive_slices import INT64_MAX, clamp_range, read_slice
-from iropt.passes.merge_consecutive_transposes import perm_of
 
 NoopTest = Callable[[ModelEdit, gs.Node], bool]
 
@@ -172,7 +170,7 @@ def _arithmetic_operand(node: gs.Node) -> gs.Tensor | None:
         return None
     element, positions = _IDENTITY_ELEMENTS[node.op]
     for position in positions:
-        value = peek_constant(node.inputs[position], _MAX_IDENTITY_ELEMENTS)
+        value = constant_value(node.inputs[position], _MAX_IDENTITY_ELEMENTS)
         data = node.inputs[1 - position]
         if value is not None and value.size and np.all(value == element) and _broadcasts_into(list(value.shape), data):
             return data

@@ -1,6 +1,6 @@
 """fold_constants: compute at optimization time what does not depend on the model's inputs.
 
-- A node whose inputs are all constants is evaluated (`iropt.evaluate`: a numpy fast path for
+- A node whose inputs are all constants is evaluated (`iropt.ir.evaluate`: a numpy fast path for
   shape arithmetic, onnx's reference implementation otherwise) and its outputs become
   initializers. Its output tensors are converted in place, so they keep their names, their
   consumers (in subgraphs too) and their place among the graph outputs; ONNX Runtime and
@@ -59,9 +59,9 @@ from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 from iropt.infra.options import Range
 from iropt.infra.pass_base import Pass, PassContext, PassResult
 from iropt.infra.registry import register_pass
-from iropt.ir.evaluate import EvaluationError, evaluate_node, has_subgraph, is_deterministic, peek_values
-from iropt.ir.graph import is_op, node_subgraphs, replace_in, replace_uses
-from iropt.ir.model import Model, iter_graphs
+from iropt.ir.evaluate import EvaluationError, evaluate_node, has_subgraph, is_deterministic
+from iropt.ir.graph import is_op, iter_graphs, node_subgraphs, peek_values, replace_in, replace_uses
+from iropt.ir.model import Model
 
 # Decoded constants up to this size are kept for the rest of the run (bounded extra memory).
 _CACHED_BYTES = 64 * 1024

@@ -21,7 +21,6 @@ mode that is rare (an op it has no schema for, such as a custom op, merely stays
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +32,10 @@ from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 
 from iropt.infra.pass_base import Pass, PassContext, PassResult
 from iropt.infra.registry import register_pass
+from iropt.io.save import spilled_model_file
 from iropt.io.stream import export_without_data
-from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, Model, iter_graphs
+from iropt.ir.graph import iter_graphs
+from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, Model
 
 # Above this many bytes of tensor data the model cannot be serialized in memory for inference.
 IN_MEMORY_LIMIT = EXTERNAL_DATA_THRESHOLD
@@ -82,17 +83,8 @@ def _infer(proto: onnx.ModelProto, data_prop: bool, work_dir: Path | None) -> on
 
 def _infer_via_file(proto: onnx.ModelProto, data_prop: bool, work_dir: Path | None) -> onnx.ModelProto:
     """Shape inference for models over the protobuf limit: tensors go to an external file."""
-    with tempfile.TemporaryDirectory(dir=work_dir, prefix="iropt-infer-shapes-") as tmp:
-        source = Path(tmp) / "model.onnx"
-        target = Path(tmp) / "inferred.onnx"
-        onnx.save_model(
-            proto,
-            str(source),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location="model.data",
-            size_threshold=1024,
-        )
+    with spilled_model_file(proto, work_dir) as source:
+        target = source.with_name("inferred.onnx")
         onnx.shape_inference.infer_shapes_path(
             str(source), str(target), strict_mode=False, data_prop=data_prop
         )

@@ -28,8 +28,8 @@ from iropt.infra.pass_base import Pass, PassContext, PassResult
 from iropt.infra.registry import register_pass
 from iropt.ir.edit import GraphEdit, ModelEdit, const_ints, dims_of
 from iropt.ir.graph import is_op
+from iropt.ir.layout_ops import perm_of
 from iropt.ir.model import Model
-from iropt.passes.merge_consecutive_transposes import perm_of
 
 _SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 

@@ -26,15 +26,10 @@ import onnx_graphsurgeon as gs
 
 from iropt.infra.pass_base import Pass, PassContext, PassResult
 from iropt.infra.registry import register_pass
-from iropt.ir.edit import GraphEdit, ModelEdit, dims_of, ints_param, normalize_axes, rank_of
+from iropt.ir.edit import GraphEdit, ModelEdit, dims_of, rank_of
 from iropt.ir.graph import is_op
+from iropt.ir.layout_ops import INT64_MAX, INT64_MIN, AxisSlice, clamp_range, read_slice
 from iropt.ir.model import Model
-
-INT64_MAX = 2**63 - 1
-INT64_MIN = -(2**63)
-
-# (start, end, step) on one axis, as ONNX writes it.
-AxisSlice = tuple[int, int, int]
 
 
 @register_pass("merge_consecutive_slices")
@@ -59,27 +54,6 @@ class MergeConsecutiveSlices(Pass):
         return PassResult.from_stats(merged=merged)
 
 
-def read_slice(edit: ModelEdit, node: gs.Node, rank: int | None) -> dict[int, AxisSlice] | None:
-    """The Slice's constant parameters by non-negative axis, or None when any is not known."""
-    as_input = edit.opset >= 10
-    params = [
-        ints_param(node, attr=name, index=index, as_input=as_input)
-        for index, name in enumerate(("starts", "ends", "axes", "steps"), start=1)
-    ]
-    starts, ends, axes, steps = (p.values if p.present else None for p in params)
-    if starts is None or ends is None or len(starts) != len(ends):
-        return None
-    if any(p.present and p.values is None for p in params[2:]):
-        return None
-    axes = normalize_axes(axes if axes is not None else list(range(len(starts))), rank)
-    steps = steps if steps is not None else [1] * len(starts)
-    if axes is None or len(axes) != len(starts) or len(steps) != len(starts) or 0 in steps:
-        return None
-    if len(set(axes)) != len(axes):
-        return None
-    return {axis: (starts[i], ends[i], steps[i]) for i, axis in enumerate(axes)}
-
-
 def write_slice(sweep: GraphEdit, node: gs.Node, data: gs.Tensor, spec: dict[int, AxisSlice]) -> None:
     """Make `node` slice `data` by `spec` (attributes before opset 10, fresh constants after)."""
     edit = sweep.edit
@@ -93,15 +67,6 @@ def write_slice(sweep: GraphEdit, node: gs.Node, data: gs.Tensor, spec: dict[int
     params = [edit.int64_constant(f"{base}_{name}", values) for name, values in
               (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps))]
     sweep.set_inputs(node, [data, *params])
-
-
-def clamp_range(start: int, end: int, step: int, size: int) -> range:
-    """The indices ONNX Slice selects on an axis of `size` (its clamping rules, not Python's)."""
-    start = start + size if start < 0 else start
-    end = end + size if end < 0 else end
-    if step > 0:
-        return range(min(max(start, 0), size), min(max(end, 0), size), step)
-    return range(min(max(start, 0), size - 1), min(max(end, -1), size - 1), step)
 
 
 def _merge(edit: ModelEdit, sweep: GraphEdit, second: gs.Node) -> bool:

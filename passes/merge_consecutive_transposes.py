@@ -23,6 +23,7 @@ from iropt.infra.pass_base import Pass, PassContext, PassResult
 from iropt.infra.registry import register_pass
 from iropt.ir.edit import GraphEdit, ModelEdit, rank_of
 from iropt.ir.graph import is_op
+from iropt.ir.layout_ops import perm_of
 from iropt.ir.model import Model
 
 
@@ -56,17 +57,6 @@ class MergeConsecutiveTransposes(Pass):
 
 def _is_transpose(node: gs.Node) -> bool:
     return is_op(node, "Transpose") and len(node.inputs) == 1
-
-
-def perm_of(node: gs.Node, rank: int | None = None) -> list[int] | None:
-    """The Transpose's permutation, the default (reversed axes) resolved when the rank is known.
-
-    `rank` is the input's rank when the caller knows it better than the input's annotation.
-    """
-    if "perm" in node.attrs:
-        return [int(p) for p in node.attrs["perm"]]
-    rank = rank_of(node.inputs[0]) if rank is None else rank
-    return None if rank is None else list(reversed(range(rank)))
 
 
 def _rank_hint(first: gs.Node, second: gs.Node) -> int | None:

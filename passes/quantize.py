@@ -2,21 +2,21 @@
 
 Static mode (the default) calibrates activation ranges on real inputs and inserts QDQ pairs:
 
-1. Plan (`iropt.quant_placement`): which nodes run quantized (Conv, ConvTranspose, Gemm, MatMul
+1. Plan (`iropt.compress.quant.placement`): which nodes run quantized (Conv, ConvTranspose, Gemm, MatMul
    with constant weights; Add, Mul, Concat, pools, Resize and layout ops next to them) and which
    tensors get Q/DQ. Relu/Clip after a quantized node is absorbed into its output range.
-2. Calibrate (`iropt.calibration`): run a copy of the model whose outputs include those tensors,
+2. Calibrate (`iropt.compress.calibration`): run a copy of the model whose outputs include those tensors,
    over the calibration feeds in batches of at most `batch_size`, keeping a running min/max and a
    fixed-size histogram per tensor; then choose each range with `method` (minmax, percentile,
    entropy, mse). Tensors that share a scale (MaxPool in/out...) get the union of their ranges.
-3. Optionally, sensitivity analysis (`iropt.quant_sensitivity`): measure each quantized layer
+3. Optionally, sensitivity analysis (`iropt.compress.sensitivity`): measure each quantized layer
    alone against the float outputs, keep the most harmful ones in float until `target_metric`
    reaches `target_min`. The ranking is logged and returned in the result's `info`.
-4. Rewrite (`iropt.quant_rewrite`) for the format: `ort` = uint8 asymmetric activations, int8
+4. Rewrite (`iropt.compress.quant.rewrite`) for the format: `ort` = uint8 asymmetric activations, int8
    per-channel weights, int32 bias (what ORT's QDQ fusion turns into QLinearConv/QGemm);
    `tensorrt` = int8 symmetric everywhere, zero points 0, float bias.
 
-Dynamic mode (`iropt.quant_dynamic`) needs no calibration: MatMul/Gemm get int8 weights and
+Dynamic mode (`iropt.compress.quant.dynamic`) needs no calibration: MatMul/Gemm get int8 weights and
 DynamicQuantizeLinear + MatMulInteger, which ORT fuses into DynamicQuantizeMatMul.
 
 With format `ort` and `skip_slow_layers` (default), layers that ORT's CPU kernels run slower in
@@ -74,7 +74,7 @@ from iropt.infra.pass_base import Pass, PassContext, PassKind, PassResult
 from iropt.infra.registry import register_pass
 from iropt.ir.graph import is_op
 from iropt.ir.model import Model
-from iropt.passes.toposort import sorted_nodes
+from iropt.ir.toposort import sorted_nodes
 from iropt.verify.feeds import iter_feeds
 from iropt.verify.runner import Runner
 

@@ -26,8 +26,8 @@ import onnx_graphsurgeon as gs
 
 from iropt.infra.pass_base import Pass, PassContext, PassResult
 from iropt.infra.registry import register_pass
-from iropt.ir.graph import FreshNames, is_op
-from iropt.ir.model import Model, iter_graphs
+from iropt.ir.graph import FreshNames, fresh_names, is_op, iter_graphs
+from iropt.ir.model import Model
 
 # Reshape takes its target as an input from opset 5; before, it was the `shape` attribute.
 _MIN_OPSET = 5
@@ -47,7 +47,7 @@ class StaticReshapeShapes(Pass):
             for node in graph.nodes:
                 target = _static_target(node) if is_op(node, "Reshape") else None
                 if target is not None:
-                    fresh = fresh or FreshNames(n for g in iter_graphs(model.graph) for n in g.tensors())
+                    fresh = fresh or fresh_names(iter_graphs(model.graph))
                     name = fresh(f"{node.outputs[0].name}_shape")
                     node.inputs[1] = gs.Constant(name, np.array(target, dtype=np.int64))
                     replaced += 1

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from iropt.infra.pass_base import Pass, PassContext, PassResult
 from iropt.infra.registry import register_pass
-from iropt.ir.model import Model, iter_graphs
+from iropt.ir.graph import is_op, iter_graphs
+from iropt.ir.model import Model
 
 # Sum and Add broadcast alike (multidirectionally) from opset 8; before, Add broadcast only
 # with its legacy `broadcast` attribute and Sum not at all.
@@ -35,7 +36,7 @@ class SumToAdd(Pass):
         for graph in iter_graphs(model.graph):
             for node in graph.nodes:
                 replacement = _REPLACEMENT.get(len(node.inputs))
-                if node.op == "Sum" and node.domain in ("", "ai.onnx", None) and replacement:
+                if is_op(node, "Sum") and replacement:
                     node.op = replacement
                     counts["to_add" if replacement == "Add" else "to_identity"] += 1
         return PassResult.from_stats(**counts)

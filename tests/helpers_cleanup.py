@@ -17,7 +17,8 @@ from helpers_ort import run_ort
 
 from iropt.infra.pass_base import PassContext, PassResult
 from iropt.infra.registry import create_pass
-from iropt.ir.model import Model, iter_graphs
+from iropt.ir.graph import iter_graphs
+from iropt.ir.model import Model
 
 RTOL, ATOL = 1e-5, 1e-6
 

@@ -19,8 +19,8 @@ from helpers_ort import run_ort
 
 from iropt.infra.pass_base import PassContext, PassResult
 from iropt.infra.registry import create_pass
-from iropt.ir.graph import constant_value
-from iropt.ir.model import Model, iter_graphs
+from iropt.ir.graph import constant_value, iter_graphs
+from iropt.ir.model import Model
 
 RTOL, ATOL = 1e-5, 1e-6
 

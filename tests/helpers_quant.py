@@ -2,7 +2,7 @@
 
 Small float models are written in ONNX text with their weights passed as numpy arrays
 (`build`); calibration data goes to an `.npz` file (`write_feeds`) that the pass reads through
-`iropt.feeds`, as it would from `--calibration`. Models run in the real ONNX Runtime: with its
+`iropt.verify.feeds`, as it would from `--calibration`. Models run in the real ONNX Runtime: with its
 graph optimizations off (the QDQ model as written) or on (to see what ORT fuses it into).
 """
 

@@ -7,6 +7,8 @@ one thing that differs from a model TensorRT accepts.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,10 +16,22 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from iropt.io.load import load_model
 from iropt.ir.model import Model
 from iropt.lowering.tensorrt import tensorrt_flavor
 
 OPSET = 17
+
+def _gpu_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+# Running an engine (and loading it for the engine inspector) needs an NVIDIA GPU.
+GPU = _gpu_available()
 
 requires_tensorrt = pytest.mark.skipif(
     tensorrt_flavor() is None, reason="TensorRT (tensorrt or tensorrt_rtx) not installed"
@@ -193,3 +207,43 @@ def qdq_conv(
     g.node("Conv", inputs, "conv", outputs=["y"], pads=[1, 1, 1, 1])
     g.output("y", [batch, 4, 8, 8])
     return g.model()
+
+
+# --- golden models as engines: fp32, fp16, int8 -----------------------------------------------
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden_models"
+ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def fp16_converter() -> str:
+    """What makes the fp16 variants: iropt's convert_fp16 pass where it is registered, else
+    onnxconverter-common's convert_float_to_float16."""
+    from iropt.infra.registry import PASSES
+
+    return "convert_fp16" if "convert_fp16" in PASSES.names() else "onnxconverter-common"
+
+
+def golden_variant(name: str, precision: str) -> Model:
+    """Golden model `name` as TensorRT builds it in `precision`: as it is (fp32); converted to
+    float16, inputs and outputs kept float32 (fp16, see `fp16_converter`); or run through
+    golden_models/int8_tensorrt.opt with its inputs as calibration data (int8: Q/DQ)."""
+    source = GOLDEN / f"{name}.onnx"
+    if precision == "fp32":
+        return load_model(source)
+    if precision == "fp16" and fp16_converter() == "onnxconverter-common":
+        from onnxconverter_common import float16
+
+        return Model.from_onnx(float16.convert_float_to_float16(onnx.load(str(source)), keep_io_types=True))
+    from iropt.app.optimize import RunOptions, optimize
+
+    with tempfile.TemporaryDirectory() as tmp:
+        schedule, calibration = str(GOLDEN / "int8_tensorrt.opt"), str(GOLDEN / f"{name}.inputs.npz")
+        if precision == "fp16":
+            schedule = str(Path(tmp) / "fp16.opt")
+            Path(schedule).write_text("convert_fp16\n")
+        outcome = optimize(RunOptions(
+            schedule=schedule, model=source, output=Path(tmp) / "variant.onnx",
+            calibration=calibration, emit=False, verify=False,
+        ))
+        assert outcome.output is not None
+        return load_model(outcome.output)

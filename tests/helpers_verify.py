@@ -15,8 +15,8 @@ import onnx_graphsurgeon as gs
 
 from iropt.infra.pass_base import Pass, PassContext, PassKind, PassResult
 from iropt.infra.registry import register_pass
-from iropt.ir.graph import is_op
-from iropt.ir.model import Model, iter_graphs
+from iropt.ir.graph import is_op, iter_graphs
+from iropt.ir.model import Model
 
 # y = Identity(Identity(x) + c) * d: eliminate_identity changes it, and its Add is the
 # target of the breaking pass.

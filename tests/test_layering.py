@@ -191,3 +191,118 @@ def test_torch_front_end_explains_a_missing_torch(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(UserError, match=r"torch is not installed: pip install iropt\[torch\]"):
         torch_frontend.export_from_spec("pkg.module:factory", [1, 3], tmp_path / "out.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the layers of iropt/ and the import graph ------------------------------------------------
+
+# Lower layers never import higher ones. Within a layer, modules import each other freely (the
+# cycle check below still holds). The package root `iropt` is the public facade: nothing inside
+# imports it.
+LAYERS: dict[str, int] = {
+    "iropt.errors": 0,
+    "iropt.util": 0,
+    "iropt.schedules": 0,
+    "iropt.ir": 1,
+    "iropt.io": 2,
+    "iropt.verify": 3,
+    "iropt.infra": 4,
+    "iropt.rewrite": 5,
+    "iropt.compress": 6,
+    "iropt.dsl": 6,
+    "iropt.passes": 7,
+    "iropt.lowering": 7,
+    "iropt.app": 8,
+    "iropt": 9,
+}
+FOLDERS = {"iropt": "iropt", "passes": "iropt.passes", "lowering": "iropt.lowering", "dsl": "iropt.dsl"}
+
+
+def module_name(path: Path) -> str:
+    relative = path.relative_to(ROOT).with_suffix("")
+    parts = list(relative.parts)
+    parts[0] = FOLDERS[parts[0]]
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def layer_of(module: str) -> tuple[str, int]:
+    for prefix in sorted(LAYERS, key=len, reverse=True):
+        if is_under(module, prefix):
+            return prefix, LAYERS[prefix]
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS")
+
+
+def runtime_imports() -> dict[str, set[str]]:
+    """iropt module -> the iropt modules it imports when run (function bodies included,
+    TYPE_CHECKING blocks not), resolved to modules that exist."""
+    modules = {module_name(path): path for folder in FOLDERS for path in python_files(folder)}
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        targets: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and _is_type_checking(node.test):
+                node.body = []
+        for imported, node in imported_modules(tree):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.ImportFrom) else []
+            for candidate in [f"{imported}.{name}" for name in names] + [imported]:
+                if candidate in modules:
+                    targets.add(candidate)
+                    break
+        graph[module] = targets - {module}
+    return graph
+
+
+def test_every_module_imports_only_its_layer_and_below() -> None:
+    found = []
+    for module, targets in runtime_imports().items():
+        own, rank = layer_of(module)
+        for target in targets:
+            other, other_rank = layer_of(target)
+            if other_rank > rank or (other_rank == rank and other != own and rank != 0):
+                found.append(f"{module} ({own}) imports {target} ({other})")
+    assert sorted(found) == []
+
+
+def test_passes_never_import_other_passes() -> None:
+    found = [
+        f"{module} imports {target}"
+        for module, targets in runtime_imports().items()
+        if is_under(module, "iropt.passes")
+        for target in targets
+        if is_under(target, "iropt.passes")
+    ]
+    assert found == []
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of `graph` (its modules in order), or [] when there is none."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(module: str) -> list[str]:
+        state[module] = 1
+        stack.append(module)
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == 1:
+                return [*stack[stack.index(target):], target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        stack.pop()
+        state[module] = 2
+        return []
+
+    for module in sorted(graph):
+        if module not in state and (cycle := visit(module)):
+            return cycle
+    return []
+
+
+def test_the_import_graph_has_no_cycle() -> None:
+    assert find_cycle(runtime_imports()) == []
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) == []

@@ -30,8 +30,10 @@ def test_registered_with_typed_options_and_defaults() -> None:
         "intra_op_threads": 0,
         "inter_op_threads": 0,
         "optimization_level": "all",
+        "strict_providers": False,
         "save_optimized": False,
         "save_ort_format": False,
+        "portable": True,
     }
 
 
@@ -140,3 +142,80 @@ def test_save_ort_format_writes_an_ort_file(tmp_path: Path) -> None:
     session = ort.InferenceSession(str(written), providers=["CPUExecutionProvider"])
     feed = affine_feeds(1)[0]
     np.testing.assert_allclose(session.run(None, feed)[0], affine_numpy(feed["x"]), rtol=RTOL, atol=ATOL)
+
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden_models"
+AZURE = "AzureExecutionProvider"
+needs_azure = pytest.mark.skipif(
+    AZURE not in ort.get_available_providers(),
+    reason="needs an ONNX Runtime build with AzureExecutionProvider, which runs no ops itself",
+)
+
+
+def test_provider_fallback_in_words() -> None:
+    assert ort_backend.provider_fallback(["CPUExecutionProvider"], ["CPUExecutionProvider"], False) is None
+    missing = ort_backend.provider_fallback(
+        ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"], False
+    )
+    assert missing is not None and "CUDAExecutionProvider did not start" in missing
+    cpu = ort_backend.provider_fallback(["CUDAExecutionProvider"], ["CUDAExecutionProvider"], True)
+    assert cpu is not None and "would run on CPUExecutionProvider" in cpu
+
+
+@needs_azure
+def test_nodes_sent_to_an_unasked_cpu_are_reported(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="iropt.ort"):
+        session = make_session(affine_model(), providers=[AZURE])
+    assert "some nodes would run on CPUExecutionProvider" in caplog.text
+    assert "strict_providers=true" in caplog.text
+    feed = affine_feeds(1)[0]
+    np.testing.assert_allclose(session.run(None, feed)[0], affine_numpy(feed["x"]), rtol=RTOL, atol=ATOL)
+
+
+@needs_azure
+def test_strict_providers_refuses_a_cpu_fallback() -> None:
+    with pytest.raises(UserError, match="strict_providers=true refuses a fallback"):
+        OrtBackend(providers=[AZURE], strict_providers=True).compile(affine_model())
+    # Listing the CPU provider allows it: no fallback, no error.
+    OrtBackend(providers=[AZURE, "CPUExecutionProvider"], strict_providers=True).compile(affine_model())
+
+
+@needs_azure
+def test_run_with_strict_providers_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    from iropt.app.cli import main
+
+    schedule = tmp_path / "s.opt"
+    schedule.write_text(f'target ort(providers=["{AZURE}"], strict_providers=true)\neliminate_identity\n')
+    out = tmp_path / "m.opt.onnx"
+    assert main(["-q", "run", str(schedule), str(GOLDEN / "mlp.onnx"), "-o", str(out)]) == 2
+    assert list(tmp_path.iterdir()) == [schedule]
+    schedule.write_text(f'target ort(providers=["{AZURE}"])\neliminate_identity\n')
+    assert main(["-q", "run", str(schedule), str(GOLDEN / "mlp.onnx"), "-o", str(out)]) == 0
+    assert out.exists()
+
+
+def _domains(path: Path) -> set[str]:
+    return {node.domain for node in onnx.load(str(path)).graph.node}
+
+
+def test_saved_artefacts_are_portable_by_default(tmp_path: Path) -> None:
+    from iropt.io.load import load_model
+
+    model = load_model(GOLDEN / "conv_bn.onnx")
+    feeds = dict(np.load(GOLDEN / "conv_bn.inputs.npz"))
+    expected = make_session(model, optimization_level="disable").run(None, feeds)[0]
+    portable = tmp_path / "portable"
+    portable.mkdir()
+    out = save_model(model, portable / "m.onnx")
+    written = OrtBackend(save_optimized=True, save_ort_format=True).emit(model, out)
+    assert [p.name for p in written] == ["m.ort-optimized.onnx", "m.ort"]
+    # The basic level keeps to standard ONNX ops; "all" on this CPU writes ORT's own fused kernels.
+    assert _domains(written[0]) <= {"", "ai.onnx"}
+    for path in written:
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    tied = tmp_path / "tied"
+    tied.mkdir()
+    out = save_model(model, tied / "m.onnx")
+    (optimized,) = OrtBackend(save_optimized=True, portable=False).emit(model, out)
+    assert "com.microsoft" in _domains(optimized) or "com.microsoft.nchwc" in _domains(optimized)

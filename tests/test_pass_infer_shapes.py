@@ -13,7 +13,8 @@ from helpers_cleanup import assert_same_outputs, parse, random_feeds, run_pass, 
 
 from iropt.infra.pass_base import PassContext
 from iropt.infra.registry import create_pass
-from iropt.ir.model import Model, iter_graphs
+from iropt.ir.graph import iter_graphs
+from iropt.ir.model import Model
 from iropt.passes import infer_shapes
 
 

@@ -11,8 +11,9 @@ from helpers_cleanup import assert_same_outputs, parse, random_feeds, run_ort, r
 from iropt.errors import PassError
 from iropt.infra.pass_manager import run_passes
 from iropt.infra.registry import create_pass
-from iropt.ir.model import Model, iter_graphs
-from iropt.passes.toposort import GraphCycleError
+from iropt.ir.graph import iter_graphs
+from iropt.ir.model import Model
+from iropt.ir.toposort import GraphCycleError
 
 
 def shuffled(

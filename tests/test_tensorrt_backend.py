@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_trt import conv_model, custom_op_model, float16_conv_model, qdq_conv, requires_tensorrt
+from helpers_trt import GPU, conv_model, custom_op_model, float16_conv_model, qdq_conv, requires_tensorrt
 
 from iropt.errors import OptionError, UserError
 from iropt.infra.options import option_specs
@@ -29,18 +29,7 @@ from iropt.lowering.tensorrt import (
     load_tensorrt,
     tensorrt_flavor,
 )
-
-
-def _gpu_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
-
-
-GPU = _gpu_available()
-
+from iropt.verify.feeds import parse_shape_ranges
 
 # --- options and installation ---------------------------------------------------------------------
 
@@ -50,7 +39,8 @@ def test_registered_with_typed_options_and_defaults() -> None:
     assert entry.cls is TensorRTBackend
     defaults = {spec.name: spec.default for spec in option_specs(TensorRTBackend)}
     assert defaults == {
-        "precision": "fp32",
+        "precision": "auto",
+        "require_precision": False,
         "workspace": 1 << 30,
         "min_shapes": {},
         "opt_shapes": {},
@@ -120,11 +110,13 @@ def test_dynamic_batch_gets_a_default_profile() -> None:
     assert engine[1:4] == b"trt"
     assert b"conv0" in engine and b"relu0" in engine
     report = backend.last_build
-    assert report is not None and report.engine_bytes == len(engine)
+    assert report is not None and report.engine_bytes == len(engine) and report.seconds > 0
     assert report.profiles == {
         "x": ([DYNAMIC_MIN, 3, 8, 8], [DYNAMIC_OPT, 3, 8, 8], [DYNAMIC_MAX, 3, 8, 8])
     }
-    assert any("default to min" in note for note in report.notes)
+    assert report.profile[0].source == "default"
+    assert any("defaults to min" in note for note in report.notes)
+    assert "engine profile: x: min 1x3x8x8, opt 1x3x8x8, max 8x3x8x8 (default)" in report.lines()
 
 
 @requires_tensorrt
@@ -134,15 +126,25 @@ def test_given_profile_shapes_are_used() -> None:
     assert backend.build_engine(conv_model())
     assert backend.last_build is not None
     assert backend.last_build.profiles == {"x": ([2, 3, 8, 8], [4, 3, 8, 8], [16, 3, 8, 8])}
-    assert not any("default to min" in note for note in backend.last_build.notes)
+    assert backend.last_build.profile[0].source == "target"
+    assert not any("defaults to min" in note for note in backend.last_build.notes)
 
 
 @requires_tensorrt
-def test_only_max_given_fills_min_and_opt() -> None:
+def test_one_target_shape_alone_fixes_the_profile_there() -> None:
     backend = TensorRTBackend(max_shapes={"x": [32, 3, 8, 8]})
     backend.build_engine(conv_model())
     assert backend.last_build is not None
-    assert backend.last_build.profiles["x"] == ([DYNAMIC_MIN, 3, 8, 8], [DYNAMIC_OPT, 3, 8, 8], [32, 3, 8, 8])
+    assert backend.last_build.profiles["x"] == ([32, 3, 8, 8], [32, 3, 8, 8], [32, 3, 8, 8])
+
+
+@requires_tensorrt
+def test_command_line_ranges_take_precedence_over_the_target() -> None:
+    backend = TensorRTBackend(max_shapes={"x": [32, 3, 8, 8]})
+    backend.build_engine(conv_model(), parse_shape_ranges(["x:1x3x8x8,2x3x8x8,4x3x8x8"]))
+    assert backend.last_build is not None
+    assert backend.last_build.profiles["x"] == ([1, 3, 8, 8], [2, 3, 8, 8], [4, 3, 8, 8])
+    assert backend.last_build.profile[0].source == "--shape"
 
 
 @requires_tensorrt
@@ -157,7 +159,7 @@ def test_static_model_needs_no_profile() -> None:
     ("options", "text"),
     [
         ({"max_shapes": {"images": [8, 3, 8, 8]}}, "names input 'images'"),
-        ({"max_shapes": {"x": [8, 3, 8]}}, "has rank 3, but the input has rank 4"),
+        ({"max_shapes": {"x": [8, 3, 8]}}, "rank 3"),
         ({"max_shapes": {"x": [8, 3, 16, 8]}}, "dimension 2 is fixed at 8"),
         ({"min_shapes": {"x": [4, 3, 8, 8]}, "max_shapes": {"x": [2, 3, 8, 8]}}, "1 <= min <= opt <= max"),
     ],
@@ -186,6 +188,10 @@ def test_builder_failure_quotes_the_builder_and_names_the_fix() -> None:
     message = str(caught.value)
     assert "failed to build the engine" in message and "workspace" in message
     assert "raise the back end's workspace option (now 1,024 bytes)" in message
+    # The dynamic dimensions and how to give their range (tensorrt_profile.failure_hint).
+    assert "the optimization profile was:" in message
+    assert "x: min 1x3x8x8, opt 1x3x8x8, max 8x3x8x8 (default); dynamic dimension(s) 0 (1..8, opt 1)" in message
+    assert "--shape x:1x3x8x8,1x3x8x8,8x3x8x8" in message
 
 
 @requires_tensorrt
@@ -195,30 +201,38 @@ def test_int8_needs_an_explicitly_quantized_model() -> None:
 
 
 @requires_tensorrt
-def test_int8_builds_a_qdq_model_strongly_typed() -> None:
-    backend = TensorRTBackend(precision="int8")
+def test_int8_builds_a_qdq_model_strongly_typed_and_runs_it_in_int8() -> None:
+    backend = TensorRTBackend(precision="int8", require_precision=True)
     assert backend.build_engine(qdq_conv())
-    assert backend.last_build is not None and backend.last_build.strongly_typed
+    report = backend.last_build
+    assert report is not None and report.strongly_typed
+    assert report.precisions is not None
+    assert report.precisions.requested == {"conv": "int8"} and report.precisions.realized["conv"] == "int8"
+    assert report.precisions.missed == []
 
 
 @requires_tensorrt
-def test_fp16_on_a_strongly_typed_builder() -> None:
-    if load_tensorrt().weak_typing:
-        pytest.skip("this TensorRT has the FP16 builder flag (weakly typed networks)")
-    with pytest.raises(UserError, match="no float16 tensors"):
+def test_fp16_comes_from_the_graph() -> None:
+    with pytest.raises(UserError, match=r"no float16 tensors.*convert_fp16"):
         TensorRTBackend(precision="fp16").build_engine(conv_model())
-    backend = TensorRTBackend(precision="fp16")
+    backend = TensorRTBackend(precision="fp16", require_precision=True)
     assert backend.build_engine(float16_conv_model())
-    assert backend.last_build is not None and backend.last_build.strongly_typed
+    report = backend.last_build
+    assert report is not None and report.precisions is not None
+    assert report.precisions.realized == {"conv16": "fp16"}
 
 
 @requires_tensorrt
-def test_fp16_on_a_weakly_typed_builder() -> None:
-    if not load_tensorrt().weak_typing:
-        pytest.skip("this TensorRT builds strongly typed networks only (no FP16 flag)")
-    backend = TensorRTBackend(precision="fp16")
-    assert backend.build_engine(conv_model())
-    assert backend.last_build is not None and not backend.last_build.strongly_typed
+def test_fp32_refuses_a_model_with_lower_precision_tensors() -> None:
+    with pytest.raises(UserError, match="precision='auto'"):
+        TensorRTBackend(precision="fp32").build_engine(qdq_conv())
+
+
+def test_no_builder_precision_flags_are_used() -> None:
+    # Precision comes from the graph: TensorRT 11 removed the FP16/INT8 flags, and 10.x must
+    # build the same graph the same way.
+    source = Path(trt_backend.__file__).read_text()
+    assert "BuilderFlag" not in source and "set_flag" not in source
 
 
 @requires_tensorrt
@@ -307,6 +321,8 @@ def test_emit_writes_the_engine_beside_the_onnx(tmp_path: Path) -> None:
     data = written[0].read_bytes()
     assert data[1:4] == b"trt" and b"conv0" in data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.opt.engine", "net.opt.onnx"]
+    # Every artefact gets the model's mode (0666 less the umask), not a temporary file's 0600.
+    assert written[0].stat().st_mode & 0o777 == onnx_path.stat().st_mode & 0o777
 
 
 @requires_tensorrt
@@ -382,3 +398,18 @@ def test_iropt_run_writes_the_engine_beside_the_optimized_model(tmp_path: Path) 
     assert outcome.verified and outcome.output == tmp_path / "net.opt.onnx"
     assert outcome.emitted == [tmp_path / "net.opt.engine"]
     assert outcome.emitted[0].read_bytes()[1:4] == b"trt"
+
+
+@requires_tensorrt
+def test_iropt_run_reports_parser_errors_per_node_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from iropt.app.cli import main
+
+    source = save_model(custom_op_model(), tmp_path / "custom.onnx", check=None)
+    schedule = tmp_path / "trt.opt"
+    schedule.write_text("target tensorrt\neliminate_identity\n")
+    assert main(["run", str(schedule), str(source), "--no-verify"]) == 2
+    err = capsys.readouterr().err
+    assert "node 'mystery_a' (Mystery)" in err and "node 'enigma_b' (Enigma)" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["custom.onnx", "trt.opt"]

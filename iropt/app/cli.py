@@ -7,6 +7,7 @@ one-paragraph message and no traceback; `-v` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import sys
@@ -15,7 +16,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from iropt import __version__
 from iropt.errors import IroptError, UserError, VerificationError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -96,13 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
         "quantization and back ends, driven by schedule files.",
         parents=[common],
     )
-    parser.add_argument("--version", action="version", version=f"iropt {__version__}")
+    parser.add_argument("--version", action="version", version=f"iropt {importlib.metadata.version('iropt')}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_run(sub, common)
     _add_passes(sub, common)
     _add_check(sub, common)
     _add_compare(sub, common)
     _add_inspect(sub, common)
+    _add_bench(sub, common)
     _add_export(sub, common)
     return parser
 
@@ -120,7 +121,9 @@ def _add_run(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--inputs", help="verification inputs: .npz, folder of .npy/.npz, or module:function "
                    "(default: generated from the declared shapes)")
     p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
-                   help="concrete shape for a dynamic input, e.g. x:1x3x224x224 (repeatable)")
+                   help="concrete shape for a dynamic input, e.g. x:1x3x224x224 (repeatable); "
+                   "MIN,OPT,MAX such as x:1x3x224x224,4x3x224x224,8x3x224x224 gives a TensorRT "
+                   "profile range (verification uses OPT)")
     p.add_argument("--report", type=Path, help="write a JSON report here")
     p.add_argument("--verify-each", action="store_true", help="verify after every pass")
     p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
@@ -129,6 +132,10 @@ def _add_run(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--check-each", action="store_true",
                    help="run the ONNX checker after every pass (the result is always checked)")
     p.add_argument("--no-emit", action="store_true", help="do not write the target back end's artefacts")
+    p.add_argument("--triton", type=Path, metavar="DIR",
+                   help="also write a Triton model repository entry: DIR/NAME/config.pbtxt and "
+                   "DIR/NAME/1/model.onnx (model.plan with target tensorrt)")
+    p.add_argument("--triton-name", metavar="NAME", help="the Triton model name (default: the input's stem)")
     p.set_defaults(handler=_cmd_run)
 
 
@@ -137,19 +144,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from iropt.app.optimize import RunOptions, default_output_path, optimize, raise_if_unverified
     from iropt.app.report import outcome_to_dict, write_report
     from iropt.io.save import check_output_file
-    from iropt.verify.feeds import parse_shape_overrides
+    from iropt.verify.feeds import parse_shape_ranges
 
     if args.report is not None:
         output = args.output or default_output_path(args.model)
         check_output_file(args.report, "the report", [args.model, output])
     build_progress = PhaseProgress(not args.quiet)
+    shape_ranges = parse_shape_ranges(args.shape)
     options = RunOptions(
         schedule=args.schedule,
         model=args.model,
         output=args.output,
         calibration=args.calibration,
         inputs=args.inputs,
-        shapes=parse_shape_overrides(args.shape),
+        shapes={name: list(r.opt) for name, r in shape_ranges.items()},
+        shape_ranges=shape_ranges,
         verify=not args.no_verify,
         verify_each=args.verify_each,
         force=args.force,
@@ -157,6 +166,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         check_each=args.check_each,
         emit=not args.no_emit,
         build_progress=build_progress,
+        triton=args.triton,
+        triton_name=args.triton_name,
     )
     try:
         outcome = optimize(options, progress=make_progress(not args.quiet))
@@ -172,9 +183,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             status = "passed" if comparison.passed else "FAILED"
             stdout.print(f"verification {status} ({comparison.criterion.describe()}):", markup=False)
             stdout.print(comparison.summary(), markup=False)
+        for line in outcome.target_lines:
+            stdout.print(line, markup=False)
         if outcome.output is not None:
             stdout.print(f"wrote {outcome.output}", markup=False)
-        for path in outcome.emitted:
+        for path in [*outcome.emitted, *outcome.triton_files]:
             stdout.print(f"wrote {path}", markup=False)
     raise_if_unverified(outcome)
     return 0
@@ -328,6 +341,58 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print_model_summary(summary)
+    return 0
+
+
+def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "bench", parents=[common], help="measure models on ONNX Runtime, side by side",
+        description="Latency (p50/p95/p99), throughput, session start time and peak memory of each "
+        "MODEL on ONNX Runtime. Each model runs in its own process; the models take turns, and the "
+        "table gives every figure as a ratio to the first model's.",
+    )
+    p.add_argument("models", nargs="+", type=Path, metavar="MODEL", help=".onnx models (the first is the baseline)")
+    p.add_argument("--providers", default="CPUExecutionProvider",
+                   help="execution providers in order of preference, comma-separated (default: CPU)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default 0: ONNX Runtime's choice)")
+    p.add_argument("--batch", type=int, help="batch size for inputs with a dynamic first dimension")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
+                   help="concrete shape for an input, e.g. x:1x3x224x224 (repeatable)")
+    p.add_argument("--inputs", help="inputs: .npz, folder of .npy/.npz, or module:function (default: generated)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs per model first (default 10)")
+    p.add_argument("--runs", type=int, default=100, help="timed runs per model (default 100)")
+    p.add_argument("--rounds", type=int, default=10, help="turns the timed runs are split into (default 10)")
+    p.add_argument("--optimization-level", default="all", choices=["disable", "basic", "extended", "layout", "all"],
+                   help="ONNX Runtime graph optimization level (default all)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write every figure and latency here as JSON")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the latency distributions (needs matplotlib)")
+    p.set_defaults(handler=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from iropt.app import bench
+    from iropt.app.console import make_progress, stdout
+    from iropt.verify.feeds import parse_shape_overrides
+
+    options = bench.BenchOptions(
+        models=tuple(args.models),
+        providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
+        threads=args.threads, batch=args.batch, shapes=parse_shape_overrides(args.shape), inputs=args.inputs,
+        warmup=args.warmup, runs=args.runs, rounds=args.rounds, optimization_level=args.optimization_level,
+    )
+    options.check()
+    if args.json is not None:
+        bench.check_output_file(args.json, None, options.models)
+    if args.plot is not None:
+        bench.check_output_file(args.plot, ".png", options.models)
+        bench.check_plot_available()
+    result = bench.run_bench(options, progress=make_progress(not args.quiet))
+    if not args.quiet:
+        stdout.print(bench.bench_table(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if args.plot is not None:
+        bench.plot_latencies(result, args.plot)
     return 0
 
 

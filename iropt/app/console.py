@@ -13,7 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from iropt.infra.pass_manager import PassRecord
-from iropt.ir.model import GraphStats, Model, graph_stats, iter_graphs
+from iropt.ir.graph import is_default_domain, iter_graphs
+from iropt.ir.model import GraphStats, Model, graph_stats
 
 T = TypeVar("T")
 
@@ -102,7 +103,7 @@ def model_summary(model: Model) -> dict[str, Any]:
     stats = graph_stats(model)
     ops: Counter[str] = Counter()
     for graph in iter_graphs(model.graph):
-        ops.update(f"{n.domain}::{n.op}" if n.domain not in (None, "", "ai.onnx") else n.op for n in graph.nodes)
+        ops.update(n.op if is_default_domain(n.domain) else f"{n.domain}::{n.op}" for n in graph.nodes)
     return {
         "path": str(model.source_path) if model.source_path else None,
         "opset": {"": model.opset, **{d.domain: d.version for d in model.graph.import_domains or [] if d.domain}},

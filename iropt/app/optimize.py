@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 from iropt.errors import IroptError, UserError, VerificationError, first_line
+from iropt.infra.backend import Backend, EmitContext, StagedArtefacts
 from iropt.infra.instruments import CheckerInstrument, IRDumpInstrument, SizeInstrument, TimingInstrument
 from iropt.infra.pass_base import PassContext
 from iropt.infra.pass_manager import Instrument, PassManager, PassRecord, RunReport
@@ -26,6 +27,7 @@ from iropt.io.save import ModelCheck, check_output_file, check_output_path, save
 from iropt.ir.model import GraphStats, Model, graph_stats
 from iropt.util.progress import ProgressFn, no_progress
 from iropt.verify.criteria import EXACT_CRITERION, LOSSY_CRITERION, Criterion
+from iropt.verify.feeds import ShapeRange
 
 if TYPE_CHECKING:
     from iropt.verify.feeds import FeedSource
@@ -44,6 +46,9 @@ class RunOptions:
     calibration: str | None = None
     inputs: str | None = None
     shapes: dict[str, list[int]] = field(default_factory=dict)
+    # `--shape NAME:MIN,OPT,MAX` ranges (TensorRT profiles, Triton's batch limit); `shapes`
+    # holds their OPT shapes.
+    shape_ranges: dict[str, ShapeRange] = field(default_factory=dict)
     verify: bool = True
     verify_each: bool = False
     force: bool = False
@@ -54,6 +59,9 @@ class RunOptions:
     emit: bool = True
     # Called as build_progress(phase, done, total) by back ends with long builds (TensorRT).
     build_progress: Callable[[str, int, int], None] | None = None
+    # A Triton model repository to write the result into (`--triton DIR --triton-name NAME`).
+    triton: Path | None = None
+    triton_name: str | None = None
 
 
 @dataclass
@@ -72,6 +80,11 @@ class RunOutcome:
     feed_notes: list[str] = field(default_factory=list)
     verify_seconds: float = 0.0
     total_seconds: float = 0.0
+    # What the target's build found out (engine size, build time, profile, precisions) and
+    # the lines it prints.
+    target_report: dict[str, Any] = field(default_factory=dict)
+    target_lines: list[str] = field(default_factory=list)
+    triton_files: list[Path] = field(default_factory=list)
 
     @property
     def verified(self) -> bool:
@@ -96,14 +109,22 @@ def optimize(options: RunOptions, progress: ProgressFn = no_progress) -> RunOutc
     pipeline = load_pipeline(options.schedule)
     model = load_model(options.model)
     output = options.output or default_output_path(options.model)
+    backend = _target_backend(pipeline, options)
     # Checked before any work so a long run never ends in "cannot write".
-    check_outputs(options, output, model, pipeline)
+    check_outputs(options, output, model, backend)
     ctx = PassContext(
         target=pipeline.target,
         calibration=options.calibration,
         input_shapes=dict(options.shapes),
         progress=progress,
     )
+    if backend is not None:
+        # A profile the inputs cannot have is bad input: said before the schedule runs.
+        backend.check_inputs(model, EmitContext(shape_ranges=options.shape_ranges))
+    if options.triton is not None and options.triton_name is not None:
+        from iropt.lowering.triton import check_model_name
+
+        check_model_name(options.triton_name)
     # The verifier keeps its own copy of the input model: the reference, and where bisection
     # starts from.
     verifier, notes = _make_verifier(options, model, pipeline, progress)
@@ -114,24 +135,87 @@ def optimize(options: RunOptions, progress: ProgressFn = no_progress) -> RunOutc
         if not outcome.verified:
             outcome.culprit = _bisect(verifier.reference, pipeline, verifier, outcome.criterion, ctx)
     if outcome.verified or options.force:
-        outcome.output = save_model(model, output, check=_checker(options.model, options.check_each))
-        if options.emit:
-            outcome.emitted = _emit(model, pipeline, output, options.build_progress)
+        _write_outputs(outcome, options, model, output, backend, verifier)
     outcome.total_seconds = time.perf_counter() - start
     return outcome
 
 
-def check_outputs(options: RunOptions, output: Path, model: Model, pipeline: Pipeline) -> None:
+def check_outputs(options: RunOptions, output: Path, model: Model, backend: Backend | None) -> None:
     """UserError unless everything the run would write can be written: the model, the IR dumps,
     the back end's artefacts (and the back end can run here)."""
     check_output_path(output, model.input_files())
     if options.dump_dir is not None and options.dump_dir.exists() and not options.dump_dir.is_dir():
         raise UserError(f"{options.dump_dir}: --dump-ir names a file; it takes a folder to write into")
-    if options.emit and pipeline.target is not None:
-        backend = BACKENDS.create(pipeline.target.name, dict(pipeline.target.options))
+    if options.emit and backend is not None:
         backend.check_ready()
         for path in backend.planned_outputs(output):
-            check_output_file(path, f"the {pipeline.target.name} artefact", [*model.input_files(), output])
+            check_output_file(path, f"the {backend.name or 'target'} artefact", [*model.input_files(), output])
+
+
+def _target_backend(pipeline: Pipeline, options: RunOptions) -> Backend | None:
+    if pipeline.target is None or not (options.emit or options.triton is not None):
+        return None
+    backend: Backend = BACKENDS.create(pipeline.target.name, dict(pipeline.target.options))
+    return backend
+
+
+def _write_outputs(
+    outcome: RunOutcome, options: RunOptions, model: Model, output: Path, backend: Backend | None, verifier: Any
+) -> None:
+    """Build the target's artefacts in memory, then write the model, then them: a failed
+    build (a TensorRT engine) leaves nothing written."""
+    staged = None
+    if backend is not None:
+        context = EmitContext(
+            shape_ranges=options.shape_ranges,
+            reference=None if verifier is None else verifier.reference,
+            criterion=outcome.criterion,
+            progress=options.build_progress,
+        )
+        staged = _stage(backend, model, output, context)
+        outcome.target_report, outcome.target_lines = staged.report, staged.lines
+    outcome.output = save_model(model, output, check=_checker(options.model, options.check_each))
+    if staged is not None and options.emit:
+        outcome.emitted = staged.write()
+    if options.triton is not None:
+        outcome.triton_files = _write_triton(outcome, options, model, output, staged)
+
+
+def _stage(backend: Backend, model: Model, output: Path, context: EmitContext) -> StagedArtefacts:
+    try:
+        return backend.stage(model, output, context)
+    except IroptError as error:
+        # The message says what failed; this says what became of the output.
+        error.args = (f"{error}\n{output} was not written: the model is written only with its "
+                      f"{backend.name or 'target'} artefacts",)
+        raise
+
+
+def _write_triton(
+    outcome: RunOutcome, options: RunOptions, model: Model, output: Path, staged: StagedArtefacts | None
+) -> list[Path]:
+    from iropt.lowering.triton import triton_config, write_repository
+
+    assert options.triton is not None
+    target = outcome.pipeline.target
+    profile = outcome.target_report.get("profile", {})
+    config = triton_config(
+        model.to_onnx(),
+        name=options.triton_name or _model_name(options.model),
+        backend=None if target is None else target.name,
+        providers=list(target.options.get("providers", [])) if target is not None else [],
+        profile_max_batch={name: (p["min"][0], p["max"][0]) for name, p in profile.items()},
+        shape_ranges=options.shape_ranges,
+    )
+    outcome.target_lines += [f"triton: {note}" for note in config.notes]
+    return write_repository(
+        options.triton, config, onnx_path=output, serving_bytes=None if staged is None else staged.serving_bytes
+    )
+
+
+def _model_name(model_path: Path) -> str:
+    """`models/resnet.onnx` -> `resnet`: the Triton model name when none is given."""
+    return model_path.name.split(".")[0] or "model"
 
 
 def _checker(source: Path, checked_each: bool) -> ModelCheck:
@@ -258,18 +342,6 @@ def _bisect(
 
     failed = criterion or EXACT_CRITERION
     return bisect_failure(reference, pipeline, verifier, failed, ctx)
-
-
-def _emit(
-    model: Model, pipeline: Pipeline, output: Path, build_progress: Callable[[str, int, int], None] | None
-) -> list[Path]:
-    if pipeline.target is None:
-        return []
-    backend = BACKENDS.create(pipeline.target.name, dict(pipeline.target.options))
-    if build_progress is not None and hasattr(backend, "progress"):
-        backend.progress = build_progress
-    written: list[Path] = backend.emit(model, output)
-    return written
 
 
 def raise_if_unverified(outcome: RunOutcome) -> None:

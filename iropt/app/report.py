@@ -64,6 +64,8 @@ def outcome_to_dict(outcome: RunOutcome, schedule: str, model: Path) -> dict[str
         "model": str(model),
         "output": None if outcome.output is None else str(outcome.output),
         "emitted": [str(p) for p in outcome.emitted],
+        "target_build": _plain(outcome.target_report) or None,
+        "triton": [str(p) for p in outcome.triton_files],
         "verified": outcome.verified,
         "criterion": None if outcome.criterion is None else outcome.criterion.describe(),
         "comparisons": [_plain(c) for c in outcome.comparisons],
@@ -77,6 +79,7 @@ def outcome_to_dict(outcome: RunOutcome, schedule: str, model: Path) -> dict[str
         "seconds": {
             "passes": outcome.report.seconds,
             "verification": outcome.verify_seconds,
+            "target_build": outcome.target_report.get("build_seconds"),
             "total": outcome.total_seconds,
         },
     }

@@ -350,12 +350,14 @@ def collect_statistics(
     progress: ProgressFn | None = None,
     total: int | None = None,
     on_batch: Callable[[dict[str, np.ndarray]], None] | None = None,
+    on_outputs: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], None] | None = None,
 ) -> dict[str, TensorStats]:
     """Statistics of `tensors` over `feeds`, running `model` one bounded batch at a time.
 
     Graph inputs among `tensors` are read from the feeds; the others are added as graph outputs
     of a copy of the model. `on_batch` sees every batch that was run (the pass keeps a few for
-    sensitivity analysis).
+    sensitivity analysis); `on_outputs` sees each batch with everything the run returned (the
+    model's outputs and `tensors`).
     """
     stats = {name: TensorStats(bins, keep_histogram=histograms) for name in tensors}
     inputs = {tensor.name for tensor in model.graph.inputs}
@@ -369,6 +371,8 @@ def collect_statistics(
         if on_batch is not None:
             on_batch(batch)
         outputs = runner.run(batch)
+        if on_outputs is not None:
+            on_outputs(batch, outputs)
         for name in tensors:
             stats[name].update(batch[name] if name in inputs else outputs[name])
     return stats

@@ -2,7 +2,7 @@
 
 A pass rewrites a `Model` in place and returns a `PassResult`: whether anything changed and
 named integer statistics. Its options are typed keyword-only constructor parameters (see
-`iropt.options`). A pass is *exact* when its output must match its input within floating-point
+`iropt.infra.options`). A pass is *exact* when its output must match its input within floating-point
 tolerance, and *lossy* when it is held to a metric instead (quantization, pruning, low-rank).
 """
 

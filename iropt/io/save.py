@@ -41,7 +41,7 @@ def save_model(
     `external_data=None` chooses external data when the tensors would pass the protobuf limit.
     Refuses to overwrite the file the model was loaded from. `check` (the ONNX checker, say)
     is given the model to be written, its large tensors as empty placeholders (see
-    `iropt.model_stream`), before anything is written; if it raises, nothing is.
+    `iropt.io.stream`), before anything is written; if it raises, nothing is.
     """
     out = Path(path)
     check_output_path(out, model.input_files())
@@ -63,7 +63,7 @@ def save_model(
             _write_file(staged.parent / data_name, lambda data: ExternalPayload.write_all(payloads, data))
 
     try:
-        _stage_and_move(out, [data_name] if payloads else [], write)
+        publish_atomically(out, [data_name] if payloads else [], write)
     except OSError as error:
         raise ModelSaveError(f"{out}: could not write the model: {error}") from error
     return out
@@ -112,7 +112,7 @@ def save_proto(
             check(staged)
 
     try:
-        _stage_and_move(out, sidecars, write)
+        publish_atomically(out, sidecars, write)
     except OSError as error:
         raise ModelSaveError(f"{out}: could not write the model: {error}") from error
     return out
@@ -137,8 +137,11 @@ def _write_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
         write(out)
 
 
-def _stage_and_move(out: Path, sidecars: list[str], write: Callable[[Path], None]) -> None:
+def publish_atomically(out: Path, sidecars: list[str], write: Callable[[Path], None]) -> None:
     """`write(staged)` into a scratch folder beside `out`, then rename into place (atomic per file).
+
+    The one way iropt publishes a file (models, engines, ONNX Runtime's own artefacts): a
+    failure leaves nothing under the final name.
 
     `sidecars` are the names of files written beside the model (its external data); they are
     moved first, so a model file never points at data that is not there yet. The renames hold a
@@ -251,3 +254,24 @@ def refuse_special_file(path: Path, what: str) -> None:
             f"{path}: {what} exists and is not a regular file (a device, pipe or socket); "
             "refusing to replace it: choose another path"
         )
+
+
+def write_bytes_atomically(out: Path, data: bytes) -> None:
+    """Write `data` to `out` through `publish_atomically`."""
+    def write(staged: Path) -> None:
+        staged.write_bytes(data)
+
+    publish_atomically(out, [], write)
+
+
+@contextlib.contextmanager
+def spilled_model_file(model: Model | onnx.ModelProto, work_dir: Path | None = None) -> Iterator[Path]:
+    """The model written to a temporary file with its tensors as external data beside it, for
+    tools that take a path when the model is past protobuf's 2 GB in-memory limit; removed on
+    exit (ignoring cleanup errors: a runtime may still map the data file)."""
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="iropt-spill-", ignore_cleanup_errors=True) as tmp:
+        target = Path(tmp) / "model.onnx"
+        if isinstance(model, Model):
+            yield save_model(model, target, external_data=True)
+        else:
+            yield save_proto(model, target, external_data=True)

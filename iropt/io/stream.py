@@ -35,7 +35,8 @@ from google.protobuf.descriptor import FieldDescriptor
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from iropt.errors import ModelSaveError
-from iropt.ir.model import Model, iter_graphs
+from iropt.ir.graph import iter_graphs
+from iropt.ir.model import Model
 
 # Smaller tensors go through graphsurgeon's exporter: copying them costs nothing that matters.
 STREAM_MIN_BYTES = 64 * 1024

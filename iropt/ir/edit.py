@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from iropt.ir.graph import FreshNames, constant_value, is_op, replace_in
-from iropt.ir.model import Model, iter_graphs
+from iropt.ir.graph import constant_value, fresh_names, is_op, iter_graphs, replace_in
+from iropt.ir.model import Model
 
 Dims = list[int | None]
 
@@ -58,7 +58,7 @@ class ModelEdit:
         # and no edit may leave an output without its producer.
         self.protected = {id(t) for g in self.graphs for t in g.outputs}
         # fresh_name(base): `base`, or `base_1`, ...: a tensor name not used anywhere in the model.
-        self.fresh_name = FreshNames(name for g in self.graphs for name in g.tensors())
+        self.fresh_name = fresh_names(self.graphs)
 
     def int64_constant(self, base: str, values: Sequence[int]) -> gs.Constant:
         """A new 1-D int64 constant (shape, axes, starts, ...) under a fresh name."""

@@ -29,7 +29,8 @@ import onnx.numpy_helper
 import onnx_graphsurgeon as gs
 from onnx.reference import ReferenceEvaluator
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
+
+from iropt.ir.graph import is_default_domain, peek_values
 
 Attrs = dict[str, Any]
 Values = list[np.ndarray | None]
@@ -40,7 +41,6 @@ NONDETERMINISTIC_OPS = frozenset(
     {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
 )
 
-_DEFAULT_DOMAINS = (None, "", "ai.onnx")
 
 # dtypes an initializer can carry through graphsurgeon's exporter (raw little-endian bytes):
 # numpy's numeric kinds and bool. Strings (object arrays) cannot be written as raw data, and the
@@ -67,39 +67,6 @@ def is_storable_dtype(dtype: Any) -> bool:
     return resolved.name == "bfloat16"
 
 
-def peek_values(tensor: gs.Constant) -> np.ndarray:
-    """The value of a constant, without keeping the decoded array on the tensor.
-
-    `tensor.values` replaces graphsurgeon's lazy reference to the original TensorProto by the
-    decoded array, which changes how the tensor is written back (float_data becomes raw_data)
-    and keeps a second copy of every weight in memory. Reading through this leaves both alone.
-    """
-    values = tensor._values
-    if isinstance(values, SparseValues):
-        return np.asarray(values.load())
-    if isinstance(values, LazyValues):
-        # Decoded by onnx directly: LazyValues.load warns about types numpy lacks (bfloat16)
-        # although onnx decodes them into ml_dtypes arrays just fine.
-        return np.asarray(onnx.numpy_helper.to_array(values.tensor))
-    return np.asarray(values)
-
-
-def peek_constant(tensor: gs.Tensor, max_elements: int | None = None) -> np.ndarray | None:
-    """The value of an initializer or of a Constant node's output, read with `peek_values` (so
-    a pass that only looks leaves the tensor as it was written); None for any other tensor, and
-    for one of more than `max_elements` elements (told from its shape, before anything is read)."""
-    if not isinstance(tensor, gs.Constant):
-        producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
-        if producer is None or producer.op != "Constant" or producer.domain not in _DEFAULT_DOMAINS:
-            return None
-        tensor = producer.attrs.get("value")
-        if not isinstance(tensor, gs.Constant):
-            return None
-    if max_elements is not None and int(np.prod(tensor.shape or ())) > max_elements:
-        return None
-    return peek_values(tensor)
-
-
 def has_subgraph(node: gs.Node) -> bool:
     """True when an attribute of `node` is a graph (If, Loop, Scan, SequenceMap bodies)."""
     for value in node.attrs.values():
@@ -117,7 +84,7 @@ def is_deterministic(node: gs.Node) -> bool:
     random), and Dropout counts only when its training_mode input is absent: in training mode
     it draws a random mask.
     """
-    if node.domain not in _DEFAULT_DOMAINS or node.op in NONDETERMINISTIC_OPS:
+    if not is_default_domain(node.domain) or node.op in NONDETERMINISTIC_OPS:
         return False
     if node.op == "Dropout" and len(node.inputs) >= 3 and node.inputs[2].name:
         return False
@@ -130,7 +97,7 @@ def evaluate_node(node: gs.Node, inputs: Sequence[np.ndarray | None], opset: int
     Returns one entry per node output, None for omitted optional outputs (empty names). Raises
     `EvaluationError` when the node cannot be evaluated or its result cannot be an initializer.
     """
-    if node.domain not in _DEFAULT_DOMAINS:
+    if not is_default_domain(node.domain):
         raise EvaluationError(f"{node.op}: custom domain '{node.domain}' is not evaluated")
     if has_subgraph(node):
         raise EvaluationError(f"{node.op}: ops with subgraphs are not evaluated")

@@ -6,7 +6,10 @@ from collections import ChainMap
 from collections.abc import Iterable, Mapping
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 _DEFAULT_DOMAINS = (None, "", "ai.onnx")
 
@@ -28,20 +31,62 @@ class FreshNames:
         return name
 
 
+def fresh_names(graphs: Iterable[gs.Graph]) -> FreshNames:
+    """New tensor and node names, unique across `graphs` (pass `iter_graphs(model.graph)` to
+    cover subgraphs too)."""
+    used: set[str] = set()
+    for graph in graphs:
+        used.update(graph.tensors().keys())
+        used.update(t.name for t in (*graph.inputs, *graph.outputs))
+        used.update(node.name for node in graph.nodes if node.name)
+    return FreshNames(used)
+
+
+def is_default_domain(domain: str | None) -> bool:
+    """True for the default ONNX operator domain, however it is spelled ("", "ai.onnx" or unset)."""
+    return domain in _DEFAULT_DOMAINS
+
+
 def is_op(node: gs.Node, *ops: str) -> bool:
     """True when `node` is one of `ops` in the default ONNX domain."""
-    return node.op in ops and node.domain in _DEFAULT_DOMAINS
+    return node.op in ops and is_default_domain(node.domain)
 
 
-def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of a constant tensor (an initializer or a Constant node's output), else None."""
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    if len(tensor.inputs) == 1 and is_op(tensor.inputs[0], "Constant"):
-        attrs = tensor.inputs[0].attrs
-        if "value" in attrs and isinstance(attrs["value"], gs.Constant):
-            return np.asarray(attrs["value"].values)
-    return None
+def peek_values(tensor: gs.Constant) -> np.ndarray:
+    """The value of a constant, without keeping the decoded array on the tensor.
+
+    `tensor.values` replaces graphsurgeon's lazy reference to the original TensorProto by the
+    decoded array, which changes how the tensor is written back (float_data becomes raw_data)
+    and keeps a second copy of every weight in memory. Reading through this leaves both alone.
+    """
+    values = tensor._values
+    if isinstance(values, SparseValues):
+        return np.asarray(values.load())
+    if isinstance(values, LazyValues):
+        # Decoded by onnx directly: LazyValues.load warns about types numpy lacks (bfloat16)
+        # although onnx decodes them into ml_dtypes arrays just fine.
+        return np.asarray(onnx.numpy_helper.to_array(values.tensor))
+    return np.asarray(values)
+
+
+def constant_value(tensor: gs.Tensor, max_elements: int | None = None) -> np.ndarray | None:
+    """The value of an initializer or of a Constant node's output, else None; the one way
+    constants are read.
+
+    Reads through `peek_values`, so a pass that only looks (or a rewrite rule that then refuses)
+    leaves the tensor as it was written. None too for a constant of more than `max_elements`
+    elements, told from its shape before anything is decoded.
+    """
+    if not isinstance(tensor, gs.Constant):
+        producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+        if producer is None or not is_op(producer, "Constant"):
+            return None
+        tensor = producer.attrs.get("value")
+        if not isinstance(tensor, gs.Constant):
+            return None
+    if max_elements is not None and int(np.prod(tensor.shape or ())) > max_elements:
+        return None
+    return peek_values(tensor)
 
 
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
@@ -119,3 +164,18 @@ def _relink(tensors: list[gs.Tensor], outer: Mapping[str, gs.Tensor], local: Map
             tensors[index] = real
             count += 1
     return count
+
+
+def iter_graphs(graph: gs.Graph) -> list[gs.Graph]:
+    """The graph and every subgraph nested in its nodes' attributes (If/Loop/Scan bodies)."""
+    graphs = [graph]
+    index = 0
+    while index < len(graphs):
+        for node in graphs[index].nodes:
+            for value in node.attrs.values():
+                if isinstance(value, gs.Graph):
+                    graphs.append(value)
+                elif isinstance(value, list):
+                    graphs.extend(v for v in value if isinstance(v, gs.Graph))
+        index += 1
+    return graphs

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from iropt.ir.graph import relink_outer_scope
+from iropt.ir.graph import is_default_domain, iter_graphs, relink_outer_scope
 from iropt.ir.unshadow import unshadow
 
 _log = logging.getLogger("iropt.model")
@@ -92,7 +92,7 @@ class Model:
 
     def opset_of(self, domain: str) -> int | None:
         """The imported version of `domain`, or None when the model does not import it."""
-        if domain in ("", "ai.onnx"):
+        if is_default_domain(domain):
             return self.opset
         for opset_id in self.graph.import_domains or []:
             if opset_id.domain == domain:
@@ -159,18 +159,3 @@ def _is_numpy_dtype(dtype: object) -> bool:
     except TypeError:
         return False
     return True
-
-
-def iter_graphs(graph: gs.Graph) -> list[gs.Graph]:
-    """The graph and every subgraph nested in its nodes' attributes (If/Loop/Scan bodies)."""
-    graphs = [graph]
-    index = 0
-    while index < len(graphs):
-        for node in graphs[index].nodes:
-            for value in node.attrs.values():
-                if isinstance(value, gs.Graph):
-                    graphs.append(value)
-                elif isinstance(value, list):
-                    graphs.extend(v for v in value if isinstance(v, gs.Graph))
-        index += 1
-    return graphs

@@ -72,7 +72,7 @@ import abc
 import collections
 import functools
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
@@ -81,8 +81,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from iropt.infra.pass_base import Pass, PassContext, PassResult
-from iropt.ir.graph import FreshNames, constant_value, is_op
-from iropt.ir.model import Model, iter_graphs
+from iropt.ir.graph import FreshNames, constant_value, fresh_names, is_default_domain, is_op, iter_graphs
+from iropt.ir.model import Model
 
 __all__ = [
     "ConstPattern",
@@ -204,16 +204,6 @@ def tensor(name: str | None = None, *, optional: bool = False) -> TensorPattern:
 # Matches, rules and refusals
 
 
-def _names_in(graphs: Iterable[gs.Graph]) -> FreshNames:
-    """New tensor and node names, unique across the model's graphs."""
-    used: set[str] = set()
-    for graph in graphs:
-        used.update(graph.tensors().keys())
-        used.update(node.name for node in graph.nodes if node.name)
-        used.update(t.name for t in (*graph.inputs, *graph.outputs))
-    return FreshNames(used)
-
-
 @dataclass
 class Match:
     """A successful pattern match: the captured nodes, tensors and constant values.
@@ -329,7 +319,7 @@ def explain(
 
 
 def _normal_domain(domain: str | None) -> str:
-    return "" if domain in (None, "", "ai.onnx") else str(domain)
+    return "" if is_default_domain(domain) else str(domain)
 
 
 def _anchors_at(pattern: OpPattern, node: gs.Node) -> bool:
@@ -408,7 +398,7 @@ class _Scope:
             int(opset if opset is not None else graph.opset),
             {id(t) for g in graphs for t in g.outputs},
             {id(n) for n in graph.nodes},
-            _names_in(graphs),
+            fresh_names(graphs),
         )
 
 
@@ -599,7 +589,7 @@ def apply_rules(
     graphs = iter_graphs(graph) if subgraphs else [graph]
     report = RewriteReport(applied=dict.fromkeys(names, 0))
     protected = {id(t) for g in graphs for t in g.outputs}
-    namespace = _names_in(graphs)
+    namespace = fresh_names(graphs)
     version = int(opset if opset is not None else graph.opset)
     for current in graphs:
         limit = max_applications if max_applications is not None else 8 * len(current.nodes) + 64

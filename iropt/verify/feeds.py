@@ -221,29 +221,87 @@ def open_feeds(
     return FeedSet(feeds, source.description, source.generated, list(source.notes))
 
 
+@dataclass(frozen=True)
+class ShapeRange:
+    """The shapes one input may take: `opt` is the one to tune for (and to verify with).
+
+    `ranged` tells a range given as MIN,OPT,MAX from a single shape (min = opt = max).
+    """
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+    ranged: bool = False
+
+    def describe(self) -> str:
+        if not self.ranged:
+            return _dims_text(self.opt)
+        return f"min {_dims_text(self.min)}, opt {_dims_text(self.opt)}, max {_dims_text(self.max)}"
+
+
+def _dims_text(dims: Sequence[int]) -> str:
+    return "x".join(str(d) for d in dims)
+
+
 def parse_shape_overrides(items: Iterable[str]) -> dict[str, list[int]]:
     """Parse `--shape` values such as `x:1x3x224x224` (or `x:1,3,224,224`) into a dict.
 
-    The name is everything before the last colon, so names with colons (`input:0`) work.
+    The name is everything before the last colon, so names with colons (`input:0`) work. A
+    range `x:MIN,OPT,MAX` gives its OPT shape here (see `parse_shape_ranges`).
     """
-    result: dict[str, list[int]] = {}
+    return {name: list(shape_range.opt) for name, shape_range in parse_shape_ranges(items).items()}
+
+
+def parse_shape_ranges(items: Iterable[str]) -> dict[str, ShapeRange]:
+    """Parse `--shape` values into ranges: `x:1x3x224x224` is one shape (min = opt = max);
+    `x:1x3x224x224,4x3x320x320,8x3x640x640` is MIN,OPT,MAX for a TensorRT profile.
+
+    Commas between shapes are told apart from the older comma-separated dimensions
+    (`x:1,3,224,224`, one shape) by the `x`: a range is written with `x` inside its shapes.
+    """
+    result: dict[str, ShapeRange] = {}
     for item in items:
         name, sep, dims_text = item.rpartition(":")
         if not sep or not name or not dims_text:
             raise UserError(f"--shape '{shorten(item)}': expected NAME:DIMS such as x:1x3x224x224")
-        parts = dims_text.replace(",", "x").split("x")
-        if not all(p.strip().isdigit() for p in parts):
-            raise UserError(
-                f"--shape '{shorten(item)}': dimensions must be non-negative integers separated by 'x' "
-                "(such as 1x3x224x224)"
-            )
         if name in result:
             raise UserError(f"--shape: input '{shorten(name)}' is given twice")
-        dims = [int(p) for p in parts]
-        if any(dim > MAX_DIM for dim in dims):
-            raise UserError(f"--shape '{shorten(item)}': a dimension is larger than {MAX_DIM}")
-        result[name] = dims
+        result[name] = _parse_shape_range(shorten(item), dims_text)
     return result
+
+
+def _parse_shape_range(item: str, text: str) -> ShapeRange:
+    shapes_text = text.split(",") if "x" in text else [text.replace(",", "x")]
+    if len(shapes_text) not in (1, 3):
+        raise UserError(
+            f"--shape '{item}': give one shape (x:1x3x224x224) or three, MIN,OPT,MAX "
+            f"(x:1x3x224x224,4x3x224x224,8x3x224x224), not {len(shapes_text)}"
+        )
+    shapes = [_parse_dims(item, part) for part in shapes_text]
+    if len(shapes) == 1:
+        return ShapeRange(shapes[0], shapes[0], shapes[0])
+    low, opt, high = shapes
+    if not len(low) == len(opt) == len(high):
+        raise UserError(f"--shape '{item}': MIN, OPT and MAX must have the same rank")
+    for axis, (a, b, c) in enumerate(zip(low, opt, high, strict=True)):
+        if not a <= b <= c:
+            raise UserError(
+                f"--shape '{item}': dimension {axis} needs MIN <= OPT <= MAX, got {a}, {b}, {c}"
+            )
+    return ShapeRange(low, opt, high, ranged=True)
+
+
+def _parse_dims(item: str, text: str) -> tuple[int, ...]:
+    parts = text.split("x")
+    if not all(p.strip().isdigit() for p in parts):
+        raise UserError(
+            f"--shape '{item}': dimensions must be non-negative integers separated by 'x' "
+            "(such as 1x3x224x224)"
+        )
+    dims = tuple(int(p) for p in parts)
+    if any(dim > MAX_DIM for dim in dims):
+        raise UserError(f"--shape '{item}': a dimension is larger than {MAX_DIM}")
+    return dims
 
 
 def check_feed(

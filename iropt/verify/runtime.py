@@ -4,15 +4,20 @@ Verification runs the reference (ORT on the CPU with its graph optimizations off
 written, not ORT's rewrite of it) and candidates through `Runner`, the interface every back end's
 compiled model also offers (`run(feeds) -> outputs`). The ORT back end (`iropt.lowering.ort`)
 builds its sessions here too.
+
+Execution providers fall back quietly in ONNX Runtime: a provider that fails to start is
+dropped with a warning on stderr, and nodes that no asked-for provider takes run on the CPU.
+`make_session` checks the session for both (`provider_fallback`): the fallback is logged, and
+with `strict_providers=True` it is a UserError.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +26,7 @@ import onnx
 import onnxruntime as ort
 
 from iropt.errors import UserError, first_line
-from iropt.io.save import save_model, save_proto
+from iropt.io.save import spilled_model_file
 from iropt.io.stream import export_streamed
 from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, PROTOBUF_LIMIT, Model, graph_stats, tensor_bytes
 from iropt.util.text import shorten
@@ -49,6 +54,13 @@ IN_MEMORY_LIMIT = EXTERNAL_DATA_THRESHOLD
 _LOG_ERRORS_ONLY = 3
 # A failed run is raised as a UserError with ORT's message; ORT printing it too is noise.
 _LOG_FATAL_ONLY = 4
+CPU = "CPUExecutionProvider"
+# The session option that makes ORT refuse to place nodes on a CPU provider nobody asked for,
+# and the words of its refusal.
+_NO_CPU_FALLBACK = "session.disable_cpu_ep_fallback"
+_CPU_FALLBACK_REFUSED = "fallback to CPU EP has been explicitly disabled"
+
+_log = logging.getLogger("iropt.ort")
 
 ModelLike = Model | onnx.ModelProto | str | os.PathLike[str]
 
@@ -135,12 +147,14 @@ def make_session(
     inter_op_threads: int = 0,
     optimized_model_path: Path | None = None,
     save_ort_format: bool = False,
+    strict_providers: bool = False,
 ) -> ort.InferenceSession:
     """An InferenceSession for `model` (a Model, a ModelProto or a path).
 
     `optimized_model_path` makes ORT write the model after its graph optimizations (as an ORT
-    format file with `save_ort_format=True`). Raises UserError for an unknown provider or a
-    model ORT cannot load.
+    format file with `save_ort_format=True`). A provider fallback (see `provider_fallback`) is
+    logged as a warning, or with `strict_providers` raised as a UserError. Raises UserError for
+    an unknown provider or a model ORT cannot load.
     """
     check_providers(providers)
     if optimization_level not in _LEVELS:
@@ -156,26 +170,75 @@ def make_session(
         options.optimized_model_filepath = str(optimized_model_path)
         if save_ort_format:
             options.add_session_config_entry("session.save_model_format", "ORT")
+    create = functools.partial(_create_checked, options=options, providers=providers, strict=strict_providers)
     if isinstance(model, (str, os.PathLike)):
-        return _create(str(model), options, providers)
-    write: Callable[[Path], Path]
+        return create(str(model))
     if isinstance(model, Model):
         if graph_stats(model).parameter_bytes <= IN_MEMORY_LIMIT:  # an estimate: checked below
             # Serialized by the streaming writer: the weights are copied once, not four times.
             streamed = export_streamed(model)
             if streamed.byte_size() <= PROTOBUF_LIMIT:
-                return _create(streamed.to_bytes(), options, providers)
-        write = functools.partial(save_model, model, external_data=True)
-    else:
-        if tensor_bytes(model) <= IN_MEMORY_LIMIT:
-            return _create(model.SerializeToString(), options, providers)
-        write = functools.partial(save_proto, model, external_data=True)
+                return create(streamed.to_bytes())
+    elif tensor_bytes(model) <= IN_MEMORY_LIMIT:
+        return create(model.SerializeToString())
     _externalize_optimized(options, optimized_model_path, save_ort_format)
     # Too big for one protobuf message: written with its data beside it for ORT to read. ORT
     # reads (or maps) the data while the session is created; on Linux a mapped file stays
-    # valid after its name is removed, elsewhere the cleanup error is ignored.
-    with tempfile.TemporaryDirectory(prefix="iropt-ort-", ignore_cleanup_errors=True) as tmp:
-        return _create(str(write(Path(tmp) / "model.onnx")), options, providers)
+    # valid after its name is removed.
+    with spilled_model_file(model) as path:
+        return create(str(path))
+
+
+def _create_checked(
+    model: str | bytes, *, options: ort.SessionOptions, providers: Sequence[str], strict: bool
+) -> ort.InferenceSession:
+    """A session, with the providers it really runs on checked against `providers`."""
+    session, cpu_nodes = None, False
+    if CPU not in providers:
+        session = _create_without_cpu(model, options, providers)
+        cpu_nodes = session is None
+    if session is None and not (cpu_nodes and strict):
+        session = _create(model, options, providers)
+    fallback = provider_fallback(providers, session.get_providers() if session else [], cpu_nodes)
+    if fallback is not None:
+        if strict:
+            raise UserError(
+                f"{fallback}; strict_providers=true refuses a fallback (install or enable the provider, "
+                f"or list {CPU} to allow it)"
+            )
+        _log.warning("%s (strict_providers=true makes this an error)", fallback)
+    assert session is not None
+    return session
+
+
+def _create_without_cpu(
+    model: str | bytes, options: ort.SessionOptions, providers: Sequence[str]
+) -> ort.InferenceSession | None:
+    """The session when no node needs the CPU provider, else None (only ORT knows where nodes go)."""
+    options.add_session_config_entry(_NO_CPU_FALLBACK, "1")
+    severity, options.log_severity_level = options.log_severity_level, _LOG_FATAL_ONLY
+    try:
+        return _create(model, options, providers)
+    except UserError as error:
+        if _CPU_FALLBACK_REFUSED not in str(error):
+            raise
+        return None
+    finally:
+        options.log_severity_level = severity
+        options.add_session_config_entry(_NO_CPU_FALLBACK, "0")
+
+
+def provider_fallback(asked: Sequence[str], running: Sequence[str], cpu_nodes: bool) -> str | None:
+    """What fell back, in words: asked-for providers the session lacks, nodes sent to the CPU."""
+    if cpu_nodes:
+        return f"ort: asked for {', '.join(asked)}, but some nodes would run on {CPU}, which was not asked for"
+    missing = [p for p in asked if p not in running]
+    if missing:
+        return (
+            f"ort: execution provider(s) {', '.join(missing)} did not start; the session runs on "
+            f"{', '.join(running) or 'nothing'}"
+        )
+    return None
 
 
 def _externalize_optimized(

@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 from iropt.compress.quant.params import QParams, Scheme, bias_params, weight_params
 from iropt.compress.quant.placement import Plan, QuantizedNode, QuantizedTensor
 from iropt.ir.channels import weight_layout
-from iropt.ir.graph import FreshNames, constant_value, is_op, replace_in
+from iropt.ir.graph import FreshNames, constant_value, fresh_names, is_op, replace_in
 
 
 @dataclass
@@ -38,7 +38,7 @@ class RewriteStats:
 
 def names_for(graph: gs.Graph) -> FreshNames:
     """New tensor and node names for `graph` (`base`, `base_1`, ...)."""
-    return FreshNames([*graph.tensors().keys(), *(node.name for node in graph.nodes)])
+    return fresh_names([graph])
 
 
 def insert_qdq(graph: gs.Graph, plan: Plan, params: Mapping[str, QParams], scheme: Scheme) -> RewriteStats:
