@@ -386,6 +386,19 @@ def test_ctrl_c_in_a_run_exits_130_and_writes_nothing(mlp: Path, tmp_path: Path,
     sandbox.assert_unchanged()
 
 
+def test_a_ctrl_c_that_native_code_swallowed_still_stops_the_output(
+    mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from iropt.util import interrupt
+
+    # As if SIGINT arrived and the KeyboardInterrupt was caught and cleared inside an extension.
+    monkeypatch.setattr(interrupt, "_interrupted", True)
+    sandbox = Sandbox(tmp_path)
+    outcome = run_cli(["run", "cleanup", str(mlp), "-o", str(tmp_path / "o.onnx")], capsys)
+    assert outcome.code == 130 and "Traceback" not in outcome.err
+    sandbox.assert_unchanged()
+
+
 def _wait_for_library(pid: int, name: str, timeout: float = 60) -> None:
     """Until process `pid` has mapped a shared library whose path contains `name`."""
     deadline = time.monotonic() + timeout

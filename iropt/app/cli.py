@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from iropt.errors import IroptError, UserError, VerificationError
+from iropt.util.interrupt import raise_if_interrupted
 
 Handler = Callable[[argparse.Namespace], int]
 # 128 + SIGINT, as shells report a command stopped with Ctrl-C.
@@ -33,7 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args)
     try:
         handler: Handler = args.handler
-        return handler(args)
+        code = handler(args)
+        raise_if_interrupted()  # a Ctrl-C that native code swallowed still ends the command
+        return code
     except UserError as error:
         return _fail(args, error, 2)
     except VerificationError as error:

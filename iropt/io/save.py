@@ -23,6 +23,7 @@ from iropt.io.stream import (
     export_streamed,
 )
 from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, PROTOBUF_LIMIT, Model, graph_stats, tensor_bytes
+from iropt.util.interrupt import raise_if_interrupted
 
 # A check on a model about to be written (the ONNX checker, say): `save_model` hands it the
 # model in memory (its skeleton, see iropt.io.stream), `save_proto` the staged file.
@@ -152,6 +153,7 @@ def publish_atomically(out: Path, sidecars: list[str], write: Callable[[Path], N
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=_staging_prefix(out) + f"{os.getpid()}.") as tmp:
         staged = Path(tmp) / out.name
         write(staged)
+        raise_if_interrupted()  # never publish after a Ctrl-C, even one native code swallowed
         with _folder_lock(out.parent):
             for name in sidecars:
                 if (Path(tmp) / name).exists():  # onnx writes no data file when no tensor needs one

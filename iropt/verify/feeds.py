@@ -546,7 +546,7 @@ def _single_input(inputs: Sequence[InputSpec], where: str, hint: str = "") -> st
 
 
 # What numpy raises for a damaged or truncated .npy/.npz (a zip archive of .npy files).
-_UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+_UNREADABLE = (OSError, ValueError, EOFError, KeyError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error)
 
 
 def _read_npz(path: Path) -> Feeds:
