@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/iropt inspect out/conv_bn.opt.onnx
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

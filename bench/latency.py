@@ -191,12 +191,7 @@ def interleaved_latency_ms(
     Interleaving puts the sessions under the same machine noise, so their ratios hold even when
     the absolute times drift (other work on a shared machine).
     """
-    inputs = {}
-    for key, sess in sessions.items():
-        names = {i.name for i in sess.get_inputs()}
-        inputs[key] = {k: v for k, v in feed.items() if k in names}
-        for _ in range(2):
-            sess.run(None, inputs[key])
+    inputs = _warmed_up(sessions, feed)
     times: dict[str, list[float]] = {key: [] for key in sessions}
     deadline = time.perf_counter() + budget_s
     rounds = 0
@@ -207,6 +202,71 @@ def interleaved_latency_ms(
             times[key].append(time.perf_counter() - start)
         rounds += 1
     return {key: statistics.median(values) * 1000.0 for key, values in times.items()}
+
+
+def _warmed_up(
+    sessions: Mapping[str, ort.InferenceSession], feed: Mapping[str, np.ndarray]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Each session's own inputs out of `feed`, after two untimed runs of each."""
+    inputs = {}
+    for key, sess in sessions.items():
+        names = {i.name for i in sess.get_inputs()}
+        inputs[key] = {k: v for k, v in feed.items() if k in names}
+        for _ in range(2):
+            sess.run(None, inputs[key])
+    return inputs
+
+
+def paired_latency(
+    reference: ort.InferenceSession,
+    candidate: ort.InferenceSession,
+    feed: Mapping[str, np.ndarray],
+    *,
+    budget_s: float = 3.0,
+    min_rounds: int = 15,
+    max_rounds: int = 5000,
+) -> tuple[float, float, float]:
+    """Median ms of `reference` and `candidate`, and the median of their per-round ratios
+    (candidate / reference).
+
+    Rounds alternate which session runs first (AB, BA, ...), so neither gains from running
+    after the other; the ratio is taken within each round, so drift in the machine's speed
+    between rounds cancels out.
+    """
+    pair = {"reference": reference, "candidate": candidate}
+    inputs = _warmed_up(pair, feed)
+    times: dict[str, list[float]] = {key: [] for key in pair}
+    deadline = time.perf_counter() + budget_s
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() < deadline):
+        order = ("reference", "candidate") if rounds % 2 == 0 else ("candidate", "reference")
+        for key in order:
+            start = time.perf_counter()
+            pair[key].run(None, inputs[key])
+            times[key].append(time.perf_counter() - start)
+        rounds += 1
+    ratios = [c / r for r, c in zip(times["reference"], times["candidate"], strict=True) if r > 0]
+    return (
+        statistics.median(times["reference"]) * 1000.0,
+        statistics.median(times["candidate"]) * 1000.0,
+        statistics.median(ratios),
+    )
+
+
+def ort_ops(model: str | Path, tmp: Path) -> dict[str, int]:
+    """The op histogram of the graph ONNX Runtime runs for `model` (CPU, ORT_ENABLE_ALL), after
+    its own fusions (SkipLayerNormalization, FusedConv, QLinearConv...)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    target = tmp / f"{Path(model).stem}.ort-optimized.onnx"
+    options.optimized_model_filepath = str(target)
+    ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    histogram = op_histogram(onnx.load(str(target), load_external_data=False).graph)
+    for stale in tmp.glob(f"{target.name}*"):
+        stale.unlink()
+    return histogram
 
 
 def op_profiles(

@@ -48,7 +48,18 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import golden_models, markdown_table
-from latency import PYTHON, count_nodes, fmt, interleaved_latency_ms, op_histogram, run_outputs, session
+from encoders import encoder_models
+from latency import (
+    PYTHON,
+    count_nodes,
+    fmt,
+    interleaved_latency_ms,
+    op_histogram,
+    ort_ops,
+    paired_latency,
+    run_outputs,
+    session,
+)
 
 TOOLS = ["iropt", "onnxsim", "onnxslim", "onnxoptimizer", "graphsurgeon"]
 PEERS = TOOLS[1:]
@@ -63,8 +74,9 @@ def light_models() -> list[Path]:
     return sorted(folder.glob("light_*.onnx"))
 
 
-def all_models() -> list[Path]:
-    return golden_models() + light_models()
+def all_models(scratch: Path) -> list[Path]:
+    """Golden models, the onnx package's light models, and BERT-style encoders built in `scratch`."""
+    return golden_models() + light_models() + encoder_models(scratch / "encoders")
 
 
 # --- the tools (each: load the file, transform, save; in the worker process) -----------------
@@ -325,6 +337,10 @@ class Measured:
     latency_ms: float | None = None
     ops: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    # iropt's result against the original, timed as a pair (see `paired_latency`).
+    ratio_to_original: float | None = None
+    # The ops ONNX Runtime runs after its own fusions (empty: not looked at).
+    ort_ops: dict[str, int] = field(default_factory=dict)
 
 
 def measure_model(path: Path, results: dict[str, dict[str, Any]]) -> tuple[Measured, dict[str, Measured]]:
@@ -341,7 +357,8 @@ def measure_model(path: Path, results: dict[str, dict[str, Any]]) -> tuple[Measu
     from iropt.verify.feeds import open_feeds
 
     logging.disable(logging.WARNING)  # "inputs are generated" is expected here
-    feeds = open_feeds(None, load_model(path), count=2, seed=0).feeds
+    stored = path.with_suffix(".inputs.npz")
+    feeds = open_feeds(str(stored) if stored.is_file() else None, load_model(path), count=2, seed=0).feeds[:2]
     reference = session(path, level="disable")
     expected = [run_outputs(reference, feed) for feed in feeds]
     del reference
@@ -373,7 +390,34 @@ def measure_model(path: Path, results: dict[str, dict[str, Any]]) -> tuple[Measu
     original.latency_ms = latencies.pop("(original)")
     for tool, ms in latencies.items():
         measured[tool].latency_ms = ms
+    if "iropt" in timed:
+        # The pair alone: the peers' sessions (hundreds of MB each for the light models) go first.
+        pair = {key: timed[key] for key in ("(original)", "iropt")}
+        timed.clear()
+        _against_original(path, Path(results["iropt"]["output"]), pair, feeds[0], measured["iropt"], original)
     return original, measured
+
+
+# The pair is timed for this long, and at least this many rounds: a 1.02 limit needs the noise
+# of a loaded 2-core machine well under 2% (each round's ratio, then their median).
+PAIR_BUDGET_S = 6.0
+PAIR_MIN_ROUNDS = 15
+
+# Past this size the ORT-optimized copy (written to list its ops) costs more than it tells.
+ORT_OPS_MAX_BYTES = 64 * 2**20
+
+
+def _against_original(
+    path: Path, output: Path, timed: dict[str, Any], feed: dict[str, Any], ours: Measured, original: Measured
+) -> None:
+    """iropt's result against the input on ONNX Runtime: the latency ratio of the pair, timed
+    alone, and the ops ORT runs for each after its own fusions."""
+    _, _, ours.ratio_to_original = paired_latency(
+        timed["(original)"], timed["iropt"], feed, budget_s=PAIR_BUDGET_S, min_rounds=PAIR_MIN_ROUNDS
+    )
+    if max(path.stat().st_size, output.stat().st_size) <= ORT_OPS_MAX_BYTES:
+        with tempfile.TemporaryDirectory(prefix="iropt-bench-ort-ops-") as tmp:
+            original.ort_ops, ours.ort_ops = ort_ops(path, Path(tmp)), ort_ops(output, Path(tmp))
 
 
 def _static(path: Path) -> Measured:
@@ -548,7 +592,48 @@ def goals(rows: Sequence[ModelRow]) -> list[str]:
         elif slim is not None and ours > slim:
             slower.append(f"{row.name} ({ours * 1000:.0f} vs {slim * 1000:.0f} ms)")
     lines.append(_goal("iropt wall time <= onnxslim's on every model", not slower, slower))
+    regressed = [f"{row.name} ({ratio:.3f})" for row in rows
+                 if (ratio := _ratio_to_original(row)) is not None and ratio > MAX_LATENCY_RATIO]
+    unmeasured = [row.name for row in rows if _ratio_to_original(row) is None]
+    lines.append(_goal(
+        f"ORT latency of iropt's result / the input's <= {MAX_LATENCY_RATIO} on every model (timed as a pair)",
+        not regressed and not unmeasured, regressed + [f"{n} (not measured)" for n in unmeasured],
+    ))
     return lines
+
+
+# iropt's result may not be slower than its input on ONNX Runtime by more than this.
+MAX_LATENCY_RATIO = 1.02
+
+
+def _ratio_to_original(row: ModelRow) -> float | None:
+    ours = row.measured.get("iropt")
+    return None if ours is None else ours.ratio_to_original
+
+
+def latency_table(rows: Sequence[ModelRow]) -> str:
+    """Input against iropt's result on ONNX Runtime, and what ORT fuses differently in them."""
+    body = []
+    for row in rows:
+        ours = row.measured.get("iropt")
+        ratio = _ratio_to_original(row)
+        diff = "-" if ours is None or not ours.ort_ops else _ops_difference(row.original.ort_ops, ours.ort_ops)
+        body.append([
+            row.name,
+            "-" if row.original.latency_ms is None else f"{row.original.latency_ms:.2f}",
+            "-" if ours is None or ours.latency_ms is None else f"{ours.latency_ms:.2f}",
+            "-" if ratio is None else f"{ratio:.3f}" + (" **over**" if ratio > MAX_LATENCY_RATIO else ""),
+            diff,
+        ])
+    return markdown_table(
+        ["model", "input ms", "iropt ms", "iropt / input (paired)", "ops ORT runs: input -> iropt's result (only those that differ)"],
+        body,
+    )
+
+
+def _ops_difference(before: dict[str, int], after: dict[str, int]) -> str:
+    changed = sorted(op for op in set(before) | set(after) if before.get(op, 0) != after.get(op, 0))
+    return ", ".join(f"{op} {before.get(op, 0)} -> {after.get(op, 0)}" for op in changed) or "same ops"
 
 
 def _goal(text: str, passed: bool, detail: list[str]) -> str:
@@ -575,6 +660,11 @@ def render(rows: Sequence[ModelRow]) -> str:
         parts += [f"#### {title}", "", metric_table(rows, metric, scale, digits), ""]
     parts += [f"#### Equivalence vs the original (ORT, optimizations off; rtol={RTOL}, atol={ATOL})", "",
               equivalence_table(rows), ""]
+    parts += ["#### ONNX Runtime latency: the input against iropt's result (CPU, 1 thread, ORT_ENABLE_ALL)", "",
+              "Each pair is timed alone, rounds alternating which model runs first; the ratio is the "
+              "median of the per-round ratios. The last column lists the ops ORT runs after its own "
+              "fusions where the two differ (not listed for files over 64 MiB).", "",
+              latency_table(rows), ""]
     parts += ["#### Where iropt's time goes", "", breakdown_table(rows), ""]
     failures = failure_notes(rows)
     if failures:
@@ -596,22 +686,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.serve:
         serve(args.serve)
         return
-    models = all_models()
-    if args.models:
-        wanted = set(args.models.split(","))
-        models = [m for m in models if m.stem in wanted]
-    for extra in map(Path, args.add):
-        models += sorted(extra.glob("*.onnx")) if extra.is_dir() else [extra]
     workers = {tool: ToolWorker(tool) for tool in args.tools.split(",")}
     rows = []
     try:
         with tempfile.TemporaryDirectory(prefix="iropt-bench-peers-") as tmp:
+            models = all_models(Path(tmp))
+            if args.models:
+                wanted = set(args.models.split(","))
+                models = [m for m in models if m.stem in wanted]
+            for extra in map(Path, args.add):
+                models += sorted(extra.glob("*.onnx")) if extra.is_dir() else [extra]
             for model in models:
                 runs = time_model(model, Path(tmp), workers)
                 _progress(f"{model.stem:20s} " + ", ".join(f"{job} {_short(r)}" for job, r in runs.items()))
                 original, measured = measure_model(model, runs)
                 rows.append(ModelRow(model.stem, original, measured, runs))
-                for stale in Path(tmp).glob(f"{model.stem}.*"):  # folded outputs run to hundreds of MB
+                for stale in Path(tmp).glob(f"{model.stem}.*.onnx*"):  # folded outputs run to hundreds of MB
                     stale.unlink()
     finally:
         for worker in workers.values():

@@ -34,6 +34,7 @@ BENCHES: dict[str, str] = {
     "quant": "Quantization: iropt int8 against ORT quantize_static (bench/quant.py)",
     "quant_large": "Quantization on a full-size network: ResNet-50, batch 8 (bench/quant_large.py)",
     "quant_kernels": "What ORT's int8 kernels gain, layer shape by layer shape (bench/quant_kernels.py)",
+    "lowrank": "Low-rank factorization: accuracy and fidelity against weights kept (bench/lowrank.py)",
     "fp16": "float16: iropt `convert_fp16` against onnxconverter-common (bench/fp16.py)",
 }
 PACKAGES = ["onnx", "onnxruntime", "onnx-graphsurgeon", "onnxsim", "onnxslim", "onnxoptimizer", "onnxconverter-common", "numpy"]

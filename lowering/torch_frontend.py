@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
-from iropt.errors import ModelSaveError, UserError
+from iropt.errors import UserError
 from iropt.io.load import load_model
-from iropt.io.save import save_model
+from iropt.io.save import check_output_path, save_model
 from iropt.util.pyimport import import_location
 
 if TYPE_CHECKING:  # for annotations only: torch is imported lazily, inside the functions
@@ -84,8 +84,7 @@ def export_module(
     """
     torch = _import_torch()
     out = Path(path)
-    if not out.parent.is_dir():
-        raise ModelSaveError(f"{out}: the output directory {out.parent} does not exist")
+    check_output_path(out)  # before the export runs; missing folders are made once it has
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     was_training = module.training
     module.eval()
@@ -96,6 +95,7 @@ def export_module(
         _check_names("input", names_in, len(inputs))
         _check_names("output", names_out, len(outputs))
         dynamic_axes = _batch_axes(names_in, inputs, names_out, outputs) if dynamic_batch else None
+        out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
             staged = Path(tmp) / "exported.onnx"
             _torchscript_export(

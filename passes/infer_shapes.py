@@ -6,7 +6,8 @@ back onto the graphsurgeon tensors of the graph and every subgraph. Nothing is c
 differently; later passes and back ends just see more static shapes.
 
 Only knowledge is added: an unknown dtype or shape is filled in, and an unknown or symbolic
-dimension becomes a number (or an unknown one a symbol); a known dimension is never replaced,
+dimension becomes a number (or an unknown one a symbol of the model's own, never one that
+inference invented: see `_INVENTED_SYMBOL`); a known dimension is never replaced,
 and a shape whose rank disagrees with the inferred one is left as declared. A second run
 therefore learns nothing and reports `changed=False`, so the pass can sit in a fixpoint block.
 
@@ -36,6 +37,12 @@ from iropt.io.save import spilled_model_file
 from iropt.io.stream import export_without_data
 from iropt.ir.graph import iter_graphs
 from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, Model
+
+# ONNX shape inference names a dimension it cannot name from the model `unk__N`. Such names are
+# not written: they are not part of the model's interface, and ONNX Runtime reads two equal
+# names as equal sizes and then fuses Add + LayerNormalization into SkipLayerNormalization,
+# which its CPU kernels run slower (bench/RESULTS.md, "ort_latency"). The dimension stays unknown.
+_INVENTED_SYMBOL = "unk__"
 
 # Above this many bytes of tensor data the model cannot be serialized in memory for inference.
 IN_MEMORY_LIMIT = EXTERNAL_DATA_THRESHOLD
@@ -138,6 +145,8 @@ def _merge(tensor: gs.Variable, found: gs.Tensor, learned: _Learned) -> None:
     """Add what `found` knows and `tensor` does not; never overwrite known facts."""
     new_dtype = getattr(found, "dtype", None)
     new_shape = getattr(found, "shape", None)
+    if new_shape is not None:
+        new_shape = [None if _invented(d) else d for d in new_shape]
     gained = refined = False
     if tensor.dtype is None and new_dtype is not None:
         tensor.dtype = new_dtype
@@ -170,3 +179,7 @@ def _better_dim(old: Any, new: Any) -> Any:
     if isinstance(new, int):
         return new
     return old if old is not None else new
+
+
+def _invented(dim: Any) -> bool:
+    return isinstance(dim, str) and dim.startswith(_INVENTED_SYMBOL)

@@ -27,9 +27,10 @@ after a float layer stays float too.
 
 Schedule it after `fuse_bn_conv` (a BatchNormalization between a Conv and its activation blocks
 ORT's QLinearConv fusion) and `fuse_matmul_add` (ORT fuses a quantized Gemm with its int32 bias
-into QGemm; a MatMul + float Add stays half float). QDQ with per-channel weights needs opset 13;
-an older model is refused with a UserError that points at `upgrade_opset(to=13)`, rather than
-converted behind the user's back.
+into QGemm; a MatMul + float Add stays half float). QDQ with per-channel weights needs opset 13
+(dynamic mode 11): an older model (opset 11/12 exports are common) is upgraded first with onnx's
+version converter, with a warning in the log and `upgraded_from_opset` in the statistics, so
+the shipped schedules run on it; the run's verification checks the whole result as usual.
 
 Limitations: nodes inside subgraphs (If/Loop bodies) stay float; a MatMul of two activations
 (attention scores) stays float; only float32 tensors are quantized.
@@ -74,6 +75,7 @@ from iropt.infra.pass_base import Pass, PassContext, PassKind, PassResult
 from iropt.infra.registry import register_pass
 from iropt.ir.graph import is_op
 from iropt.ir.model import Model
+from iropt.ir.opset import upgrade_opset
 from iropt.ir.toposort import sorted_nodes
 from iropt.verify.feeds import iter_feeds
 from iropt.verify.runner import Runner
@@ -145,9 +147,12 @@ class Quantize(Pass):
     # --- entry point -----------------------------------------------------------------------
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        if self.mode == "dynamic":
-            return self._run_dynamic(model, ctx)
-        return self._run_static(model, ctx)
+        upgraded_from = _ensure_opset(model, self.mode, ctx)
+        result = self._run_dynamic(model, ctx) if self.mode == "dynamic" else self._run_static(model, ctx)
+        if upgraded_from is not None:
+            result.stats["upgraded_from_opset"] = upgraded_from
+            result.changed = True
+        return result
 
     def resolve_format(self, ctx: PassContext) -> QuantFormat:
         """`format`, or for `auto` the format the schedule's target declares (no target: ort)."""
@@ -158,11 +163,11 @@ class Quantize(Pass):
     # --- static ------------------------------------------------------------------------------
 
     def _run_static(self, model: Model, ctx: PassContext) -> PassResult:
-        _check_opset(model, STATIC_MIN_OPSET, "static QDQ quantization with per-channel weights")
         scheme = SCHEMES[self.resolve_format(ctx)]
         dtypes = tensor_types(model)
         op_types = list(self.op_types) if self.op_types is not None else list(DEFAULT_OP_TYPES)
-        slow = self._slow_nodes(model, scheme, op_types, ctx)
+        slow_reasons = self._slow_nodes(model, scheme, op_types, ctx)
+        slow = frozenset(slow_reasons)
         plan = plan_quantization(
             model.graph, scheme, op_types=op_types, excluded=self._excluded(slow), dtypes=dtypes
         )
@@ -200,24 +205,34 @@ class Quantize(Pass):
             skipped_slow=len(slow),
             calibration_samples=samples,
         )
-        result.info = info
+        # The report names every layer left in float and why, not only the -v log.
+        result.info = {**info, "skipped_slow": list(slow_reasons.values()), "excluded": self._excluded_labels(model, op_types)}
         return result
 
-    def _slow_nodes(self, model: Model, scheme: Scheme, op_types: list[str], ctx: PassContext) -> frozenset[str]:
-        """Keys of the nodes ORT would run slower quantized (format ort, `skip_slow_layers`)."""
-        if scheme.name != "ort" or not self.skip_slow_layers:
-            return frozenset()
+    def _excluded_labels(self, model: Model, op_types: list[str]) -> list[str]:
+        """The nodes of a quantized op type that exclude_nodes / exclude_op_types keep in float."""
         excluded = self._excluded()
-        slow = set()
+        return [
+            f"{node_label(node, index)} ({node.op})" for index, node in enumerate(model.graph.nodes)
+            if node.op in op_types and excluded(node, node_key(index))
+        ]
+
+    def _slow_nodes(self, model: Model, scheme: Scheme, op_types: list[str], ctx: PassContext) -> dict[str, dict[str, str]]:
+        """The nodes ORT would run slower quantized (format ort, `skip_slow_layers`), by key,
+        each as {"layer": label, "reason": why}."""
+        if scheme.name != "ort" or not self.skip_slow_layers:
+            return {}
+        excluded = self._excluded()
+        slow = {}
         for index, node in enumerate(model.graph.nodes):
             key = node_key(index)
             if node.op not in op_types or excluded(node, key):
                 continue
             reason = ort_slow_reason(node, op_types)
             if reason is not None:
-                slow.add(key)
+                slow[key] = {"layer": f"{node_label(node, index)} ({node.op})", "reason": reason}
                 ctx.log.info("quantize: %s stays float: %s", node_label(node, index), reason)
-        return frozenset(slow)
+        return slow
 
     def _calibrate(
         self, model: Model, ctx: PassContext, plan: Plan, kept: list[Feeds]
@@ -250,7 +265,6 @@ class Quantize(Pass):
     # --- dynamic -----------------------------------------------------------------------------
 
     def _run_dynamic(self, model: Model, ctx: PassContext) -> PassResult:
-        _check_opset(model, DYNAMIC_MIN_OPSET, "dynamic quantization (DynamicQuantizeLinear)")
         op_types = list(self.op_types) if self.op_types is not None else list(DYNAMIC_OP_TYPES)
 
         def build(target: Model, only: frozenset[str] | None, floats: frozenset[str]) -> int:
@@ -346,13 +360,19 @@ def group_params(
     return params
 
 
-def _check_opset(model: Model, minimum: int, what: str) -> None:
-    if model.opset < minimum:
-        raise UserError(
-            f"quantize: {what} needs opset >= {minimum}, but the model uses opset {model.opset}; "
-            f"convert it first: put upgrade_opset(to={minimum}) before quantize in the schedule (or "
-            f"re-export with opset_version={minimum} or newer)"
-        )
+def _ensure_opset(model: Model, mode: str, ctx: PassContext) -> int | None:
+    """Upgrade a model older than `mode` needs (logged); the opset it had, or None."""
+    minimum, what = (DYNAMIC_MIN_OPSET, "dynamic quantization (DynamicQuantizeLinear)") if mode == "dynamic" else (
+        STATIC_MIN_OPSET, "static QDQ quantization with per-channel weights")
+    current = model.opset
+    if current >= minimum:
+        return None
+    upgrade_opset(model, minimum, who=f"quantize: {what} needs opset >= {minimum}, and upgrading")
+    ctx.log.warning(
+        "quantize: %s needs opset >= %d; upgraded the model from opset %d to %d (onnx's version "
+        "converter; the run's verification covers it)", what, minimum, current, minimum,
+    )
+    return current
 
 
 def _warn_unfused_batchnorm(plan: Plan, ctx: PassContext) -> None:

@@ -12,15 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx
-import onnx.version_converter
 
-from iropt.errors import OptionError, UserError, first_line
+from iropt.errors import OptionError
 from iropt.infra.pass_base import Pass, PassContext, PassResult
 from iropt.infra.registry import register_pass
 from iropt.ir.model import Model
-
-# The oldest opset the version converter has adapters from.
-_OLDEST_CONVERTIBLE = 7
+from iropt.ir.opset import OLDEST_CONVERTIBLE, upgrade_opset
 
 
 @register_pass("upgrade_opset")
@@ -32,21 +29,11 @@ class UpgradeOpset(Pass):
 
     def __post_init__(self) -> None:
         newest = onnx.defs.onnx_opset_version()
-        if not _OLDEST_CONVERTIBLE < self.to <= newest:
-            raise OptionError(f"upgrade_opset: to={self.to} is not an opset it can convert to ({_OLDEST_CONVERTIBLE + 1}..{newest})")
+        if not OLDEST_CONVERTIBLE < self.to <= newest:
+            raise OptionError(f"upgrade_opset: to={self.to} is not an opset it can convert to ({OLDEST_CONVERTIBLE + 1}..{newest})")
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         current = model.opset
-        if current >= self.to:
+        if not upgrade_opset(model, self.to):
             return PassResult.from_stats(upgraded=0)
-        if current < _OLDEST_CONVERTIBLE:
-            raise UserError(f"upgrade_opset: the model uses opset {current}; onnx's version converter starts at {_OLDEST_CONVERTIBLE}")
-        try:
-            converted = onnx.version_converter.convert_version(model.to_onnx(), self.to)
-        except Exception as error:  # the converter raises RuntimeError, ValueError, its own types
-            raise UserError(
-                f"upgrade_opset: onnx's version converter cannot take this model from opset {current} "
-                f"to {self.to}: {first_line(error)}"
-            ) from error
-        model.graph = Model.from_onnx(converted).graph
         return PassResult.from_stats(upgraded=1, from_opset=current)

@@ -255,11 +255,20 @@ def test_model_failing_on_generated_sizes_says_how_to_give_them(tmp_path: Path, 
     assert main(["run", CLEANUP, str(model), "-o", str(tmp_path / "out.onnx"), "--shape", "x:2x3x4"]) == 0
 
 
-def test_missing_output_directory_is_refused(mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "nowhere" / "out.onnx"
-    assert main(["run", CLEANUP, str(mlp), "-o", str(out)]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    assert not out.parent.exists()
+def test_missing_output_directories_are_made(mlp: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out" / "trt" / "out.onnx"
+    report = tmp_path / "reports" / "run.json"
+    assert main(["run", CLEANUP, str(mlp), "-o", str(out), "--report", str(report), "-q"]) == 0
+    assert onnx.load(str(out)).graph.node and json.loads(report.read_text())["verified"] is True
+
+
+def test_output_path_through_a_file_is_refused(mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("x")
+    assert main(["run", CLEANUP, str(mlp), "-o", str(tmp_path / "file" / "out.onnx")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert main(["run", CLEANUP, str(mlp), "-o", str(tmp_path / "out.onnx"), "--report",
+                 str(tmp_path / "file" / "r.json")]) == 2
+    assert not (tmp_path / "out.onnx").exists()
 
 
 def test_unknown_schedule_name_exits_2(mlp: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -33,8 +33,9 @@ def run(command: list[str], cwd: Path, timeout: int = 120) -> subprocess.Complet
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A wheel built from a copy of the sources (the build never writes into the repository)."""
+def wheel_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A wheel built from a copy of the sources (the build never writes into the repository),
+    and what the build printed."""
     work = tmp_path_factory.mktemp("wheel")
     source = work / "src"
     shutil.copytree(ROOT, source, ignore=_not_sources)
@@ -62,9 +63,22 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             str(dist),
             str(source),
         ]
-    run(command, work)
+    result = run(command, work)
     (built,) = dist.glob("iropt-*.whl")
-    return built
+    return built, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(wheel_build: tuple[Path, str]) -> Path:
+    return wheel_build[0]
+
+
+def test_build_prints_no_deprecated_metadata_warning(wheel_build: tuple[Path, str]) -> None:
+    # The SPDX string form of `license` (PEP 639); the table form makes setuptools warn.
+    _, output = wheel_build
+    assert "project.license" not in output and "SetuptoolsDeprecationWarning" not in output, output
+    metadata = next(n for n in zipfile.ZipFile(wheel_build[0]).namelist() if n.endswith(".dist-info/METADATA"))
+    assert "License-Expression: Apache-2.0" in zipfile.ZipFile(wheel_build[0]).read(metadata).decode()
 
 
 # Top-level folders that are not part of the distribution (and may be large), and build litter.

@@ -69,8 +69,9 @@ def test_without_data_propagation_shape_values_stay_symbolic() -> None:
     run_pass("infer_shapes", model, data_prop=False)
 
     dims = annotations(model)["z"][1]
-    assert isinstance(dims, list) and len(dims) == 2
-    assert all(isinstance(d, str) for d in dims)
+    # Inference names such dims `unk__N`; invented names are not written: the rank is known,
+    # the sizes are not.
+    assert dims == [None, None]
     # A later run with data propagation makes them concrete.
     result = run_pass("infer_shapes", model)
     assert result.stats == {"inferred": 0, "refined": 1}

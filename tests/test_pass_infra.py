@@ -718,10 +718,17 @@ def test_a_copy_keeps_the_input_files(tmp_path: Path) -> None:
     assert load_model(path).copy().input_files() == (path.resolve(), data.resolve())
 
 
-def test_save_refuses_a_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(ModelSaveError, match="does not exist"):
-        save_model(small_model(), tmp_path / "no" / "such" / "model.onnx")
-    assert list(tmp_path.iterdir()) == []
+def test_save_makes_missing_directories(tmp_path: Path) -> None:
+    out = save_model(small_model(), tmp_path / "no" / "such" / "model.onnx")
+    assert onnx.load(str(out)).graph.node
+    assert [p.name for p in out.parent.iterdir()] == ["model.onnx"]  # no staging litter
+
+
+def test_save_refuses_a_file_where_a_directory_must_go(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ModelSaveError, match="not a directory"):
+        save_model(small_model(), tmp_path / "file" / "sub" / "model.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
 def test_failed_save_leaves_no_partial_file(tmp_path: Path) -> None:

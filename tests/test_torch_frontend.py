@@ -228,9 +228,15 @@ def test_exporter_failure_is_a_user_error(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_missing_output_directory(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="does not exist"):
-        export_module(make_net(), torch.randn(1, 3, 16, 16), tmp_path / "nope" / "m.onnx")
+def test_missing_output_directories_are_made(tmp_path: Path) -> None:
+    out = export_module(make_net(), torch.randn(1, 3, 16, 16), tmp_path / "out" / "nets" / "m.onnx")
+    assert out.is_file() and onnx.load(str(out)).graph.node
+
+
+def test_a_file_in_the_output_path_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(UserError, match="not a directory"):
+        export_module(make_net(), torch.randn(1, 3, 16, 16), tmp_path / "taken" / "m.onnx")
 
 
 CONV_SOURCE = """

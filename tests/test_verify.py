@@ -91,7 +91,7 @@ def test_top1_criterion() -> None:
     mixed = compare([{"y": ref, "s": np.ones((2, 1))}], [{"y": cand, "s": np.ones((2, 1)) * 3}], half)
     assert mixed.passed
     lone, _ = one("s", np.ones((2, 1)), np.ones((2, 1)), half)
-    assert not lone.passed and "no output has a class axis" in lone.summary()
+    assert not lone.passed and "no output is shaped like class scores" in lone.summary()
 
 
 def test_zero_vectors_cosine_and_snr() -> None:

@@ -26,11 +26,24 @@ EXIT_INTERRUPTED = 130
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `iropt` console script."""
+    from iropt.app.streams import pipe_safe_output
+
+    logger = logging.getLogger(_LOGGER)
+    level = logger.level
+    try:
+        with pipe_safe_output():
+            return _main(argv)
+    finally:
+        logger.setLevel(level)  # main() may run inside another program (or a test): leave it as it was
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
     except KeyboardInterrupt:
         return _interrupted()
+    _merge_global_flags(args)
     _configure_logging(args)
     try:
         handler: Handler = args.handler
@@ -80,25 +93,45 @@ def _fail(args: argparse.Namespace, error: BaseException, code: int, prefix: str
     return code
 
 
+def _merge_global_flags(args: argparse.Namespace) -> None:
+    """-q and -v count wherever they are given: before the command (`iropt -q run ...`, as
+    `iropt --help` shows them) or after it (`iropt run -q ...`)."""
+    args.quiet = bool(args.quiet or getattr(args, "command_quiet", False))
+    args.verbose = int(args.verbose) + int(getattr(args, "command_verbose", 0))
+
+
+# The logger every iropt module logs under ("iropt", "iropt.model", ...).
+_LOGGER = "iropt"
+
+
 def _configure_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING
-    if getattr(args, "verbose", 0):
+    if args.verbose:
         level = logging.INFO if args.verbose == 1 else logging.DEBUG
-    if getattr(args, "quiet", False):
+    if args.quiet:
         level = logging.ERROR
-    logging.basicConfig(level=level, format="iropt: %(levelname)s: %(message)s", stream=sys.stderr)
+    # The level is set on iropt's own logger, not through basicConfig alone: basicConfig does
+    # nothing once the root logger has a handler (an embedding application's, pytest's).
+    logger = logging.getLogger(_LOGGER)
+    logger.setLevel(level)
+    logging.basicConfig(format="iropt: %(levelname)s: %(message)s", stream=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-q", "--quiet", action="store_true", help="print only errors")
-    common.add_argument("-v", "--verbose", action="count", default=0, help="more detail; tracebacks on errors")
     parser = argparse.ArgumentParser(
         prog="iropt",
         description="A compiler-style graph optimizer for ONNX models: verified rewrites, "
         "quantization and back ends, driven by schedule files.",
-        parents=[common],
     )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more detail (-vv: debug); tracebacks on errors")
+    # The same flags after the command, under their own names (a subcommand's defaults would
+    # otherwise overwrite what was given before the command); merged in _merge_global_flags.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", dest="command_quiet", action="store_true", help="print only errors")
+    common.add_argument("-v", "--verbose", dest="command_verbose", action="count", default=0,
+                        help="more detail (-vv: debug); tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"iropt {importlib.metadata.version('iropt')}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_run(sub, common)
@@ -108,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub, common)
     _add_bench(sub, common)
     _add_export(sub, common)
+    _add_batch(sub, common)
+    _add_tune(sub, common)
     return parser
 
 
@@ -139,19 +174,31 @@ def _add_run(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="also write a Triton model repository entry: DIR/NAME/config.pbtxt and "
                    "DIR/NAME/1/model.onnx (model.plan with target tensorrt)")
     p.add_argument("--triton-name", metavar="NAME", help="the Triton model name (default: the input's stem)")
+    _add_plugin_argument(p)
     p.set_defaults(handler=_cmd_run)
 
 
+def _add_plugin_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="import a module (package.module) or a Python file that registers passes or "
+                   "back ends before the schedule is read (repeatable; also IROPT_PLUGINS, "
+                   "separated by ':', ';' on Windows)")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from iropt.app.console import PhaseProgress, make_progress, pass_table, stdout
-    from iropt.app.optimize import RunOptions, default_output_path, optimize, raise_if_unverified
-    from iropt.app.report import outcome_to_dict, write_report
-    from iropt.io.save import check_output_file
+    from iropt.app.console import PhaseProgress, make_progress
+    from iropt.app.optimize import RunOptions, RunOutcome, optimize, raise_if_unverified
+    from iropt.app.plugins import load_plugins
+    from iropt.app.report import check_report_path
     from iropt.verify.feeds import parse_shape_ranges
 
     if args.report is not None:
-        output = args.output or default_output_path(args.model)
-        check_output_file(args.report, "the report", [args.model, output])
+        check_report_path(args.report)
+    if args.report is not None:
+        from iropt.app.optimize import default_output_path
+        from iropt.io.save import check_output_file
+
+        check_output_file(args.report, "the report", [args.model, args.output or default_output_path(args.model)])
     build_progress = PhaseProgress(not args.quiet)
     shape_ranges = parse_shape_ranges(args.shape)
     options = RunOptions(
@@ -171,29 +218,55 @@ def _cmd_run(args: argparse.Namespace) -> int:
         build_progress=build_progress,
         triton=args.triton,
         triton_name=args.triton_name,
+        status=_status_line if not args.quiet else None,
     )
+    outcome = RunOutcome()
+    failure: BaseException | None = None
     try:
-        outcome = optimize(options, progress=make_progress(not args.quiet))
+        load_plugins(args.plugin)
+        optimize(options, progress=make_progress(not args.quiet), outcome=outcome)
+    except BaseException as error:
+        failure = error
+        raise
     finally:
         build_progress.close()
-    if args.report is not None:
-        write_report(outcome_to_dict(outcome, args.schedule, args.model), args.report)
-    if not args.quiet:
-        stdout.print(pass_table(outcome.report.records, outcome.initial, outcome.final))
-        for note in outcome.feed_notes:
-            stdout.print(f"inputs: {note}", markup=False)
-        for comparison in outcome.comparisons:
-            status = "passed" if comparison.passed else "FAILED"
-            stdout.print(f"verification {status} ({comparison.criterion.describe()}):", markup=False)
-            stdout.print(comparison.summary(), markup=False)
-        for line in outcome.target_lines:
-            stdout.print(line, markup=False)
-        if outcome.output is not None:
-            stdout.print(f"wrote {outcome.output}", markup=False)
-        for path in [*outcome.emitted, *outcome.triton_files]:
-            stdout.print(f"wrote {path}", markup=False)
-    raise_if_unverified(outcome)
+        _finish_run(args, outcome, failure)
+    # The comparisons were printed above unless -q: the error then only sums them up.
+    raise_if_unverified(outcome, details=args.quiet)
     return 0
+
+
+def _status_line(text: str) -> None:
+    from iropt.app.console import stderr
+
+    stderr.print(f"iropt: {text}", markup=False)
+
+
+def _finish_run(args: argparse.Namespace, outcome: Any, failure: BaseException | None) -> None:
+    """What every run leaves, however it ends: the report (with the failure in it) and the
+    per-pass table of the passes that ran."""
+    from iropt.app.console import pass_table, stdout
+    from iropt.app.report import outcome_to_dict, write_report
+
+    if args.report is not None:
+        write_report(outcome_to_dict(outcome, args.schedule, args.model, failure), args.report)
+    if args.quiet:
+        return
+    if outcome.report.records or failure is None:
+        stdout.print(pass_table(outcome.report.records, outcome.initial, outcome.final))
+    for note in outcome.feed_notes:
+        stdout.print(f"inputs: {note}", markup=False)
+    for failure in outcome.pass_failures:  # --verify-each --force: noted, and the run went on
+        stdout.print(f"verification FAILED: {failure}", markup=False)
+    for comparison in outcome.comparisons:
+        status = "passed" if comparison.passed else "FAILED"
+        stdout.print(f"verification {status} ({comparison.criterion.describe()}):", markup=False)
+        stdout.print(comparison.summary(), markup=False)
+    for line in outcome.target_lines:
+        stdout.print(line, markup=False)
+    for written in (outcome.output, *outcome.emitted, *outcome.triton_files):
+        if written is not None:
+            stdout.print(f"wrote {written}", markup=False)
 
 
 def _add_passes(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -202,6 +275,7 @@ def _add_passes(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help="a pass (or, with --targets, a back end) to describe")
     p.add_argument("--targets", action="store_true", help="list back ends instead of passes")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_plugin_argument(p)
     p.set_defaults(handler=_cmd_passes)
 
 
@@ -209,9 +283,11 @@ def _cmd_passes(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from iropt.app.console import stdout
+    from iropt.app.plugins import load_plugins
     from iropt.infra.registry import BACKENDS, PASSES
     from iropt.schedules import builtin_schedule_names
 
+    load_plugins(args.plugin)
     registry = BACKENDS if args.targets else PASSES
     if args.name:
         entry = registry.get(args.name)
@@ -232,7 +308,8 @@ def _cmd_passes(args: argparse.Namespace) -> int:
         return 0
     table = Table(show_edge=False)
     for column in ("name", "kind", "options", "summary"):
-        table.add_column(column)
+        # Wrapped, never cut: a long word ("Transpose/Reshape/Cast/...") breaks across lines.
+        table.add_column(column, overflow="fold")
     for e in entries:
         table.add_row(e.name, e.kind.value if e.kind else "target", ", ".join(s.name for s in e.options), e.summary)
     stdout.print(table)
@@ -259,13 +336,16 @@ def _add_check(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("check", parents=[common], help="parse and check a schedule without running it",
                        description="Parse SCHEDULE and check every pass name and option against the registry.")
     p.add_argument("schedule", help="schedule file (.opt) or built-in schedule name")
+    _add_plugin_argument(p)
     p.set_defaults(handler=_cmd_check)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from iropt.app.console import stdout
     from iropt.app.optimize import load_pipeline
+    from iropt.app.plugins import load_plugins
 
+    load_plugins(args.plugin)
     pipeline = load_pipeline(args.schedule)
     if not args.quiet:
         names = [p.name for p in pipeline.passes()]
@@ -297,7 +377,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from iropt.io.load import load_model
     from iropt.verify.criteria import Criterion
     from iropt.verify.feeds import open_feeds, parse_shape_overrides
-    from iropt.verify.runtime import file_runner
+    from iropt.verify.runtime import reference_runner
     from iropt.verify.verifier import Verifier
 
     try:
@@ -315,7 +395,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     except UserError as error:
         raise UserError(f"{args.a}: {error}") from error
     try:
-        outputs = verifier.run(file_runner(args.b))
+        outputs = verifier.run(reference_runner(args.b))
     except UserError as error:
         raise UserError(f"{args.b}: {error}") from error
     comparison = verifier.check_outputs(outputs, criterion)
@@ -416,6 +496,156 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     result: int = run_export(args)
     return result
+
+
+def _add_batch(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "batch", parents=[common], help="run a schedule over many models on Ray (needs iropt[distributed])",
+        description="Run SCHEDULE on every MODEL (or every model of --manifest) as a Ray task, each "
+        "verified like `iropt run` and written to DIR/NAME.opt.onnx. A local Ray instance is started "
+        "unless --address or RAY_ADDRESS names a cluster. DIR/ledger.jsonl records every result; a "
+        "rerun skips the models already done with the same model, data and schedule.",
+    )
+    p.add_argument("schedule", help="schedule file (.opt) or built-in schedule name")
+    p.add_argument("models", nargs="*", type=Path, help="input .onnx models (never modified)")
+    p.add_argument("-o", "--output-dir", type=Path, required=True, metavar="DIR", help="folder for the results")
+    p.add_argument("--manifest", type=Path, help="TOML or JSON file listing models with their inputs, "
+                   "calibration data and shapes (paths relative to it)")
+    p.add_argument("--inputs", help="verification inputs for every MODEL given on the command line")
+    p.add_argument("--calibration", help="calibration data for every MODEL given on the command line")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
+                   help="concrete shape for a dynamic input of the command-line models (repeatable)")
+    _add_ray_arguments(p)
+    p.add_argument("--retries", type=int, default=3, help="times a task is retried when its worker is lost")
+    p.add_argument("--rerun", action="store_true", help="run every model again, even those in the ledger")
+    p.add_argument("--no-latency", action="store_true", help="do not measure latency before and after")
+    p.add_argument("--json", type=Path, help="also write the summary JSON here (always: DIR/summary.json)")
+    p.set_defaults(handler=_cmd_batch)
+
+
+def _add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else a local instance)")
+    p.add_argument("--workers", type=int, help="CPUs of the local Ray instance (default: all)")
+
+
+def _check_workers(args: argparse.Namespace) -> None:
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from iropt.app.batch import (
+        SUMMARY_COLUMNS,
+        BatchOptions,
+        items_from_paths,
+        plan_batch,
+        read_manifest,
+        run_batch,
+        summary_cells,
+        write_summary,
+    )
+    from iropt.app.console import make_progress, stdout, table_of
+    from iropt.app.distributed import connect, import_ray
+    from iropt.verify.feeds import parse_shape_overrides
+
+    import_ray("batch")  # before any work: without Ray, say how to install it
+    items = items_from_paths(args.models, parse_shape_overrides(args.shape), args.inputs, args.calibration)
+    if args.manifest is not None:
+        items += read_manifest(args.manifest)
+    if not items:
+        raise UserError("iropt batch: no models; give MODEL paths or --manifest")
+    _check_workers(args)
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise UserError(f"{args.output_dir}: exists and is not a folder")
+    options = BatchOptions(schedule=args.schedule, items=tuple(items), out_dir=args.output_dir,
+                           retries=args.retries, rerun=args.rerun, measure_latency=not args.no_latency)
+    plan = plan_batch(options)  # a bad schedule is bad input before Ray starts
+    if plan.todo:
+        with connect("batch", address=args.address, num_cpus=args.workers) as ray:
+            result = run_batch(ray, options, plan, progress=make_progress(not args.quiet))
+    else:  # everything is in the ledger: no need to start Ray
+        result = run_batch(None, options, plan)
+    written = write_summary(result, options)
+    if args.json is not None:
+        write_summary(result, options, args.json)
+    if not args.quiet:
+        stdout.print(table_of("batch", SUMMARY_COLUMNS, [summary_cells(row) for row in result.rows]))
+        stdout.print(f"{result.ran} ran, {result.skipped} done before, {result.seconds:.1f}s; wrote {written}",
+                     markup=False)
+    return 0 if result.all_ok else 1
+
+
+def _add_tune(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "tune", parents=[common], help="search schedule options on Ray Tune (needs iropt[distributed])",
+        description="Search the schedules and pass options of SPACE (a TOML file) for MODEL with Ray Tune: "
+        "each trial optimizes, verifies and measures the objective. Writes DIR/trials.json, the Pareto "
+        "front of the objective against the constraint's metric (DIR/pareto.json, DIR/pareto.svg) and "
+        "the best schedule meeting the constraint as DIR/best.opt, which `iropt run` reproduces.",
+    )
+    p.add_argument("model", type=Path, help="input .onnx model (never modified)")
+    p.add_argument("--space", type=Path, required=True, help="search space (.toml)")
+    p.add_argument("-o", "--output-dir", type=Path, required=True, metavar="DIR", help="folder for the results")
+    p.add_argument("--objective", default="latency", choices=["latency", "size", "nodes"],
+                   help="what to minimize (latency: median ms on ONNX Runtime CPU, one thread)")
+    p.add_argument("--constraint", default="cosine>=0.99",
+                   help="what every kept schedule must meet, e.g. cosine>=0.99, top1>=0.98, max_abs<=1e-3")
+    p.add_argument("--trials", type=int, default=16, help="number of trials")
+    p.add_argument("--search", default="optuna", choices=["random", "optuna"],
+                   help="searcher: random sampling, or Optuna's TPE (model-based)")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="trials at once (default 1: latency measured without neighbours)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the searcher")
+    p.add_argument("--inputs", help="verification inputs: .npz, folder of .npy/.npz, or module:function")
+    p.add_argument("--calibration", help="calibration data for schedules that quantize")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS", help="shape for a dynamic input")
+    _add_ray_arguments(p)
+    p.set_defaults(handler=_cmd_tune)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from iropt.app.console import stdout, table_of
+    from iropt.app.distributed import connect, import_ray
+    from iropt.app.tune import (
+        TrialSetup,
+        TuneOptions,
+        parse_constraint,
+        read_space,
+        run_tune,
+        tune_table_rows,
+        with_baseline,
+        write_results,
+    )
+    from iropt.io.load import load_model
+    from iropt.verify.feeds import parse_shape_overrides
+
+    import_ray("tune")
+    _check_workers(args)
+    if args.trials < 1 or args.concurrency < 1:
+        raise UserError("--trials and --concurrency must be at least 1")
+    constraint = parse_constraint(args.constraint)
+    space = read_space(args.space)
+    load_model(args.model)  # an unreadable model is bad input before Ray starts
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise UserError(f"{args.output_dir}: exists and is not a folder")
+    setup = TrialSetup(model=str(args.model.resolve()), space=space, objective=args.objective,
+                       constraint=constraint, inputs=args.inputs, calibration=args.calibration,
+                       shapes=parse_shape_overrides(args.shape))
+    setup = with_baseline(setup)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    options = TuneOptions(setup=setup, out_dir=args.output_dir, trials=args.trials, searcher=args.search,
+                          concurrency=args.concurrency, seed=args.seed)
+    with connect("tune", address=args.address, num_cpus=args.workers) as ray:
+        rows = run_tune(ray, options)
+    written = write_results(rows, options)
+    if not args.quiet:
+        columns, cells = tune_table_rows(rows, setup)
+        stdout.print(table_of("trials", columns, cells))
+        for path in written.values():
+            stdout.print(f"wrote {path}", markup=False)
+        if "best" not in written:
+            stdout.print(f"no trial met {constraint.describe()}; no best.opt written", markup=False)
+    return 0 if "best" in written else 1
 
 
 if __name__ == "__main__":

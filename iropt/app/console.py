@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import onnx_graphsurgeon as gs
@@ -24,12 +25,21 @@ stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatt
 stderr = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else _PIPED_WIDTH)
 
 
+# Without a terminal (a log file, CI, a pipe) a phase gets one line on stderr, when it is
+# expected to take at least this long: calibration, sensitivity analysis, long verifications.
+LONG_PHASE_SECONDS = 2.0
+
+
 def make_progress(enabled: bool) -> Any:
-    """A `progress(items, description, total=None)` function drawing bars on stderr."""
+    """A `progress(items, description, total=None)` function: bars on a terminal's stderr,
+    one line per long phase on any other stderr."""
 
     def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-        if not enabled or not sys.stderr.isatty():
+        if not enabled:
             yield from items
+            return
+        if not sys.stderr.isatty():
+            yield from _phase_line(items, description, total)
             return
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=stderr, transient=True) as bar:
@@ -41,16 +51,40 @@ def make_progress(enabled: bool) -> Any:
     return progress
 
 
+def _phase_line(items: Iterable[T], description: str, total: int | None) -> Iterator[T]:
+    """Yields `items`, and prints one line once the phase looks long: after the first item, from
+    the time it took and `total`; without a total, once it has run LONG_PHASE_SECONDS."""
+    start = time.perf_counter()
+    announced = False
+    for done, item in enumerate(items, 1):
+        yield item
+        if announced:
+            continue
+        elapsed = time.perf_counter() - start
+        expected = elapsed / done * total if total else elapsed
+        if expected >= LONG_PHASE_SECONDS:
+            size = f" {total} steps, about {expected:.0f} s" if total else ""
+            stderr.print(f"iropt: {description}...{size}", markup=False)
+            announced = True
+
+
 class PhaseProgress:
-    """A `progress(phase, done, total)` callback (engine builds) drawing one bar per phase."""
+    """A `progress(phase, done, total)` callback (engine builds) drawing one bar per phase, or
+    without a terminal one line per phase on stderr."""
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
+        self.enabled = enabled
+        self.bars = sys.stderr.isatty()
         self._bar: Progress | None = None
         self._tasks: dict[str, Any] = {}
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         if not self.enabled:
+            return
+        if not self.bars:
+            if phase not in self._tasks:
+                self._tasks[phase] = None
+                stderr.print(f"iropt: {phase} ({total} steps)", markup=False)
             return
         if self._bar is None:
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -75,7 +109,7 @@ def _delta(pair: tuple[int, int] | None) -> str:
     return f"{after:,} ({after - before:+,})"
 
 
-def pass_table(records: list[PassRecord], initial: GraphStats, final: GraphStats) -> Table:
+def pass_table(records: list[PassRecord], initial: GraphStats | None, final: GraphStats | None) -> Table:
     """One row per pass execution: time, nodes, parameters, bytes, changed, statistics."""
     table = Table(title="passes", title_justify="left", show_edge=False)
     for header, justify in (
@@ -89,12 +123,24 @@ def pass_table(records: list[PassRecord], initial: GraphStats, final: GraphStats
             str(r.index), r.name, r.block, f"{(r.seconds or 0) * 1000:.1f}", _delta(r.nodes),
             _delta(r.parameters), _delta(r.parameter_bytes), "yes" if r.changed else "", stats,
         )
+    if initial is None or final is None:
+        return table
     table.add_section()
     table.add_row(
         "", "total", "", f"{sum(r.seconds or 0 for r in records) * 1000:.1f}",
         _delta((initial.nodes, final.nodes)), _delta((initial.parameters, final.parameters)),
         _delta((initial.parameter_bytes, final.parameter_bytes)), "", "",
     )
+    return table
+
+
+def table_of(title: str, columns: Sequence[tuple[str, str]], rows: Iterable[Sequence[str]]) -> Table:
+    """A plain table: `columns` as (header, justify) pairs, then the rows' cells."""
+    table = Table(title=title, title_justify="left", show_edge=False)
+    for header, justify in columns:
+        table.add_column(header, justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        table.add_row(*row)
     return table
 
 

@@ -30,6 +30,7 @@ from iropt.verify.criteria import EXACT_CRITERION, LOSSY_CRITERION, Criterion
 from iropt.verify.feeds import ShapeRange
 
 if TYPE_CHECKING:
+    from iropt.infra.verification import PassCheckFailed
     from iropt.verify.feeds import FeedSource
 
 # Verification runs on at most this many feeds of a file, folder or function source.
@@ -57,8 +58,14 @@ class RunOptions:
     # check exports the whole model (seconds for models with hundreds of MB of weights).
     check_each: bool = False
     emit: bool = True
+    # On a failed verification, find the first pass that broke it (reruns prefixes of the
+    # schedule); a search that only wants the metric turns it off.
+    bisect: bool = True
     # Called as build_progress(phase, done, total) by back ends with long builds (TensorRT).
     build_progress: Callable[[str, int, int], None] | None = None
+    # Called with a line about what the run does next when it is not what the user asked for
+    # (bisecting a failure); the command line prints it on stderr.
+    status: Callable[[str], None] | None = None
     # A Triton model repository to write the result into (`--triton DIR --triton-name NAME`).
     triton: Path | None = None
     triton_name: str | None = None
@@ -66,19 +73,26 @@ class RunOptions:
 
 @dataclass
 class RunOutcome:
-    """What happened: the pass records, the verification, what was written."""
+    """What happened: the pass records, the verification, what was written.
 
-    pipeline: Pipeline
-    report: RunReport
-    initial: GraphStats
-    final: GraphStats
+    Filled in as the run goes, so a run that stops early still says how far it got (the
+    command line's report and table are made from it whatever the exit).
+    """
+
+    pipeline: Pipeline | None = None
+    report: RunReport = field(default_factory=RunReport)
+    initial: GraphStats | None = None
+    final: GraphStats | None = None
     criterion: Criterion | None = None
     comparisons: list[Any] = field(default_factory=list)
+    # Passes whose own change failed the --verify-each check (kept going with --force).
+    pass_failures: list[PassCheckFailed] = field(default_factory=list)
     culprit: PassRecord | None = None
     output: Path | None = None
     emitted: list[Path] = field(default_factory=list)
     feed_notes: list[str] = field(default_factory=list)
     verify_seconds: float = 0.0
+    bisect_seconds: float = 0.0
     total_seconds: float = 0.0
     # What the target's build found out (engine size, build time, profile, precisions) and
     # the lines it prints.
@@ -88,7 +102,7 @@ class RunOutcome:
 
     @property
     def verified(self) -> bool:
-        return all(c.passed for c in self.comparisons)
+        return not self.pass_failures and all(c.passed for c in self.comparisons)
 
 
 def default_output_path(model_path: Path) -> Path:
@@ -103,10 +117,25 @@ def load_pipeline(schedule: str) -> Pipeline:
     return load_schedule(schedule)
 
 
-def optimize(options: RunOptions, progress: ProgressFn = no_progress) -> RunOutcome:
-    """Run a schedule on a model; raises UserError for bad input, VerificationError on mismatch."""
+def optimize(
+    options: RunOptions, progress: ProgressFn = no_progress, outcome: RunOutcome | None = None
+) -> RunOutcome:
+    """Run a schedule on a model; raises UserError for bad input, VerificationError on mismatch.
+
+    `outcome`, when given, is filled in as the run goes: after an error it holds the passes
+    that ran (the command line writes its report from it on every exit).
+    """
+    outcome = outcome if outcome is not None else RunOutcome()
     start = time.perf_counter()
-    pipeline = load_pipeline(options.schedule)
+    try:
+        _optimize(options, progress, outcome)
+    finally:
+        outcome.total_seconds = time.perf_counter() - start
+    return outcome
+
+
+def _optimize(options: RunOptions, progress: ProgressFn, outcome: RunOutcome) -> None:
+    pipeline = outcome.pipeline = load_pipeline(options.schedule)
     model = load_model(options.model)
     output = options.output or default_output_path(options.model)
     backend = _target_backend(pipeline, options)
@@ -127,17 +156,16 @@ def optimize(options: RunOptions, progress: ProgressFn = no_progress) -> RunOutc
         check_model_name(options.triton_name)
     # The verifier keeps its own copy of the input model: the reference, and where bisection
     # starts from.
-    verifier, notes = _make_verifier(options, model, pipeline, progress)
-    outcome = _transform(options, model, pipeline, ctx, verifier)
-    outcome.feed_notes = notes
+    verifier, outcome.feed_notes = _make_verifier(options, model, pipeline, progress)
+    snapshots = _transform(options, model, pipeline, ctx, verifier, outcome)
     if verifier is not None:
         _verify_final(outcome, model, verifier)
-        if not outcome.verified:
-            outcome.culprit = _bisect(verifier.reference, pipeline, verifier, outcome.criterion, ctx)
+        outcome.verify_seconds = verifier.seconds
+        if not outcome.verified and options.bisect:
+            outcome.culprit = _find_culprit(outcome, verifier, snapshots, ctx, options.status)
+            outcome.bisect_seconds = verifier.seconds - outcome.verify_seconds
     if outcome.verified or options.force:
         _write_outputs(outcome, options, model, output, backend, verifier)
-    outcome.total_seconds = time.perf_counter() - start
-    return outcome
 
 
 def check_outputs(options: RunOptions, output: Path, model: Model, backend: Backend | None) -> None:
@@ -196,7 +224,7 @@ def _write_triton(
 ) -> list[Path]:
     from iropt.lowering.triton import triton_config, write_repository
 
-    assert options.triton is not None
+    assert options.triton is not None and outcome.pipeline is not None
     target = outcome.pipeline.target
     profile = outcome.target_report.get("profile", {})
     config = triton_config(
@@ -264,6 +292,7 @@ def _make_verifier(
         spec = options.calibration
     source = feed_source(spec, reference, shapes=options.shapes, count=criterion.samples)
     feeds = list(itertools.islice(source, MAX_VERIFY_FEEDS))
+    # The reference is the input file itself: run from it, not from a copy held in memory.
     verifier = Verifier(reference, feeds, progress=progress, reference_file=options.model)
     # Run the reference now: a model ONNX Runtime cannot run is bad input, reported before the
     # schedule runs rather than after.
@@ -298,8 +327,11 @@ def final_criterion(pipeline: Pipeline) -> Criterion:
 
 
 def _transform(
-    options: RunOptions, model: Model, pipeline: Pipeline, ctx: PassContext, verifier: Any
-) -> RunOutcome:
+    options: RunOptions, model: Model, pipeline: Pipeline, ctx: PassContext, verifier: Any, outcome: RunOutcome
+) -> dict[int, Model]:
+    """Run the schedule into `outcome`; returns the snapshots that bisection may reuse."""
+    from iropt.infra.verification import SnapshotInstrument, VerifyEachInstrument
+
     sizes = SizeInstrument()
     instruments: list[Instrument] = [TimingInstrument(), sizes]
     if options.check_each:
@@ -307,53 +339,74 @@ def _transform(
     if options.dump_dir is not None:
         instruments.append(IRDumpInstrument(options.dump_dir))
     if options.verify_each and verifier is not None:
-        from iropt.infra.verification import VerifyEachInstrument
-
-        instruments.append(VerifyEachInstrument(verifier))
+        # With --force a failing pass is recorded and the run goes on, so the output is the
+        # whole schedule's, as without --verify-each.
+        instruments.append(VerifyEachInstrument(verifier, keep_going=options.force, failures=outcome.pass_failures))
+    snapshots = SnapshotInstrument()
+    if verifier is not None and not options.verify_each:
+        instruments.append(snapshots)
     checkpoint = None
     if verifier is not None:
         def checkpoint(step: VerifyStep, current: Model, report: RunReport) -> Any:
             return verifier.check(current, step.criterion)
 
-    initial = graph_stats(model)
-    report = PassManager(instruments, checkpoint=checkpoint).run(model, pipeline, ctx)
-    return RunOutcome(
-        pipeline=pipeline,
-        report=report,
-        initial=initial,
-        final=sizes.final or graph_stats(model),
-        comparisons=list(report.checkpoints),
-    )
+    outcome.initial = graph_stats(model)
+    PassManager(instruments, checkpoint=checkpoint).run(model, pipeline, ctx, report=outcome.report)
+    outcome.final = sizes.final or graph_stats(model)
+    outcome.comparisons = list(outcome.report.checkpoints)
+    return snapshots.models
 
 
 def _verify_final(outcome: RunOutcome, model: Model, verifier: Any) -> None:
-    start = time.perf_counter()
+    assert outcome.pipeline is not None
     outcome.criterion = final_criterion(outcome.pipeline)
     last_is_verify = bool(outcome.pipeline.steps) and isinstance(outcome.pipeline.steps[-1], VerifyStep)
     if not last_is_verify:
         outcome.comparisons.append(verifier.check(model, outcome.criterion))
-    outcome.verify_seconds = time.perf_counter() - start
 
 
-def _bisect(
-    reference: Model, pipeline: Pipeline, verifier: Any, criterion: Criterion | None, ctx: PassContext
+def _find_culprit(
+    outcome: RunOutcome,
+    verifier: Any,
+    snapshots: dict[int, Model],
+    ctx: PassContext,
+    status: Callable[[str], None] | None,
 ) -> PassRecord | None:
-    from iropt.infra.verification import bisect_failure
+    """The first pass that broke equivalence: known at once with --verify-each, else bisected
+    over the passes that ran, reusing the models kept after lossy passes (no recalibration)."""
+    if outcome.pass_failures:
+        return outcome.pass_failures[0].record
+    from iropt.infra.verification import bisect_records
 
-    failed = criterion or EXACT_CRITERION
-    return bisect_failure(reference, pipeline, verifier, failed, ctx)
+    failed = next(c for c in outcome.comparisons if not c.passed)
+    final_failed = outcome.comparisons[-1] is failed and failed.criterion == outcome.criterion
+    return bisect_records(
+        verifier, outcome.report.records, failed.criterion, ctx,
+        snapshots=snapshots, final_failed=final_failed, status=status,
+    )
 
 
-def raise_if_unverified(outcome: RunOutcome) -> None:
-    """VerificationError describing the failed checks and the first pass that broke them."""
+def raise_if_unverified(outcome: RunOutcome, details: bool = True) -> None:
+    """VerificationError describing the failed checks and the first pass that broke them.
+
+    `details=False` leaves out the per-output figures (the caller has printed them already)."""
     if outcome.verified:
         return
-    failed = [c for c in outcome.comparisons if not c.passed]
-    lines = [f"verification failed ({failed[0].criterion.describe()}):", failed[0].summary()]
+    if outcome.pass_failures:
+        lines = [str(failure) for failure in outcome.pass_failures] if details else [
+            f"{len(outcome.pass_failures)} pass(es) changed the model's outputs"
+        ]
+    else:
+        failed = [c for c in outcome.comparisons if not c.passed]
+        lines = [f"verification failed ({failed[0].criterion.describe()})" + (":" if details else "")]
+        if details:
+            lines.append(failed[0].summary())
     if outcome.culprit is not None:
         lines.append(
             f"first pass that breaks equivalence: #{outcome.culprit.index} {outcome.culprit.name}"
         )
     if outcome.output is None:
         lines.append("no output written (use --force to write it anyway)")
+    else:
+        lines.append(f"{outcome.output} written anyway (--force)")
     raise VerificationError("\n".join(lines))

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from iropt.app.optimize import RunOutcome
+from iropt.errors import IroptError, UserError
 from iropt.infra.pass_manager import PassRecord
 from iropt.ir.model import GraphStats
 
@@ -53,37 +54,68 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
-def outcome_to_dict(outcome: RunOutcome, schedule: str, model: Path) -> dict[str, Any]:
-    """Everything about a run, for machines."""
+def outcome_to_dict(
+    outcome: RunOutcome, schedule: str, model: Path, failure: BaseException | None = None
+) -> dict[str, Any]:
+    """Everything about a run, for machines; `failure` is what ended it early, if anything."""
+    pipeline = outcome.pipeline
     return {
         "schedule": schedule,
-        "pipeline": outcome.pipeline.name,
-        "target": None if outcome.pipeline.target is None else {
-            "name": outcome.pipeline.target.name, "options": _plain(dict(outcome.pipeline.target.options)),
+        "pipeline": None if pipeline is None else pipeline.name,
+        "target": None if pipeline is None or pipeline.target is None else {
+            "name": pipeline.target.name, "options": _plain(dict(pipeline.target.options)),
         },
         "model": str(model),
         "output": None if outcome.output is None else str(outcome.output),
         "emitted": [str(p) for p in outcome.emitted],
         "target_build": _plain(outcome.target_report) or None,
         "triton": [str(p) for p in outcome.triton_files],
-        "verified": outcome.verified,
+        "verified": outcome.verified and failure is None,
         "criterion": None if outcome.criterion is None else outcome.criterion.describe(),
         "comparisons": [_plain(c) for c in outcome.comparisons],
+        "pass_failures": [
+            {"index": f.record.index, "pass": f.record.name, "message": str(f)} for f in outcome.pass_failures
+        ],
+        "error": None if failure is None else _error(failure),
         "first_failing_pass": None if outcome.culprit is None else {
             "index": outcome.culprit.index, "pass": outcome.culprit.name,
         },
         "inputs": outcome.feed_notes,
-        "before": _stats(outcome.initial),
-        "after": _stats(outcome.final),
+        "before": None if outcome.initial is None else _stats(outcome.initial),
+        "after": None if outcome.final is None else _stats(outcome.final),
         "passes": [_record(r) for r in outcome.report.records],
         "seconds": {
             "passes": outcome.report.seconds,
             "verification": outcome.verify_seconds,
             "target_build": outcome.target_report.get("build_seconds"),
+            "bisection": outcome.bisect_seconds,
             "total": outcome.total_seconds,
         },
     }
 
 
+def _error(failure: BaseException) -> dict[str, Any]:
+    """What ended the run, and the exit code it gives (as the command line maps it)."""
+    if isinstance(failure, UserError):
+        code = 2
+    elif isinstance(failure, KeyboardInterrupt):
+        code = 130
+    else:
+        code = 1
+    kind = "bad input" if code == 2 else "interrupted" if code == 130 else (
+        "failed" if isinstance(failure, IroptError) else "internal error")
+    return {"type": type(failure).__name__, "kind": kind, "exit_code": code, "message": str(failure)}
+
+
+def check_report_path(path: Path) -> None:
+    """UserError unless a report can be written at `path` (missing folders are made on write)."""
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give the report a file name")
+    nearest = next((p for p in path.resolve().parents if p.exists()), None)
+    if nearest is None or not nearest.is_dir():
+        raise UserError(f"{path}: cannot make the report's folder: {nearest} is not a directory")
+
+
 def write_report(data: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

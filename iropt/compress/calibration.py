@@ -29,6 +29,7 @@ a runner from the pass context (passes never import a runtime), in batches of bo
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -93,10 +94,7 @@ class StreamingHistogram:
         amax = float(np.max(np.abs(flat)))
         self.zeros += int(flat.size - np.count_nonzero(flat))
         if amax == 0.0:
-            if self.radius is None:
-                self._pending += flat.size
-            else:
-                self.counts[self.bins // 2] += flat.size
+            self._add_zeros(flat.size)
             return
         self._cover(amax)
         assert self.radius is not None
@@ -121,6 +119,36 @@ class StreamingHistogram:
 
     def total(self) -> int:
         return int(self.counts.sum()) + self._pending
+
+    def merge(self, other: StreamingHistogram) -> None:
+        """Add `other`'s counts, as if its values had been added here.
+
+        Both ranges are powers of two, so the narrower histogram reaches the wider one's range by
+        the same exact pair merges that `add` does: the result is the histogram of both streams.
+        """
+        if other.bins != self.bins:
+            raise ValueError(f"cannot merge histograms of {other.bins} and {self.bins} bins")
+        self.zeros += other.zeros
+        if other.radius is None:
+            self._add_zeros(other._pending)
+            return
+        self._cover(other.radius)
+        assert self.radius is not None
+        counts = other.all_counts()
+        radius = other.radius
+        quarter = self.bins // 4
+        while radius < self.radius:
+            merged = counts.reshape(-1, 2).sum(axis=1)
+            counts = np.zeros(self.bins, dtype=np.int64)
+            counts[quarter : quarter + merged.size] = merged
+            radius *= 2.0
+        self.counts += counts
+
+    def _add_zeros(self, count: int) -> None:
+        if self.radius is None:
+            self._pending += count
+        else:
+            self.counts[self.bins // 2] += count
 
     def all_counts(self, *, drop_zeros: bool = False) -> np.ndarray:
         """The counts with pending zeros in place (the bin of 0), or without any exact zero."""
@@ -167,6 +195,27 @@ class TensorStats:
     @property
     def amax(self) -> float:
         return max(abs(self.min), abs(self.max)) if self.count else 0.0
+
+    def merge(self, other: TensorStats) -> None:
+        """Add another shard's statistics of the same tensor (same bins, same histogram choice)."""
+        if other.bins != self.bins or other.keep_histogram != self.keep_histogram:
+            raise ValueError("cannot merge statistics gathered with different bins or histogram settings")
+        self.count += other.count
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        if self.keep_histogram:
+            self.histogram.merge(other.histogram)
+
+
+def merge_statistics(shards: Iterable[Mapping[str, TensorStats]]) -> dict[str, TensorStats]:
+    """Statistics of every shard's tensors merged into one per tensor (the shards are not changed)."""
+    merged: dict[str, TensorStats] = {}
+    for shard in shards:
+        for name, stats in shard.items():
+            if name not in merged:
+                merged[name] = TensorStats(stats.bins, keep_histogram=stats.keep_histogram)
+            merged[name].merge(stats)
+    return merged
 
 
 def compute_range(
@@ -376,6 +425,39 @@ def collect_statistics(
         for name in tensors:
             stats[name].update(batch[name] if name in inputs else outputs[name])
     return stats
+
+
+def collect_statistics_sharded(
+    model: Model,
+    tensors: Sequence[str],
+    shards: Sequence[Sequence[Mapping[str, np.ndarray]]],
+    runner_factory: Callable[[Model], Runner],
+    *,
+    batch_size: int = 32,
+    bins: int = DEFAULT_BINS,
+    histograms: bool = True,
+) -> dict[str, TensorStats]:
+    """`collect_statistics` over each shard of feeds, in parallel where Ray is running, merged.
+
+    The result equals `collect_statistics` over all the shards' feeds in order (min/max exactly,
+    histograms exactly up to values on bin edges). Each shard's task rebuilds the model from its
+    serialized form and runs it with `runner_factory` (a module-level function, so it pickles).
+    """
+    from iropt.util.parallel import parallel_map
+
+    serialized = model.to_onnx().SerializeToString()
+    job = functools.partial(_shard_statistics, serialized, tuple(tensors), runner_factory, batch_size, bins,
+                            histograms)
+    return merge_statistics(parallel_map(job, [list(shard) for shard in shards]))
+
+
+def _shard_statistics(
+    serialized: bytes, tensors: tuple[str, ...], runner_factory: Callable[[Model], Runner], batch_size: int,
+    bins: int, histograms: bool, feeds: Sequence[Mapping[str, np.ndarray]],
+) -> dict[str, TensorStats]:
+    model = Model.from_onnx(onnx.load_model_from_string(serialized))
+    return collect_statistics(model, tensors, feeds, runner_factory, batch_size=batch_size, bins=bins,
+                              histograms=histograms)
 
 
 def rows_of(batch: Mapping[str, np.ndarray]) -> int:

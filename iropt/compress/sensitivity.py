@@ -48,7 +48,7 @@ def score(reference: Outputs, candidate: Outputs, metric: Metric) -> float:
     if not known:
         raise UserError(
             f"quantize: target_metric '{metric}' does not apply to any output of this model "
-            "(top1 needs an output with a class axis); choose cosine or snr"
+            "(top1 needs an output shaped like class scores: [batch, classes]); choose cosine or snr"
         )
     # Outputs without the statistic (top-1 of a scalar output) do not count.
     return min(known)

@@ -84,10 +84,16 @@ class PassManager:
         self.instruments = list(instruments)
         self.checkpoint = checkpoint
 
-    def run(self, model: Model, pipeline: Pipeline, ctx: PassContext | None = None) -> RunReport:
-        """Rewrite `model` in place by running every step of `pipeline`."""
+    def run(
+        self, model: Model, pipeline: Pipeline, ctx: PassContext | None = None, report: RunReport | None = None
+    ) -> RunReport:
+        """Rewrite `model` in place by running every step of `pipeline`.
+
+        `report`, when given, receives the records as passes run, so a caller still has them
+        when a pass or a check raises.
+        """
         ctx = ctx or PassContext(target=pipeline.target)
-        report = RunReport()
+        report = report if report is not None else RunReport()
         start = time.perf_counter()
         for instrument in self.instruments:
             instrument.before_run(model)

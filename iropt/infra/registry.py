@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from iropt.util.suggest import did_you_mean
 from iropt.util.text import shorten
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_log = logging.getLogger("iropt.registry")
 
 C = TypeVar("C", bound=type)
 
@@ -39,9 +41,10 @@ class Entry:
 
     @property
     def summary(self) -> str:
-        """The first line of the class docstring."""
+        """The first paragraph of the class docstring, on one line (a summary sentence is often
+        wrapped over two lines of source)."""
         doc = inspect.getdoc(self.cls) or ""
-        return doc.splitlines()[0] if doc else ""
+        return " ".join(doc.split("\n\n", 1)[0].split())
 
     @property
     def doc(self) -> str:
@@ -64,6 +67,8 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._builtins_loaded = False
         self._plugins_loaded = False
+        # Entry point name -> the name its class registered itself under, when they differ.
+        self._misnamed: dict[str, str] = {}
 
     def register(self, name: str) -> Callable[[C], C]:
         """Class decorator: register the class under `name`."""
@@ -92,6 +97,12 @@ class Registry:
             self._load_plugin(name)
         if name not in self._entries:
             self._load_all_plugins()
+        if name not in self._entries and name in self._misnamed:
+            raise UnknownPassError(
+                f"unknown {self.what} '{name}': the entry point '{name}' loads a class registered as "
+                f"'{self._misnamed[name]}'; use '{self._misnamed[name]}' (or make the package's "
+                "entry point name match its @register_pass name)"
+            )
         if name not in self._entries:
             raise UnknownPassError(
                 f"unknown {self.what} '{shorten(name)}'{did_you_mean(name, self._entries)}; "
@@ -105,6 +116,13 @@ class Registry:
 
     def names(self) -> list[str]:
         return [e.name for e in self.entries()]
+
+    def names_from(self, module: str) -> list[str]:
+        """Names registered so far by classes of `module` or its submodules (no loading)."""
+        return sorted(
+            name for name, entry in self._entries.items()
+            if entry.cls.__module__ == module or entry.cls.__module__.startswith(module + ".")
+        )
 
     def entries(self) -> list[Entry]:
         """Every entry, built-ins and plugins, sorted by name."""
@@ -144,8 +162,26 @@ class Registry:
         loaded = ep.load()
         # An entry point may name the class (registered here if it did not register itself)
         # or a module whose import registers its passes.
-        if isinstance(loaded, type) and ep.name not in self._entries:
+        if not isinstance(loaded, type) or ep.name in self._entries:
+            return
+        own_name = self._name_of(loaded)
+        if own_name is None:
             self.add(ep.name, loaded, origin=f"entry point {ep.value}")
+            return
+        # The class registered itself under another name: registering it again under the
+        # entry point's name would list one pass twice and rename it (`cls.name`) behind the
+        # author's back. It keeps its own name; the entry point's name is explained if used.
+        self._misnamed[ep.name] = own_name
+        _log.warning(
+            "entry point '%s' (%s) loads the %s registered as '%s'; it is available as '%s' only",
+            ep.name, ep.value, self.what, own_name, own_name,
+        )
+
+    def _name_of(self, cls: type) -> str | None:
+        for name, entry in self._entries.items():
+            if entry.cls is cls:
+                return name
+        return None
 
 
 PASSES = Registry(

@@ -150,6 +150,7 @@ def publish_atomically(out: Path, sidecars: list[str], write: Callable[[Path], N
     Scratch folders that a killed save left behind are removed first.
     """
     _remove_stale_staging(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=_staging_prefix(out) + f"{os.getpid()}.") as tmp:
         staged = Path(tmp) / out.name
         write(staged)
@@ -205,14 +206,18 @@ def _folder_lock(folder: Path) -> Iterator[None]:
 
 
 def check_output_path(out: Path, protected: Collection[Path] = ()) -> None:
-    """ModelSaveError unless a model can be written to `out` without touching `protected`.
+    """ModelSaveError unless a model can be written to `out` (its missing folders made on
+    write) without touching `protected`.
 
     `protected` is what the model was read from (`Model.input_files`: the model, then its
     external data). Neither `out` nor the data file a save may write beside it (`out` + ".data")
     may be one of them: the input is never modified.
     """
-    if not out.parent.is_dir():
-        raise ModelSaveError(f"{out}: the output directory {out.parent} does not exist")
+    # Missing folders are made when the model is written (as onnxsim and onnxslim do); the
+    # nearest one that exists must be a folder.
+    nearest = next(folder for folder in (out.parent, *out.parent.parents) if folder.exists())
+    if not nearest.is_dir():
+        raise ModelSaveError(f"{out}: cannot make the output directory: {nearest} is not a directory")
     if out.is_dir():
         raise ModelSaveError(f"{out}: is a directory, expected a file name")
     refuse_special_file(out, "the output")

@@ -143,14 +143,24 @@ def graph_stats(model: Model) -> GraphStats:
     nbytes = 0
     for graph in iter_graphs(model.graph):
         nodes += len(graph.nodes)
-        for tensor in graph.tensors().values():
-            if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
+        # Weights are initializers or the values of Constant nodes (PaddlePaddle's exports,
+        # some converters): both count.
+        values = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+        values += [v for node in graph.nodes if node.op == "Constant" for v in node.attrs.values()
+                   if isinstance(v, gs.Constant)]
+        for tensor in values:
+            if id(tensor) not in seen:
                 seen.add(id(tensor))
-                shape = tensor.shape if tensor.shape is not None else ()
-                count = int(np.prod(shape)) if len(shape) else 1
+                count, size = _elements_and_bytes(tensor)
                 params += count
-                nbytes += count * np.dtype(tensor.dtype).itemsize if _is_numpy_dtype(tensor.dtype) else 0
+                nbytes += size
     return GraphStats(nodes=nodes, parameters=params, parameter_bytes=nbytes)
+
+
+def _elements_and_bytes(tensor: gs.Constant) -> tuple[int, int]:
+    shape = tensor.shape if tensor.shape is not None else ()
+    count = int(np.prod(shape)) if len(shape) else 1
+    return count, count * np.dtype(tensor.dtype).itemsize if _is_numpy_dtype(tensor.dtype) else 0
 
 
 def _is_numpy_dtype(dtype: object) -> bool:

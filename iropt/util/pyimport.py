@@ -27,11 +27,18 @@ def import_location(location: str, context: str) -> ModuleType:
 
 
 def import_file(path: Path, context: str) -> ModuleType:
-    """Execute a Python file as a module, registered under a name derived from its path."""
+    """Execute a Python file as a module, registered under a name derived from its path.
+
+    A file is executed once per process, like an imported module: naming it again (as a plugin
+    and as an input reader, say) returns the module already loaded, so the passes it registers
+    are not registered a second time.
+    """
     if not path.is_file():
         raise UserError(f"{context}: no such Python file '{path}'")
     # A deterministic name, so importing one file twice reuses one module entry.
     name = "iropt_user_" + re.sub(r"\W", "_", str(path.resolve()))
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise UserError(f"{context}: '{path}' cannot be loaded as a Python module")

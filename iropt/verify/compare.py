@@ -6,6 +6,13 @@ samples, like Polygraphy's comparator: the largest absolute and relative error, 
 similarity, signal-to-noise ratio, top-1 agreement, and the tolerance that would have passed
 (the smallest atol at the criterion's rtol). A `Criterion` decides pass or fail.
 
+Relative error is |candidate - reference| / max(|reference|, floor), where the floor is
+REL_ERROR_FLOOR times the largest |reference| of that output in that sample: an element that is
+exactly (or nearly) zero in an output whose values are around 1 is judged on the output's scale,
+so 1e-7 against 0 reads 1e-4, not 1e+300. Top-1 agreement is reported only for outputs shaped
+like class scores: floating point, `[classes]` or `[batch, classes]` with at least two classes;
+detection maps, feature maps and sequence outputs have a last axis that is not a class axis.
+
 Non-finite values: NaN against NaN and an infinity against the same infinity are equal; any
 other disagreement involving NaN or infinity fails whatever the metric, and is counted apart
 from the finite statistics. A check must compare something: an output that is empty on every
@@ -30,8 +37,9 @@ from iropt.verify.runner import Runner
 Outputs = dict[str, np.ndarray]
 RunnerFactory = Callable[[Model], Runner]
 
-# Added to |reference| in relative errors so an exact zero does not divide by zero; an error
-# against an exact zero then reads as a very large relative error, which is the honest answer.
+# Relative errors divide by at least this fraction of the output's largest |reference| (see
+# the module docstring), and by at least _TINY, so an all-zero reference does not divide by zero.
+REL_ERROR_FLOOR = 1e-3
 _TINY = float(np.finfo(np.float64).tiny)
 
 
@@ -185,7 +193,7 @@ def compare(
     names = list(reference[0]) if reference else []
     outputs = [_compare_output(name, reference, candidate, criterion) for name in names]
     if criterion.metric == "top1" and outputs and all(o.top1 is None for o in outputs):
-        problems.append("top-1: no output has a class axis (a last dimension larger than 1)")
+        problems.append("top-1: no output is shaped like class scores ([batch, classes], float)")
     if not reference:
         problems.append("no samples to compare")
     return Comparison(outputs, criterion, len(reference), problems)
@@ -306,7 +314,8 @@ def _accumulate(totals: _Totals, ref: np.ndarray, cand: np.ndarray, rtol: float,
         abs_ref = np.abs(ref)
         totals.max_abs = max(totals.max_abs, float(abs_err.max()))
         totals.sum_abs += float(abs_err.sum())
-        totals.max_rel = max(totals.max_rel, float((abs_err / (abs_ref + _TINY)).max()))
+        floor = max(REL_ERROR_FLOOR * float(abs_ref.max()), _TINY)
+        totals.max_rel = max(totals.max_rel, float((abs_err / np.maximum(abs_ref, floor)).max()))
         totals.atol_needed = max(totals.atol_needed, float((abs_err - rtol * abs_ref).max()))
         totals.within_tolerance &= bool(np.all(abs_err <= atol + rtol * abs_ref))
         totals.dot += float(np.dot(ref, cand))
@@ -315,9 +324,14 @@ def _accumulate(totals: _Totals, ref: np.ndarray, cand: np.ndarray, rtol: float,
         totals.err_sq += float(np.dot(err, err))
 
 
+def is_class_scores(array: np.ndarray) -> bool:
+    """Shaped like class scores: float, `[classes]` or `[batch, classes]`, two classes or more."""
+    return array.dtype.kind == "f" and array.ndim in (1, 2) and array.shape[-1] > 1 and array.size > 0
+
+
 def _accumulate_top1(totals: _Totals, ref: np.ndarray, cand: np.ndarray) -> None:
-    """Argmax over the last axis, row by row; only for outputs with a class axis."""
-    if ref.ndim == 0 or ref.shape[-1] <= 1 or ref.size == 0:
+    """Argmax over the class axis, row by row; only for outputs shaped like class scores."""
+    if not is_class_scores(ref):
         return
     classes = ref.shape[-1]
     ref_top = np.argmax(ref.reshape(-1, classes), axis=-1)
@@ -364,7 +378,7 @@ def _judge(
         rtol, atol = tolerance
         return False, f"outside atol={atol:g} + rtol={rtol:g}*|reference|"
     if metric == "top1" and result.top1 is None:
-        return True, "top-1 not applicable (no class axis); not judged"
+        return True, "top-1 not applicable (not shaped like class scores); not judged"
     value = {
         "cosine": result.cosine,
         "snr": result.snr_db,

@@ -48,6 +48,10 @@ _LEVELS: dict[str, ort.GraphOptimizationLevel] = {
 # Models whose tensors exceed the protobuf limit cannot be handed to ORT as bytes; they go
 # through a temporary file with external data. A module constant so tests can lower it.
 IN_MEMORY_LIMIT = EXTERNAL_DATA_THRESHOLD
+# A Model with more weight bytes than this goes through that file too: handed over as bytes,
+# its weights would be in memory three times at once (the graph, the serialized message and
+# ORT's copy); written out, twice (ORT reads the file), and the write is faster than encoding.
+IN_MEMORY_MODEL_LIMIT = 256 * 2**20
 
 # ORT's log severity: 3 = errors only. Its warnings (unused initializers, fallbacks) are noise
 # in iropt's output; failures still come back as exceptions.
@@ -174,7 +178,7 @@ def make_session(
     if isinstance(model, (str, os.PathLike)):
         return create(str(model))
     if isinstance(model, Model):
-        if graph_stats(model).parameter_bytes <= IN_MEMORY_LIMIT:  # an estimate: checked below
+        if graph_stats(model).parameter_bytes <= min(IN_MEMORY_LIMIT, IN_MEMORY_MODEL_LIMIT):  # checked below
             # Serialized by the streaming writer: the weights are copied once, not four times.
             streamed = export_streamed(model)
             if streamed.byte_size() <= PROTOBUF_LIMIT:
@@ -275,11 +279,8 @@ def check_providers(providers: Sequence[str]) -> None:
 
 
 
-def file_runner(path: Path) -> Runner:
-    """A model file run as it is, like `reference_runner` (its external data read by ONNX Runtime)."""
-    return OrtRunner(make_session(path, providers=["CPUExecutionProvider"], optimization_level="disable"))
+def reference_runner(model: ModelLike) -> Runner:
+    """ONNX Runtime on the CPU with graph optimizations disabled; UserError if ORT cannot load it.
 
-
-def reference_runner(model: Model) -> Runner:
-    """ONNX Runtime on the CPU with graph optimizations disabled; UserError if ORT cannot load it."""
+    A path is loaded by ONNX Runtime itself, external data included."""
     return OrtRunner(make_session(model, providers=["CPUExecutionProvider"], optimization_level="disable"))

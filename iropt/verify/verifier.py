@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from iropt.errors import UserError, VerificationError
+from iropt.io.load import load_model
 from iropt.ir.model import Model
 from iropt.util.progress import ProgressFn
 from iropt.verify.compare import Comparison, compare, nothing_to_compare
 from iropt.verify.criteria import Criterion
 from iropt.verify.feeds import Feeds
 from iropt.verify.runner import Runner, RunnerFactory
-from iropt.verify.runtime import file_runner, reference_runner
+from iropt.verify.runtime import reference_runner
 
 Outputs = dict[str, np.ndarray]
 
@@ -34,9 +36,6 @@ class Verifier:
 
     The reference is copied when the Verifier is made, so rewriting the same Model object in
     place afterwards does not change the reference; its outputs are computed once, on first use.
-    With `reference_file` (the file the reference was loaded from), the reference outputs come
-    from running that file as it is, not the model as iropt re-encoded it: whatever iropt's
-    reading of the file gets wrong then shows as a difference, never as a match.
     """
 
     def __init__(
@@ -48,28 +47,38 @@ class Verifier:
         progress: ProgressFn | None = None,
         reference_file: Path | None = None,
     ) -> None:
+        """`reference_file`: the file `reference` was read from, unchanged. Then no copy is kept:
+        the reference runs from the file (ONNX Runtime reads its weights, iropt encodes nothing),
+        and is read again only if bisection needs it. A large model is held once, not twice."""
         if not feeds:
             raise UserError("verification needs at least one input sample")
-        self._reference = reference.copy()
+        self._reference_file = reference_file
+        self._reference: Model | None = None if reference_file is not None else reference.copy()
         self.feeds = list(feeds)
         self.runner_factory = runner_factory
         self.progress = progress
-        self.reference_file = reference_file
         self._reference_outputs: list[Outputs] | None = None
+        # Wall time spent running models and comparing, over the verifier's life.
+        self.seconds = 0.0
 
     @property
     def reference(self) -> Model:
         """The verifier's own copy of the reference model (never modified)."""
+        if self._reference is None:
+            assert self._reference_file is not None
+            self._reference = load_model(self._reference_file)
         return self._reference
 
     def reference_outputs(self) -> list[Outputs]:
         """The reference model's outputs on every feed (computed on the first call)."""
         if self._reference_outputs is None:
-            if self.reference_file is not None:
-                runner = file_runner(self.reference_file)
+            reference_file = self._reference_file
+            make_runner: Callable[[], Runner]
+            if reference_file is not None and self.runner_factory is reference_runner:
+                make_runner = lambda: reference_runner(reference_file)  # noqa: E731
             else:
-                runner = self.runner_factory(self._reference)
-            outputs = self.run(runner, "running the reference")
+                make_runner = lambda: self.runner_factory(self.reference)  # noqa: E731
+            outputs = self._run(make_runner, "running the reference")
             vacuous = nothing_to_compare(outputs)
             if vacuous:
                 raise VerificationError(
@@ -81,14 +90,23 @@ class Verifier:
 
     def outputs_of(self, model: Model, description: str = "verifying") -> list[Outputs]:
         """Outputs of `model` on every feed (UserError when the runtime cannot run it)."""
-        return self.run(self.runner_factory(model), description)
+        return self._run(lambda: self.runner_factory(model), description)
 
     def run(self, runner: Runner, description: str = "verifying") -> list[Outputs]:
-        """Outputs of `runner` on every feed."""
-        feeds: Iterable[Feeds] = self.feeds
-        if self.progress is not None:
-            feeds = self.progress(self.feeds, description, total=len(self.feeds))
-        return [runner.run(feed) for feed in feeds]
+        """Outputs of `runner` (another model file, a back end's build) on every feed."""
+        return self._run(lambda: runner, description)
+
+    def _run(self, make_runner: Callable[[], Runner], description: str) -> list[Outputs]:
+        """Run every feed through the runner `make_runner` builds; the time goes to `seconds`."""
+        start = time.perf_counter()
+        try:
+            runner = make_runner()
+            feeds: Iterable[Feeds] = self.feeds
+            if self.progress is not None:
+                feeds = self.progress(self.feeds, description, total=len(self.feeds))
+            return [runner.run(feed) for feed in feeds]
+        finally:
+            self.seconds += time.perf_counter() - start
 
     def candidate_outputs(self, model: Model, what: str = "the transformed model") -> list[Outputs]:
         """Like `outputs_of`, but a model the runtime refuses is a VerificationError about `what`."""
@@ -105,6 +123,11 @@ class Verifier:
 
     def check_outputs(self, outputs: Sequence[Outputs], criterion: Criterion) -> Comparison:
         """Compare outputs already computed (by another back end, say) with the reference."""
-        return compare(self.reference_outputs(), outputs, criterion)
+        reference = self.reference_outputs()
+        start = time.perf_counter()
+        try:
+            return compare(reference, outputs, criterion)
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
