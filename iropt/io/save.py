@@ -244,8 +244,9 @@ def check_output_path(out: Path, protected: Collection[Path] = ()) -> None:
 def check_output_file(path: Path, what: str, protected: Collection[Path] = ()) -> None:
     """ModelSaveError unless `what` (a report, an engine) can be written at `path` without
     replacing a folder, a device, or one of the `protected` files (the input, the output model)."""
-    if not path.parent.is_dir():
-        raise ModelSaveError(f"{path}: the directory of {what}, {path.parent}, does not exist")
+    existing = next(parent for parent in path.parents if parent.exists())  # missing ones are made
+    if not existing.is_dir():
+        raise ModelSaveError(f"{path}: {existing} is a file, so the folder of {what} cannot be made")
     if path.is_dir():
         raise ModelSaveError(f"{path}: {what} names a directory, expected a file name")
     refuse_special_file(path, what)
