@@ -36,6 +36,9 @@ BENCHES: dict[str, str] = {
     "quant_kernels": "What ORT's int8 kernels gain, layer shape by layer shape (bench/quant_kernels.py)",
     "lowrank": "Low-rank factorization: accuracy and fidelity against weights kept (bench/lowrank.py)",
     "fp16": "float16: iropt `convert_fp16` against onnxconverter-common (bench/fp16.py)",
+    "quant_saturation": "int8 weights against the int16 saturation of x86 CPUs without VNNI (bench/quant_saturation.py)",
+    "quant_sensitivity": "Sensitivity analysis: fast ranking against exhaustive (bench/quant_sensitivity.py)",
+    "quant_int4": "4-bit weights and int8 dynamic on a trained sentence encoder, against ORT's quantizers (bench/quant_int4.py)",
 }
 PACKAGES = ["onnx", "onnxruntime", "onnx-graphsurgeon", "onnxsim", "onnxslim", "onnxoptimizer", "onnxconverter-common", "numpy"]
 # Whole-bench guard: a bench that runs past this is stopped and its section says so.

@@ -324,7 +324,9 @@ class TensorRTBackend(Backend):
     engine_path: where `emit` writes the engine (default: beside the ONNX, `.engine`).
     """
 
-    capabilities: ClassVar[Capabilities] = Capabilities(quant_format="tensorrt", fp16=True, strongly_typed=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        quant_format="tensorrt", fp16=True, strongly_typed=True, saturating_int8_dot=False
+    )
 
     precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     require_precision: bool = False

@@ -12,8 +12,9 @@ Static mode (the default) calibrates activation ranges on real inputs and insert
 3. Optionally, sensitivity analysis (`iropt.compress.sensitivity`): measure each quantized layer
    alone against the float outputs, keep the most harmful ones in float until `target_metric`
    reaches `target_min`. The ranking is logged and returned in the result's `info`.
-4. Rewrite (`iropt.compress.quant.rewrite`) for the format: `ort` = uint8 asymmetric activations, int8
-   per-channel weights, int32 bias (what ORT's QDQ fusion turns into QLinearConv/QGemm);
+4. Rewrite (`iropt.compress.quant.rewrite`) for the format: `ort` = uint8 asymmetric activations,
+   int8 per-channel weights, int32 bias (what ORT's QDQ fusion turns into QLinearConv/QGemm;
+   weights keep to 7 bits where the target's uint8 x int8 kernels may saturate, `weight_range`);
    `tensorrt` = int8 symmetric everywhere, zero points 0, float bias.
 
 Dynamic mode (`iropt.compress.quant.dynamic`) needs no calibration: MatMul/Gemm get int8 weights and
@@ -49,14 +50,27 @@ import onnx_graphsurgeon as gs
 from iropt.compress.calibration import (
     CalibrationMethod,
     TensorStats,
+    collect_gram,
     collect_statistics,
     compute_range,
     limit_rows,
     rows_of,
     split_batches,
+    with_outputs,
 )
+from iropt.compress.quant.blockwise import BLOCK_SIZES, quantize_gptq, quantize_rtn
 from iropt.compress.quant.dynamic import DYNAMIC_OP_TYPES, dynamic_candidates, quantize_dynamic
-from iropt.compress.quant.params import SCHEMES, QParams, QuantFormat, Scheme, activation_params
+from iropt.compress.quant.embedding import embedding_candidates, quantize_embeddings
+from iropt.compress.quant.existing import is_quantized
+from iropt.compress.quant.params import (
+    REDUCED_WEIGHT_QMAX,
+    SCHEMES,
+    WEIGHT_QMAX,
+    QParams,
+    QuantFormat,
+    Scheme,
+    activation_params,
+)
 from iropt.compress.quant.placement import (
     DEFAULT_OP_TYPES,
     SUPPORTED_OP_TYPES,
@@ -68,7 +82,22 @@ from iropt.compress.quant.placement import (
     tensor_types,
 )
 from iropt.compress.quant.rewrite import RewriteStats, insert_qdq
-from iropt.compress.sensitivity import LayerScore, Metric, SensitivityResult, analyze, score
+from iropt.compress.quant.weight_only import (
+    BLOCKED_DQ_MIN_OPSET,
+    WEIGHT_ONLY_OP_TYPES,
+    Int4Format,
+    rewrite_weight_only,
+    weight_only_candidates,
+)
+from iropt.compress.sensitivity import (
+    LayerScore,
+    Metric,
+    SensitivityResult,
+    added_noise_db,
+    analyze,
+    analyze_fast,
+    score,
+)
 from iropt.errors import OptionError, UserError
 from iropt.infra.options import Range
 from iropt.infra.pass_base import Pass, PassContext, PassKind, PassResult
@@ -100,9 +129,20 @@ class Quantize(Pass):
     `op_types` to quantize (default: Conv, ConvTranspose, Gemm, MatMul, Add, Mul, Concat, pools,
     Resize and layout ops; Softmax, LayerNormalization, ... only when listed); `exclude_nodes`
     (fnmatch patterns on node names) and `exclude_op_types`; `sensitivity` with `target_metric`
-    cosine|top1|snr, `target_min` and `sensitivity_samples` keeps the most harmful layers in float;
+    cosine|top1|snr, `target_min` and `sensitivity_samples` keeps the most harmful layers in float,
+    ranked `sensitivity_ranking` fast (each layer's added noise from one run of the quantized
+    model; the `sensitivity_refine` worst measured alone; a doubling-then-bisection search for
+    the fewest float layers) or exhaustive (every layer measured alone, one at a time back to float);
     `skip_slow_layers` (format ort) keeps in float the layers ORT runs slower in int8 (ConvTranspose,
-    Conv with < 8 input channels and a small output, Conv followed by HardSwish and similar).
+    Conv with < 8 input channels and a small output, Conv followed by HardSwish and similar);
+    `weight_range` auto|full|reduced: int8 weights over [-127, 127] (full) or [-63, 63] (reduced,
+    7 bits); auto reduces them for uint8 activations where the target's int8 kernels may
+    saturate (ONNX Runtime on x86 CPUs without VNNI), so the model is accurate on any CPU.
+    `bits=4`: weight-only 4-bit MatMul/Gemm weights in blocks of `block_size` (16..256, a power
+    of two) along K, `symmetric` or with zero points, chosen by `weight_method` rtn (round to
+    nearest) or gptq (error compensation from calibration inputs); ONNX Runtime gets
+    MatMulNBits, TensorRT int4 DequantizeLinear with blocks (opset >= 21). `embeddings` (dynamic
+    and bits=4): Gather tables of at least 64Ki values stored int8 with one scale per row.
     """
 
     kind = PassKind.LOSSY
@@ -122,7 +162,15 @@ class Quantize(Pass):
     target_metric: Literal["cosine", "top1", "snr"] = "cosine"
     target_min: float = 0.995
     sensitivity_samples: Annotated[int, Range(min=1, max=1 << 16)] = 64
+    sensitivity_ranking: Literal["fast", "exhaustive"] = "fast"
+    sensitivity_refine: Annotated[int, Range(min=0)] = 4
     skip_slow_layers: bool = True
+    weight_range: Literal["auto", "full", "reduced"] = "auto"
+    bits: Literal[8, 4] = 8
+    block_size: Annotated[int, Range(min=1)] = 32
+    symmetric: bool = True
+    weight_method: Literal["rtn", "gptq"] = "rtn"
+    embeddings: bool = True
     # Results of the last run, for the CLI and tests (not options).
     last_ranking: list[LayerScore] = field(default_factory=list, init=False, repr=False, compare=False)
     last_kept_float: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
@@ -143,15 +191,35 @@ class Quantize(Pass):
             raise OptionError(f"quantize: max_samples must be at least 1, got {self.max_samples}")
         if self.bins < 8 or self.bins % 4:
             raise OptionError(f"quantize: bins must be a multiple of 4 and at least 8, got {self.bins}")
+        if self.block_size not in BLOCK_SIZES:
+            raise OptionError(
+                f"quantize: block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}"
+            )
+        if self.bits == 4 and self.mode == "dynamic":
+            raise OptionError("quantize: bits=4 is weight-only (activations stay float); leave mode at its default")
 
     # --- entry point -----------------------------------------------------------------------
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        upgraded_from = _ensure_opset(model, self.mode, ctx)
-        result = self._run_dynamic(model, ctx) if self.mode == "dynamic" else self._run_static(model, ctx)
+        existing = [
+            node_label(node, index) for index, node in enumerate(model.graph.nodes)
+            if is_quantized(node) and not is_op(node, "QuantizeLinear", "DequantizeLinear")
+        ]
+        if self.bits == 4:
+            upgraded_from = None
+            result = self._run_weight_only(model, ctx)
+        else:
+            upgraded_from = _ensure_opset(model, self.mode, ctx)
+            result = self._run_dynamic(model, ctx) if self.mode == "dynamic" else self._run_static(model, ctx)
         if upgraded_from is not None:
             result.stats["upgraded_from_opset"] = upgraded_from
             result.changed = True
+        if existing:
+            ctx.log.info(
+                "quantize: %d node(s) are quantized already and stay as they are (%s)",
+                len(existing), ", ".join(existing[:5]) + (", ..." if len(existing) > 5 else ""),
+            )
+            result.info["already_quantized"] = existing
         return result
 
     def resolve_format(self, ctx: PassContext) -> QuantFormat:
@@ -160,10 +228,18 @@ class Quantize(Pass):
             return self.format
         return ctx.capabilities.quant_format
 
+    def weight_qmax(self, ctx: PassContext, activation_dtype: type[np.integer]) -> int:
+        """The int8 weight bound: 7 bits where uint8 x int8 products may saturate on the target."""
+        if self.weight_range == "auto":
+            saturates = ctx.capabilities.saturating_int8_dot and activation_dtype == np.uint8
+            return REDUCED_WEIGHT_QMAX if saturates else WEIGHT_QMAX
+        return REDUCED_WEIGHT_QMAX if self.weight_range == "reduced" else WEIGHT_QMAX
+
     # --- static ------------------------------------------------------------------------------
 
     def _run_static(self, model: Model, ctx: PassContext) -> PassResult:
         scheme = SCHEMES[self.resolve_format(ctx)]
+        scheme = scheme.with_weight_qmax(self.weight_qmax(ctx, scheme.activation_dtype))
         dtypes = tensor_types(model)
         op_types = list(self.op_types) if self.op_types is not None else list(DEFAULT_OP_TYPES)
         slow_reasons = self._slow_nodes(model, scheme, op_types, ctx)
@@ -189,7 +265,11 @@ class Quantize(Pass):
         floats: frozenset[str] = frozenset()
         info: dict[str, Any] = {}
         if self.sensitivity:
-            layers = [(c.key, f"{c.label} ({c.node.op})") for c in plan.nodes]
+            layers = [
+                Layer(c.key, f"{c.label} ({c.node.op})", [c.node.inputs[i].name for i in c.activation_inputs],
+                      c.node.outputs[0].name)
+                for c in plan.nodes
+            ]
             floats, info = self._sensitivity(model, ctx, layers, build, kept)
             plan = plan_quantization(
                 model.graph, scheme, op_types=op_types, excluded=self._excluded(floats | slow),
@@ -266,28 +346,69 @@ class Quantize(Pass):
 
     def _run_dynamic(self, model: Model, ctx: PassContext) -> PassResult:
         op_types = list(self.op_types) if self.op_types is not None else list(DYNAMIC_OP_TYPES)
+        weight_qmax = self.weight_qmax(ctx, np.uint8)  # DynamicQuantizeLinear gives uint8
 
         def build(target: Model, only: frozenset[str] | None, floats: frozenset[str]) -> int:
             found = dynamic_candidates(target.graph, op_types, self._excluded(floats))
             chosen = [c for c in found if only is None or c.key in only]
-            count = quantize_dynamic(target.graph, chosen)
+            count = quantize_dynamic(target.graph, chosen, weight_qmax)
             target.graph.nodes = sorted_nodes(target.graph)
             return count
 
         floats: frozenset[str] = frozenset()
         info: dict[str, Any] = {}
         if self.sensitivity:
-            layers = [(c.key, f"{c.label} ({c.node.op})") for c in dynamic_candidates(
-                model.graph, op_types, self._excluded())]
+            layers = [
+                Layer(c.key, f"{c.label} ({c.node.op})", [c.node.inputs[0].name], c.node.outputs[0].name)
+                for c in dynamic_candidates(model.graph, op_types, self._excluded())
+            ]
             batches = (b for f in self._feeds(model, ctx) for b in split_batches(f, self.batch_size))
             feeds = list(limit_rows(batches, self.sensitivity_samples))
             floats, info = self._sensitivity(model, ctx, layers, build, feeds)
         quantized = build(model, None, floats)
         result = PassResult.from_stats(
-            quantized_nodes=quantized, quantized_weights=quantized, kept_float=len(floats)
+            quantized_nodes=quantized, quantized_weights=quantized, kept_float=len(floats),
+            quantized_embeddings=self._embeddings(model),
         )
         result.info = info
         return result
+
+    # --- weight-only 4-bit ---------------------------------------------------------------------
+
+    def _run_weight_only(self, model: Model, ctx: PassContext) -> PassResult:
+        fmt: Int4Format = "blocked_dq" if self.resolve_format(ctx) == "tensorrt" else "matmul_nbits"
+        if fmt == "blocked_dq":
+            _upgrade_to(model, BLOCKED_DQ_MIN_OPSET, "4-bit DequantizeLinear with blocks", ctx)
+        op_types = list(self.op_types) if self.op_types is not None else list(WEIGHT_ONLY_OP_TYPES)
+        candidates = weight_only_candidates(model.graph, op_types, self._excluded())
+        grams: dict[str, np.ndarray] = {}
+        if self.weight_method == "gptq" and candidates:
+            activations = sorted({c.activation.name for c in candidates})
+            feeds = limit_rows(self._feeds(model, ctx), self.max_samples)
+            grams = collect_gram(model, activations, feeds, ctx.runner_factory,
+                                 batch_size=self.batch_size, progress=ctx.progress)
+        quantized = {}
+        for candidate in ctx.progress(candidates, "quantizing weights", total=len(candidates)):
+            gram = grams.get(candidate.activation.name)
+            if gram is None:
+                codes = quantize_rtn(candidate.weight, self.block_size, self.symmetric)
+            else:
+                codes = quantize_gptq(candidate.weight, gram, self.block_size, self.symmetric)
+            quantized[candidate.key] = (candidate, codes)
+        count = rewrite_weight_only(model.graph, quantized, fmt)
+        model.graph.nodes = sorted_nodes(model.graph)
+        return PassResult.from_stats(
+            quantized_nodes=count, quantized_weights=count, quantized_embeddings=self._embeddings(model)
+        )
+
+    def _embeddings(self, model: Model) -> int:
+        """Store large Gather tables in int8 per row (dynamic and weight-only modes)."""
+        if not self.embeddings:
+            return 0
+        count = quantize_embeddings(model.graph, embedding_candidates(model.graph, self._excluded()))
+        if count:
+            model.graph.nodes = sorted_nodes(model.graph)
+        return count
 
     # --- shared ------------------------------------------------------------------------------
 
@@ -296,17 +417,38 @@ class Quantize(Pass):
         op_types = set(self.exclude_op_types)
 
         def excluded(node: gs.Node, key: str) -> bool:
-            if key in floats or node.op in op_types:
+            if key in floats or node.op in op_types or is_quantized(node):
                 return True
             return any(fnmatch.fnmatchcase(node.name or "", pattern) for pattern in patterns)
 
         return excluded
 
+    def _added_noise(
+        self,
+        model: Model,
+        ctx: PassContext,
+        layers: list[Layer],
+        build: Callable[[Model, frozenset[str] | None, frozenset[str]], object],
+        feeds: list[Feeds],
+        reference: list[dict[str, np.ndarray]],
+    ) -> tuple[dict[str, float], list[dict[str, np.ndarray]]]:
+        """Each layer's added noise (dB) from one run of the fully quantized model with every
+        layer's tensors among its outputs (and one of the float model, the same way); also the
+        quantized model's own outputs, whose metric the search starts from."""
+        names = sorted({name for layer in layers for name in [*layer.inputs, layer.output]})
+        quantized = model.copy()
+        build(quantized, None, frozenset())
+        float_runs = _run_all(ctx.runner_factory(with_outputs(model, names)), feeds)
+        quantized_runs = _run_all(ctx.runner_factory(with_outputs(quantized, names)), feeds)
+        noise = added_noise_db(float_runs, quantized_runs, [(layer.key, layer.inputs, layer.output) for layer in layers])
+        outputs = [{name: run[name] for name in ref} for ref, run in zip(reference, quantized_runs, strict=True)]
+        return noise, outputs
+
     def _sensitivity(
         self,
         model: Model,
         ctx: PassContext,
-        layers: list[tuple[str, str]],
+        layers: list[Layer],
         build: Callable[[Model, frozenset[str] | None, frozenset[str]], object],
         feeds: list[Feeds],
     ) -> tuple[frozenset[str], dict[str, Any]]:
@@ -325,15 +467,34 @@ class Quantize(Pass):
             build(candidate, only, floats)
             return score(reference, _run_all(ctx.runner_factory(candidate), feeds), metric)
 
-        result = analyze(layers, evaluate, self.target_min, ctx.progress)
+        named = [(layer.key, layer.label) for layer in layers]
+        if self.sensitivity_ranking == "exhaustive":
+            result = analyze(named, evaluate, self.target_min, ctx.progress)
+        else:
+            noise, quantized = self._added_noise(model, ctx, layers, build, feeds, reference)
+            result = analyze_fast(named, noise, evaluate, self.target_min, self.sensitivity_refine,
+                                  score(reference, quantized, metric))
         _log_ranking(ctx, result, metric, self.target_min)
         info = {
             "sensitivity_metric": metric,
-            "ranking": [{"layer": item.label, "score": item.score} for item in result.ranking],
+            "sensitivity_ranking": self.sensitivity_ranking,
+            "ranking": [{"layer": item.label, "score": item.score} | (
+                {"alone": result.alone[item.key]} if item.key in result.alone else {}) for item in result.ranking],
             "kept_float": [item.label for item in result.kept_float],
             "score": result.score,
+            "model_runs": result.evaluations or len(layers) + len(result.kept_float) + 1,
         }
         return frozenset(item.key for item in result.kept_float), info
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer the sensitivity analysis ranks: its key, a label, and the tensors it reads and writes."""
+
+    key: str
+    label: str
+    inputs: list[str]
+    output: str
 
 
 def _rewrite_static(model: Model, plan: Plan, params: Mapping[str, QParams], scheme: Scheme) -> RewriteStats:
@@ -364,6 +525,11 @@ def _ensure_opset(model: Model, mode: str, ctx: PassContext) -> int | None:
     """Upgrade a model older than `mode` needs (logged); the opset it had, or None."""
     minimum, what = (DYNAMIC_MIN_OPSET, "dynamic quantization (DynamicQuantizeLinear)") if mode == "dynamic" else (
         STATIC_MIN_OPSET, "static QDQ quantization with per-channel weights")
+    return _upgrade_to(model, minimum, what, ctx)
+
+
+def _upgrade_to(model: Model, minimum: int, what: str, ctx: PassContext) -> int | None:
+    """Upgrade a model older than opset `minimum` (logged); the opset it had, or None."""
     current = model.opset
     if current >= minimum:
         return None

@@ -233,7 +233,9 @@ def test_weights_are_quantized_per_output_channel(tmp_path: Path, case: str, fmt
     assert w_dq.attrs["axis"] == axis and scale.shape == (channels,)
     assert zero.dtype == np.int8 and not zero.any()
     stored = w_dq.inputs[0].values
-    assert stored.dtype == np.int8 and stored.shape == shape and np.abs(stored.astype(int)).max() == 127
+    # uint8 x int8 (ort) keeps weights to 7 bits: x86 CPUs without VNNI saturate full-range ones.
+    qmax = 63 if fmt == "ort" else 127
+    assert stored.dtype == np.int8 and stored.shape == shape and np.abs(stored.astype(int)).max() == qmax
     if "b" in weights:
         bias = node.inputs[2]
         if fmt == "ort":

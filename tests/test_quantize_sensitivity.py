@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from helpers_quant import checked, cosine, mlp_model, quantize, run, write_feeds
 
-from iropt.compress.sensitivity import score
+from iropt.compress.sensitivity import analyze_fast, score
 from iropt.ir.model import Model
 
 
@@ -94,3 +94,33 @@ def test_score_is_the_worst_output() -> None:
     assert score(reference, candidate, "cosine") == 0.0
     assert score(reference, candidate, "top1") == 0.0
     assert score(reference, reference, "snr") == float("inf")
+
+
+def test_fast_and_exhaustive_rankings_keep_the_same_layer_and_fast_runs_fewer_models(tmp_path: Path) -> None:
+    spec, _ = _calibration(tmp_path)
+    runs = {}
+    for ranking in ("fast", "exhaustive"):
+        model = _fragile_mlp()
+        result, _pass = quantize(model, spec, sensitivity=True, sensitivity_ranking=ranking,
+                                 sensitivity_refine=1, target_min=0.995)
+        assert result.info["kept_float"] == ["fc2 (Gemm)"] and _fc2_is_float(model)
+        runs[ranking] = result.info["model_runs"]
+    assert runs["fast"] < runs["exhaustive"]
+
+
+def test_fast_search_stops_at_the_fewest_float_layers_in_logarithmic_runs() -> None:
+    """20 layers, the 5 noisiest must stay float: found with the refined few plus O(log n) runs."""
+    layers = [(f"k{i}", f"layer{i}") for i in range(20)]
+    noise_db = {f"k{i}": float(i) for i in range(20)}  # k0 is the noisiest
+    harmful = {f"k{i}" for i in range(5)}
+    calls = []
+
+    def evaluate(only: frozenset[str] | None, floats: frozenset[str]) -> float:
+        calls.append((only, floats))
+        quantized = set(noise_db) if only is None else set(only)
+        return 1.0 - 0.01 * len((quantized - floats) & harmful)
+
+    result = analyze_fast(layers, noise_db, evaluate, target_min=0.999, refine=2)
+    assert result.met and {item.key for item in result.kept_float} == harmful
+    assert [item.key for item in result.ranking[:5]] == ["k0", "k1", "k2", "k3", "k4"]
+    assert len(calls) <= 2 + 1 + 2 * 5  # refined + all quantized + doubling and bisection over 20

@@ -480,3 +480,28 @@ def limit_rows(feeds: Iterable[dict[str, np.ndarray]], limit: int | None) -> Ite
             feed = sliced
         seen += rows
         yield feed
+
+
+def collect_gram(
+    model: Model,
+    tensors: Sequence[str],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    runner_factory: Callable[[Model], Runner],
+    *,
+    batch_size: int = 32,
+    progress: ProgressFn | None = None,
+) -> dict[str, np.ndarray]:
+    """`X^T X` (float64 `[K, K]`) of each tensor over `feeds`, X being its values as rows of its
+    last axis: what a layer reading the tensor sees (GPTQ's Hessian up to a factor)."""
+    grams: dict[str, np.ndarray] = {}
+    inputs = {tensor.name for tensor in model.graph.inputs}
+
+    def accumulate(batch: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        for name in tensors:
+            values = np.asarray(batch[name] if name in inputs else outputs[name], dtype=np.float64)
+            rows = values.reshape(-1, values.shape[-1])
+            grams[name] = grams[name] + rows.T @ rows if name in grams else rows.T @ rows
+
+    collect_statistics(model, tensors, feeds, runner_factory, batch_size=batch_size, histograms=False,
+                       progress=progress, on_outputs=accumulate)
+    return grams

@@ -1,10 +1,20 @@
-"""Sensitivity analysis: rank quantized layers by the harm each does alone, keep the worst in float.
+"""Sensitivity analysis: rank quantized layers by the harm they do, keep the worst in float.
 
-Each layer is quantized alone and the model's outputs are compared with the float model's on
-the same inputs (cosine similarity, top-1 agreement or SNR). Layers are ranked worst first. Then,
-starting from everything quantized, the worst-ranked layers go back to float one at a time until
-the whole model meets the target. Errors of several layers do not simply add up, so the whole
-model is measured after each step rather than predicted from the ranking.
+Two rankings:
+
+- `exhaustive`: each layer is quantized alone and the model's outputs are compared with the
+  float model's on the same inputs (cosine similarity, top-1 agreement or SNR): one model run
+  per layer. Then, starting from everything quantized, the worst-ranked layers go back to float
+  one at a time until the whole model meets the target.
+- `fast`: one run of the float model and one of the fully quantized model, each with every
+  layer's input and output exposed, give each layer the noise it *adds*: the noise-to-signal
+  ratio of its output minus the largest of its inputs' (its inputs' own quantization counts as
+  its own). Only the `refine` worst by that measure are measured alone, to order the top of the
+  ranking exactly. Then the number of worst layers kept in float grows 1, 2, 4, ... until the
+  model meets the target, and a bisection finds the fewest that do: O(log n) model runs.
+
+Errors of several layers do not simply add up, so the whole model is measured at every step
+rather than predicted from the ranking.
 """
 
 from __future__ import annotations
@@ -67,6 +77,9 @@ class SensitivityResult:
     kept_float: list[LayerScore] = field(default_factory=list)
     score: float = math.nan  # the metric of the model finally chosen
     met: bool = False
+    # Fast ranking: the metric with the layer quantized alone, for the few measured so.
+    alone: dict[str, float] = field(default_factory=dict)
+    evaluations: int = 0  # whole-model runs over the feeds, besides the reference
 
 
 def analyze(
@@ -94,3 +107,66 @@ def analyze(
         kept.append(item)
         current = evaluate(None, frozenset(k.key for k in kept))
     return SensitivityResult(ranking, kept, current, current >= target_min)
+
+
+def added_noise_db(
+    reference: Outputs,
+    quantized: Outputs,
+    layers: Sequence[tuple[str, Sequence[str], str]],
+) -> dict[str, float]:
+    """Per layer `(key, input names, output name)`: the noise it adds, as an SNR in dB (lower is
+    worse), from two runs over the same feeds with every named tensor among the outputs."""
+
+    def nsr(name: str) -> float:
+        noise = sum(float(np.sum((q[name].astype(np.float64) - r[name]) ** 2)) for r, q in zip(reference, quantized, strict=True))
+        signal = sum(float(np.sum(r[name].astype(np.float64) ** 2)) for r in reference)
+        return noise / signal if signal > 0 else 0.0
+
+    scores = {}
+    for key, inputs, output in layers:
+        added = nsr(output) - max((nsr(name) for name in inputs), default=0.0)
+        scores[key] = -10.0 * math.log10(max(added, 1e-12))
+    return scores
+
+
+def analyze_fast(
+    layers: Sequence[tuple[str, str]],
+    noise_db: dict[str, float],
+    evaluate: Evaluate,
+    target_min: float,
+    refine: int = 4,
+    quantized_score: float | None = None,
+) -> SensitivityResult:
+    """Rank `layers` by `noise_db` (from `added_noise_db`), measure the `refine` worst alone to
+    order them, and keep the fewest worst-ranked in float that let the model meet `target_min`.
+
+    `quantized_score`: the metric of the fully quantized model when the caller has it already
+    (from the run that measured the noise)."""
+    by_noise = sorted((LayerScore(key, label, noise_db[key]) for key, label in layers), key=lambda item: item.score)
+    alone = {item.key: evaluate(frozenset({item.key}), frozenset()) for item in by_noise[:refine]}
+    ranking = sorted(by_noise[:refine], key=lambda item: alone[item.key]) + by_noise[refine:]
+    tried: dict[int, float] = {} if quantized_score is None else {0: quantized_score}
+
+    def result(count: int) -> SensitivityResult:
+        met = tried[count] >= target_min
+        return SensitivityResult(ranking, ranking[:count], tried[count], met, alone, len(alone) + len(tried))
+
+    def with_float(count: int) -> float:
+        if count not in tried:
+            tried[count] = evaluate(None, frozenset(item.key for item in ranking[:count]))
+        return tried[count]
+
+    if with_float(0) >= target_min:
+        return result(0)
+    failing, passing = 0, 1
+    while passing < len(ranking) and with_float(passing) < target_min:
+        failing, passing = passing, min(2 * passing, len(ranking))
+    if with_float(passing) < target_min:
+        return result(passing)
+    while passing - failing > 1:
+        middle = (failing + passing) // 2
+        if with_float(middle) >= target_min:
+            passing = middle
+        else:
+            failing = middle
+    return result(passing)

@@ -59,11 +59,16 @@ class Capabilities:
       Q/DQ on both inputs of weighted ops).
     - `fp16`: it has float16 kernels worth converting to.
     - `strongly_typed`: precision comes from the graph's types only (no builder precision flags).
+    - `saturating_int8_dot`: its uint8 x int8 dot products may add pairs of products in int16,
+      which full-range int8 weights overflow: ONNX Runtime's x86 kernels on CPUs without VNNI
+      (AVX2, AVX-512BW) use VPMADDUBSW, and 255 * 127 * 2 > 32767. A quantized model may run on
+      any such CPU, so weights then keep to 7 bits ([-63, 63], where 255 * 63 * 2 fits).
     """
 
     quant_format: QuantFormat = "ort"
     fp16: bool = False
     strongly_typed: bool = False
+    saturating_int8_dot: bool = True
 
 
 # No target: what ONNX Runtime on the CPU, the verification runtime, runs well.

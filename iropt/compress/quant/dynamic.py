@@ -15,6 +15,11 @@ run. ONNX Runtime fuses the chain (with the bias Add) into DynamicQuantizeMatMul
 the same chain with `W = B` (transposed when `transB`), `alpha` folded into the scale and
 `beta * C` added; Gemm with `transA` stays float. New nodes are appended to the graph; the
 caller puts it back in topological order.
+
+`weight_qmax` bounds the int8 weights: 63 where the target's uint8 x int8 kernels may add pairs
+of products in int16 (x86 without VNNI; see `iropt.compress.quant.params`). The uint8 input
+spans all 256 levels with a zero point near 128, so nearly every pair of products is large and
+full-range weights make such kernels saturate on most outputs.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from iropt.compress.quant.params import weight_params
+from iropt.compress.quant.params import WEIGHT_QMAX, weight_params
 from iropt.compress.quant.placement import node_key, node_label
 from iropt.compress.quant.rewrite import names_for
 from iropt.ir.graph import FreshNames, constant_value, is_op
@@ -69,8 +74,9 @@ def _rewritable(node: gs.Node) -> bool:
     return True
 
 
-def quantize_dynamic(graph: gs.Graph, candidates: list[DynamicCandidate]) -> int:
-    """Rewrite `candidates` in place; returns the number of weights quantized."""
+def quantize_dynamic(graph: gs.Graph, candidates: list[DynamicCandidate], weight_qmax: int = WEIGHT_QMAX) -> int:
+    """Rewrite `candidates` in place with weights in `[-weight_qmax, weight_qmax]`; returns the
+    number of weights quantized."""
     name = names_for(graph)
     quantized_inputs: dict[int, tuple[gs.Variable, gs.Variable, gs.Variable]] = {}
     for candidate in candidates:
@@ -78,7 +84,7 @@ def quantize_dynamic(graph: gs.Graph, candidates: list[DynamicCandidate]) -> int
         x = node.inputs[0]
         if id(x) not in quantized_inputs:
             quantized_inputs[id(x)] = _dynamic_quantize(graph, name, x)
-        _rewrite(graph, name, node, *quantized_inputs[id(x)])
+        _rewrite(graph, name, node, weight_qmax, *quantized_inputs[id(x)])
     return len(candidates)
 
 
@@ -95,7 +101,13 @@ def _dynamic_quantize(graph: gs.Graph, name: FreshNames, x: gs.Tensor) -> tuple[
 
 
 def _rewrite(
-    graph: gs.Graph, name: FreshNames, node: gs.Node, x_q: gs.Variable, x_scale: gs.Variable, x_zero: gs.Variable
+    graph: gs.Graph,
+    name: FreshNames,
+    node: gs.Node,
+    weight_qmax: int,
+    x_q: gs.Variable,
+    x_scale: gs.Variable,
+    x_zero: gs.Variable,
 ) -> None:
     weight = constant_value(node.inputs[1])
     assert weight is not None
@@ -109,7 +121,7 @@ def _rewrite(
             # asarray again: a 0-d bias times a scalar is a numpy scalar, not an array.
             bias = np.asarray(np.asarray(constant_value(node.inputs[2]), dtype=np.float32) * beta)
     base = node.name or node.outputs[0].name
-    w_q, params = weight_params(weight, 1)
+    w_q, params = weight_params(weight, 1, weight_qmax)
     output = node.outputs[0]
     node.outputs.clear()
     node.inputs.clear()

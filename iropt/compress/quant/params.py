@@ -14,12 +14,15 @@ The two formats differ in what their back end runs fast or accepts at all:
   int32 bias DequantizeLinear and folds the bias itself).
 
 Weights are always symmetric int8 over `[-127, 127]` (not -128: the grid stays symmetric, as
-TensorRT requires and as keeps `-w` representable whenever `w` is).
+TensorRT requires and as keeps `-w` representable whenever `w` is), or over `[-63, 63]` where
+the target's int8 kernels may saturate (`Capabilities.saturating_int8_dot`): x86 CPUs without
+VNNI add pairs of uint8 x int8 products in int16, which 7-bit weights cannot overflow
+(255 * 63 * 2 = 32130 <= 32767) and full-range ones do, giving wrong sums, not just rounding.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -28,6 +31,7 @@ from iropt.infra.pass_base import QuantFormat
 FORMATS: tuple[str, ...] = ("ort", "tensorrt")
 
 WEIGHT_QMAX = 127
+REDUCED_WEIGHT_QMAX = 63  # 7-bit weights: no int16 overflow in VPMADDUBSW-based kernels
 INT32_MIN, INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
 
 
@@ -45,6 +49,12 @@ class Scheme:
     # TensorRT concatenates without requantizing when every Concat input has one scale; ORT's
     # QLinearConcat requantizes cheaply, so each input keeps its own (tighter) scale.
     share_concat_scale: bool
+    # Largest int8 weight magnitude (see the module docstring); `with_weight_qmax` sets it from
+    # the target's capabilities.
+    weight_qmax: int = WEIGHT_QMAX
+
+    def with_weight_qmax(self, qmax: int) -> Scheme:
+        return replace(self, weight_qmax=qmax)
 
 
 SCHEMES: dict[str, Scheme] = {
@@ -105,8 +115,11 @@ def activation_params(low: float, high: float, scheme: Scheme) -> QParams:
     return QParams(np.array(scale32, dtype=np.float32), np.array(zero, dtype=dtype))
 
 
-def weight_params(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray, QParams]:
-    """Symmetric int8 quantization of a weight, per channel along `axis` (None: per tensor).
+def weight_params(
+    weight: np.ndarray, axis: int | None, qmax: int = WEIGHT_QMAX
+) -> tuple[np.ndarray, QParams]:
+    """Symmetric int8 quantization of a weight over `[-qmax, qmax]`, per channel along `axis`
+    (None: per tensor).
 
     Returns the int8 weight and its parameters. A channel of zeros gets scale 1 (any positive
     scale represents it exactly; 0 would be an invalid scale).
@@ -118,9 +131,9 @@ def weight_params(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray, QPa
         axis = axis % w.ndim
         reduce = tuple(i for i in range(w.ndim) if i != axis)
         amax = np.max(np.abs(w), axis=reduce) if reduce else np.abs(w)
-    scale = np.where(amax > 0, amax / WEIGHT_QMAX, 1.0).astype(np.float32)
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
     shaped = scale if axis is None else scale.reshape([-1 if i == axis else 1 for i in range(w.ndim)])
-    quantized = np.clip(np.rint(w / shaped.astype(np.float64)), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
+    quantized = np.clip(np.rint(w / shaped.astype(np.float64)), -qmax, qmax).astype(np.int8)
     zero = np.zeros(scale.shape, dtype=np.int8)
     return quantized, QParams(scale, zero, axis if scale.ndim else None)
 

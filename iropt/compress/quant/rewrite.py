@@ -91,7 +91,7 @@ class _Rewriter:
         if cache_key not in self._weights:
             value = constant_value(tensor)
             assert value is not None
-            quantized, params = weight_params(value, spec.axis)
+            quantized, params = weight_params(value, spec.axis, self.scheme.weight_qmax)
             out = self._dequantize(tensor.name, quantized, params, list(value.shape))
             self._weights[cache_key] = (out, params)
             self.weights_done += 1

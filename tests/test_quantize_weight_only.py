@@ -1,0 +1,157 @@
+"""quantize(bits=4): 4-bit block-wise MatMul/Gemm weights; embedding tables in int8 per row.
+
+The 4-bit layouts are checked against numpy: ONNX Runtime's MatMulNBits (and blocked int4
+DequantizeLinear) must compute `x @ dequantize(codes)` for the codes the pass chose, which pins
+the packing (nibble order, block order, zero-point packing) and the Gemm folding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers_quant import build, checked, cosine, op_counts, quantize, rand, run, write_feeds
+
+from iropt.compress.quant.blockwise import pack_nibbles, quantize_gptq, quantize_rtn
+from iropt.errors import OptionError
+from iropt.ir.model import Model
+
+
+def _unpack(packed: np.ndarray) -> np.ndarray:
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+
+
+def _nbits_weight(node_inputs: list, k: int, n: int, block: int) -> np.ndarray:
+    """The [K, N] float weight a MatMulNBits node's B, scales and zero points stand for."""
+    codes = _unpack(node_inputs[1].values).reshape(n, -1)[:, :k].astype(np.float32)  # [N, K]
+    scales = node_inputs[2].values.reshape(n, -1)
+    blocks = scales.shape[1]
+    if len(node_inputs) > 3 and node_inputs[3].name:
+        zeros = _unpack(node_inputs[3].values).reshape(n, -1)[:, :blocks].astype(np.float32)
+    else:
+        zeros = np.full((n, blocks), 8.0, dtype=np.float32)
+    expand = np.repeat(np.arange(blocks), block)[:k]
+    return ((codes - zeros[:, expand]) * scales[:, expand]).T
+
+
+def test_round_to_nearest_is_within_half_a_step_and_keeps_each_block_extreme() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((96, 10)).astype(np.float32)
+    for symmetric in (True, False):
+        q = quantize_rtn(w, 32, symmetric)
+        assert q.codes.max() <= 15 and q.scale.shape == (3, 10)
+        step = np.repeat(q.scale, 32, axis=0)
+        assert np.all(np.abs(q.dequantize() - w) <= step / 2 * (1 + 1e-5))
+    # Symmetric: one end of every block's range is a code exactly (the scale is as small as it can be).
+    blocks, restored = w.reshape(3, 32, 10), quantize_rtn(w, 32, True).dequantize().reshape(3, 32, 10)
+    exact = np.isclose(restored.max(axis=1), blocks.max(axis=1), rtol=1e-6) | np.isclose(
+        restored.min(axis=1), blocks.min(axis=1), rtol=1e-6)
+    assert exact.all()
+
+
+def test_gptq_has_less_output_error_than_rounding_on_its_calibration_inputs() -> None:
+    rng = np.random.default_rng(1)
+    # Correlated inputs (a low-rank signal plus noise), as layer inputs in a trained network are.
+    x = (rng.standard_normal((512, 8)) @ rng.standard_normal((8, 64)) + 0.1 * rng.standard_normal((512, 64)))
+    w = rng.standard_normal((64, 32))
+    gram = x.T @ x
+    for symmetric in (True, False):
+        rtn = np.linalg.norm(x @ (quantize_rtn(w, 32, symmetric).dequantize() - w))
+        gptq = np.linalg.norm(x @ (quantize_gptq(w, gram, 32, symmetric).dequantize() - w))
+        assert gptq < 0.7 * rtn
+
+
+def test_pack_nibbles_puts_the_first_code_in_the_low_nibble() -> None:
+    assert pack_nibbles(np.array([[1, 2, 15, 0]], dtype=np.uint8)).tolist() == [[0x21, 0x0F]]
+
+
+GEMM_TEXT = """
+g (float[N, 80] x) => (float[N, 24] y, float[N, 40] z) {
+  h = MatMul (x, w1)
+  y = Gemm <transB = 1, alpha = 0.5, beta = 2.0> (h, w2, b2)
+  z = MatMul (x, w3)
+}"""
+
+
+def _gemm_model(rng: np.random.Generator, opset: int = 17) -> Model:
+    weights = {"w1": rand(rng, 80, 48), "w2": rand(rng, 24, 48), "b2": rand(rng, 24), "w3": rand(rng, 80, 40)}
+    return build(GEMM_TEXT, weights, opset=opset)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_matmul_nbits_computes_the_chosen_codes(tmp_path: Path, symmetric: bool) -> None:
+    rng = np.random.default_rng(2)
+    model = _gemm_model(rng)
+    original = model.copy()
+    weights = {t.name: t.values for t in original.graph.tensors().values() if hasattr(t, "values")}
+    calibration = write_feeds(tmp_path, {"x": rng.standard_normal((64, 80)).astype(np.float32)})
+    result, _ = quantize(model, calibration, bits=4, block_size=32, symmetric=symmetric, weight_method="gptq")
+    checked(model)
+    assert result.stats["quantized_weights"] == 3 and op_counts(model) == {"MatMulNBits": 3}
+    nodes = {node.outputs[0].name: node for node in model.graph.nodes}
+    x = rng.standard_normal((5, 80)).astype(np.float32)
+    w1 = _nbits_weight(nodes["h"].inputs, 80, 48, 32)  # K = 80: the last block is padded
+    w2 = _nbits_weight(nodes["y"].inputs, 48, 24, 32)  # alpha folded into the scales
+    w3 = _nbits_weight(nodes["z"].inputs, 80, 40, 32)
+    got = run(model, {"x": x}, optimized=True)
+    h = x @ w1
+    np.testing.assert_allclose(got["z"], x @ w3, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["y"], h @ w2 + 2.0 * weights["b2"], rtol=1e-4, atol=1e-4)
+    want = run(original, {"x": x})
+    assert cosine(want["z"], got["z"]) >= 0.98 and cosine(want["y"], got["y"]) >= 0.97
+
+
+def test_tensorrt_gets_blocked_int4_dequantize_linear_at_opset_21(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    older = _gemm_model(rng)
+    quantize(older, None, target="tensorrt", bits=4)  # opset 17: upgraded first
+    assert older.opset == 21 and sum(n.op == "DequantizeLinear" for n in older.graph.nodes) == 3
+    model = _gemm_model(rng, opset=21)
+    original = model.copy()
+    quantize(model, None, target="tensorrt", bits=4, block_size=16)
+    checked(model)
+    dqs = [n for n in model.graph.nodes if n.op == "DequantizeLinear"]
+    assert len(dqs) == 3 and all(n.attrs["block_size"] == 16 for n in dqs)
+    gemm_dq = next(n for n in dqs if n.outputs[0].outputs[0].op == "Gemm")
+    assert gemm_dq.attrs["axis"] == 1  # transB: K is the weight's second axis
+    x = rng.standard_normal((5, 80)).astype(np.float32)
+    want, got = run(original, {"x": x}), run(model, {"x": x})
+    for name in want:
+        assert cosine(want[name], got[name]) >= 0.97
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(OptionError, match="block_size"):
+        quantize(_gemm_model(np.random.default_rng(4)), None, bits=4, block_size=48)
+    with pytest.raises(OptionError, match="weight-only"):
+        quantize(_gemm_model(np.random.default_rng(4)), None, bits=4, mode="dynamic")
+
+
+EMBEDDING_TEXT = """
+g (int64[N, 5] ids) => (float[N, 5, 64] e, float[N, 5, 1024] logits) {
+  e = Gather (table, ids)
+  t = Gather (shared, ids)
+  shared_t = Transpose <perm = [1, 0]> (shared)
+  logits = MatMul (t, shared_t)
+}"""
+
+
+def test_embedding_tables_become_int8_rows_unless_tied() -> None:
+    rng = np.random.default_rng(5)
+    # Rows of very different norms, as frequent and rare tokens have.
+    table = (rng.standard_normal((2048, 64)) * rng.uniform(0.01, 3.0, (2048, 1))).astype(np.float32)
+    # `shared` is also the output projection (tied weights): it stays float.
+    model = build(EMBEDDING_TEXT, {"table": table, "shared": rand(rng, 1024, 64)})
+    original = model.copy()
+    result, _ = quantize(model, None, mode="dynamic")
+    checked(model)
+    assert result.stats["quantized_embeddings"] == 1
+    tables = sorted(str(n.inputs[0].values.dtype) for n in model.graph.nodes if n.op == "Gather")
+    assert tables == ["float32", "float32", "int8"]  # the tied table, the row scales, the int8 rows
+    ids = rng.integers(0, 1024, (3, 5)).astype(np.int64)
+    want, got = run(original, {"ids": ids}), run(model, {"ids": ids})
+    np.testing.assert_array_equal(got["logits"], want["logits"])
+    # Every looked-up row is within half a step of its own scale.
+    step = np.abs(table).max(axis=1)[ids][..., None] / 127
+    assert np.all(np.abs(got["e"] - table[ids]) <= step / 2 * (1 + 1e-5))
