@@ -33,10 +33,25 @@ class Diagnostic:
         where = self.file if self.line is None else f"{self.file}:{self.line}:{self.column or 1}"
         lines = [f"{where}: error: {self.message}"]
         if self.source_line is not None and self.column is not None:
-            lines.append(f"  {self.source_line}")
-            lines.append(f"  {_caret_prefix(self.source_line, self.column)}^")
+            shown, column = _window(self.source_line, self.column)
+            lines.append(f"  {shown}")
+            lines.append(f"  {_caret_prefix(shown, column)}^")
         lines.extend(f"  hint: {hint}" for hint in self.hints)
         return "\n".join(lines)
+
+
+# A quoted source line is cut to this many characters around the column.
+_QUOTED_LINE = 120
+
+
+def _window(line: str, column: int) -> tuple[str, int]:
+    """The part of a long `line` around `column`, marked with '…' where cut, and the column in it."""
+    if len(line) <= _QUOTED_LINE:
+        return line, column
+    start = max(0, min(column - 1 - _QUOTED_LINE // 2, len(line) - _QUOTED_LINE))
+    head = "…" if start else ""
+    tail = "…" if start + _QUOTED_LINE < len(line) else ""
+    return head + line[start : start + _QUOTED_LINE] + tail, column - start + len(head)
 
 
 def _caret_prefix(line: str, column: int) -> str:

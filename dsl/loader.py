@@ -7,11 +7,15 @@ from pathlib import Path
 
 from iropt.infra.pipeline import Pipeline
 from iropt.schedules import builtin_schedule_names, builtin_schedule_text
+from iropt.util.text import shorten
 
 from .ast import Schedule
 from .errors import Diagnostic, ScheduleError
-from .parser import parse_schedule
+from .parser import MAX_SCHEDULE_CHARS, parse_schedule
 from .resolver import resolve
+
+# A file past this is refused unread (the parser refuses longer text too).
+MAX_SCHEDULE_BYTES = MAX_SCHEDULE_CHARS
 
 
 def load_schedule(path_or_name: str | os.PathLike[str]) -> Pipeline:
@@ -39,12 +43,20 @@ def read_schedule(path_or_name: str | os.PathLike[str]) -> tuple[str, str, str]:
     """(text, filename for messages, pipeline name) of a schedule file or built-in schedule."""
     path = Path(path_or_name)
     label = str(path_or_name)
-    if path.is_file():
+    if _is_file(path):
         try:
+            if path.stat().st_size > MAX_SCHEDULE_BYTES:
+                raise _error(
+                    label,
+                    f"the file is {path.stat().st_size} bytes; schedules are limited to "
+                    f"{MAX_SCHEDULE_BYTES} bytes ({MAX_SCHEDULE_BYTES // 1024} KiB)",
+                )
             return path.read_text(encoding="utf-8"), label, label
+        except PermissionError:
+            raise _error(label, "permission denied: the schedule file cannot be read") from None
         except (OSError, UnicodeDecodeError) as error:
-            raise _error(label, f"cannot read schedule: {error}") from None
-    if path.exists():
+            raise _error(label, f"cannot read schedule: {error.__class__.__name__}: {_reason(error)}") from None
+    if _exists(path):
         raise _error(label, "is not a file; a schedule is a text file (usually *.opt)")
     builtin = label.removesuffix(".opt")
     text = builtin_schedule_text(builtin) if "/" not in label and os.sep not in label else None
@@ -56,5 +68,25 @@ def read_schedule(path_or_name: str | os.PathLike[str]) -> tuple[str, str, str]:
     )
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system: no such file
+        return False
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def _reason(error: OSError | UnicodeDecodeError) -> str:
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    return f"not UTF-8 text ({error.reason} at byte {error.start})"
+
+
 def _error(filename: str, message: str) -> ScheduleError:
-    return ScheduleError([Diagnostic(filename, message)])
+    return ScheduleError([Diagnostic(shorten(filename), message)])

@@ -45,6 +45,11 @@ from .errors import ScheduleError, Source
 from .printer import format_value
 
 GRAMMAR = Path(__file__).with_name("schedule.lark")
+# Limits that keep a hostile schedule from exhausting the machine (a schedule is written by hand,
+# so real ones are far below them): the text's length, and how deep blocks and brackets nest
+# (the AST is built recursively).
+MAX_SCHEDULE_CHARS = 64 * 1024
+MAX_NESTING = 32
 
 
 def parse_schedule(text: str, filename: str = "<schedule>") -> Schedule:
@@ -54,10 +59,20 @@ def parse_schedule(text: str, filename: str = "<schedule>") -> Schedule:
     """
     text = text.removeprefix("\ufeff")
     source = Source(text, filename)
+    if len(text) > MAX_SCHEDULE_CHARS:
+        raise source.error(
+            None,
+            f"the schedule is {len(text)} characters long; schedules are limited to "
+            f"{MAX_SCHEDULE_CHARS} ({MAX_SCHEDULE_CHARS // 1024} KiB)",
+        )
     try:
         tree = _parser().parse(text)
     except UnexpectedInput as error:
         raise _syntax_error(error, text, source) from None
+    except _TooDeep as error:
+        raise source.error(
+            error.pos, f"blocks and brackets nest more than {MAX_NESTING} deep here; that is the limit"
+        ) from None
     try:
         schedule: Schedule = _ToAst(source).transform(tree)
     except VisitError as error:
@@ -67,14 +82,30 @@ def parse_schedule(text: str, filename: str = "<schedule>") -> Schedule:
     return Schedule(schedule.statements, schedule.target, filename=filename, source=text)
 
 
+class _TooDeep(Exception):
+    """Raised by the post-lexer where nesting passes MAX_NESTING."""
+
+    def __init__(self, pos: Position) -> None:
+        super().__init__(pos)
+        self.pos = pos
+
+
 class _NewlinesInBrackets(PostLex):
-    """Drop new-line tokens inside (...) and [...]; there they only wrap a long line."""
+    """Drop new-line tokens inside (...) and [...]; there they only wrap a long line. Also stops
+    the parse where blocks and brackets nest past MAX_NESTING."""
 
     always_accept = ("_NL",)
 
     def process(self, stream: Iterator[Token]) -> Iterator[Token]:
         depth = 0  # local, so one parser can be used by several threads at once
+        nesting = 0
         for token in stream:
+            if token.type in ("LPAR", "LSQB", "LBRACE"):
+                nesting += 1
+                if nesting > MAX_NESTING:
+                    raise _TooDeep(_token_pos(token))
+            elif token.type in ("RPAR", "RSQB", "RBRACE"):
+                nesting = max(0, nesting - 1)
             if token.type in ("LPAR", "LSQB"):
                 depth += 1
             elif token.type in ("RPAR", "RSQB"):

@@ -27,6 +27,7 @@ from iropt.infra.pipeline import (
 )
 from iropt.infra.registry import BACKENDS, PASSES, target_spec
 from iropt.util.suggest import did_you_mean
+from iropt.util.text import shorten
 from iropt.verify.criteria import Criterion
 
 from .ast import (
@@ -44,6 +45,12 @@ from .ast import (
 )
 from .errors import Diagnostic, ScheduleError, Source
 
+# Limits on what a schedule may ask for: a repeat count or fixpoint maximum, and the steps a
+# block may run in all. Far above what a real schedule needs; they stop a typo (or a hostile
+# file) from looping for hours.
+MAX_BLOCK_COUNT = 1000
+MAX_STEP_RUNS = 100_000
+
 
 def resolve(schedule: Schedule, filename: str | None = None, *, name: str | None = None) -> Pipeline:
     """The Pipeline `schedule` describes; ScheduleError listing every problem found.
@@ -58,6 +65,15 @@ def resolve(schedule: Schedule, filename: str | None = None, *, name: str | None
         # In file order, however the checks were ordered (the target is checked last).
         raise ScheduleError(sorted(resolver.diagnostics, key=lambda d: (d.line or 0, d.column or 0)))
     return Pipeline(steps=steps, target=target, name=name or resolver.source.filename)
+
+
+def step_runs(step: Step) -> int:
+    """The most times `step` and the steps inside it can run (a fixpoint at its maximum)."""
+    if isinstance(step, FixpointBlock):
+        return step.max_iterations * sum(step_runs(inner) for inner in step.body)
+    if isinstance(step, RepeatBlock):
+        return step.count * sum(step_runs(inner) for inner in step.body)
+    return 1
 
 
 def plain_value(value: Value) -> Any:
@@ -98,19 +114,34 @@ class _Resolver:
             body = self.steps(statement.body)
             if not self.positive(statement.max, statement.max_pos or statement.pos, "fixpoint(max=...)"):
                 return None
-            return FixpointBlock(body, statement.max, self.location(statement.pos))
+            return self.bounded(FixpointBlock(body, statement.max, self.location(statement.pos)), statement.pos)
         if isinstance(statement, Repeat):
             body = self.steps(statement.body)
             if not self.positive(statement.count, statement.count_pos or statement.pos, "repeat(...)"):
                 return None
-            return RepeatBlock(body, statement.count, self.location(statement.pos))
+            return self.bounded(RepeatBlock(body, statement.count, self.location(statement.pos)), statement.pos)
         raise TypeError(f"not a schedule statement: {statement!r}")
 
     def positive(self, number: int, pos: Position | None, what: str) -> bool:
         if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-            self.error(pos, f"{what} takes a positive whole number, got {number!r}")
+            self.error(pos, f"{what} takes a positive whole number, got {shorten(repr(number))}")
+            return False
+        if number > MAX_BLOCK_COUNT:
+            self.error(pos, f"{what} is at most {MAX_BLOCK_COUNT}, got {shorten(repr(number))}")
             return False
         return True
+
+    def bounded(self, block: FixpointBlock | RepeatBlock, pos: Position | None) -> Step | None:
+        """`block`, or None after an error when it would run more steps than MAX_STEP_RUNS."""
+        runs = step_runs(block)
+        if runs <= MAX_STEP_RUNS:
+            return block
+        self.error(
+            pos,
+            f"this block may run up to {runs} steps (its counts multiplied through the nested "
+            f"blocks); the limit is {MAX_STEP_RUNS}",
+        )
+        return None
 
     def pass_step(self, call: PassCall) -> PassStep | None:
         try:
@@ -149,6 +180,13 @@ class _Resolver:
         values = self.bind(f"back end '{target.name}'", entry.options, target.options, target.pos)
         if values is None:
             return None
+        try:
+            # The back end's own checks (providers this runtime lacks, conflicting options), so
+            # that `iropt check` and a run find them before any work.
+            BACKENDS.create(target.name, values)
+        except (UserError, ValueError, TypeError) as error:
+            self.error(target.name_pos or target.pos, str(error))
+            return None
         return target_spec(target.name, values)
 
     def bind(
@@ -168,7 +206,7 @@ class _Resolver:
                 valid = ", ".join(by_name) or "none"
                 self.error(
                     option.pos,
-                    f"{owner} has no option '{option.key}'{did_you_mean(option.key, by_name)}; "
+                    f"{owner} has no option '{shorten(option.key)}'{did_you_mean(option.key, by_name)}; "
                     f"its options are: {valid}",
                 )
                 ok = False

@@ -17,13 +17,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from iropt.infra.backend import Backend, EmitContext, StagedArtefacts
+from iropt.infra.options import Range
 from iropt.infra.registry import register_backend
 from iropt.io.save import publish_atomically
 from iropt.ir.model import Model
 from iropt.verify.runtime import CPU, OptimizationLevel, OrtRunner, check_providers, make_session
+
+# More threads than this is a typo, not a machine.
+MAX_THREADS = 4096
+
+
+def _artefact_path(onnx_path: Path, suffix: str) -> Path:
+    return onnx_path.with_name(onnx_path.name.removesuffix(".onnx") + suffix)
 
 
 @register_backend("ort")
@@ -41,8 +49,8 @@ class OrtBackend(Backend):
     """
 
     providers: list[str] = field(default_factory=lambda: [CPU])
-    intra_op_threads: int = 0
-    inter_op_threads: int = 0
+    intra_op_threads: Annotated[int, Range(min=0, max=MAX_THREADS)] = 0
+    inter_op_threads: Annotated[int, Range(min=0, max=MAX_THREADS)] = 0
     optimization_level: OptimizationLevel = "all"
     strict_providers: bool = False
     save_optimized: bool = False
@@ -80,6 +88,10 @@ class OrtBackend(Backend):
             written.append(self._save(model, onnx_path, ".ort", ort_format=True))
         return written
 
+    def planned_outputs(self, onnx_path: Path) -> list[Path]:
+        suffixes = [(self.save_optimized, ".ort-optimized.onnx"), (self.save_ort_format, ".ort")]
+        return [_artefact_path(onnx_path, suffix) for wanted, suffix in suffixes if wanted]
+
     def _saved_options(self) -> dict[str, Any]:
         """Session options for saved artefacts: the portable `basic` level unless asked otherwise."""
         options = self._session_options()
@@ -88,8 +100,7 @@ class OrtBackend(Backend):
         return options
 
     def _save(self, model: Model, onnx_path: Path, suffix: str, *, ort_format: bool) -> Path:
-        stem = onnx_path.name.removesuffix(".onnx")
-        target = onnx_path.with_name(stem + suffix)
+        target = _artefact_path(onnx_path, suffix)
         # ORT writes the optimized model's tensors beside it past the protobuf limit.
         sidecars = [] if ort_format else [target.name + ".data"]
         publish_atomically(

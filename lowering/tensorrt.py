@@ -41,13 +41,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import onnx
 
 from iropt.errors import IroptError, OptionError, UserError
 from iropt.infra.backend import Backend, EmitContext, StagedArtefacts
+from iropt.infra.options import Range
 from iropt.infra.pass_base import Capabilities
 from iropt.infra.registry import register_backend
 from iropt.io.save import spilled_model_file, write_bytes_atomically
@@ -329,12 +330,12 @@ class TensorRTBackend(Backend):
 
     precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     require_precision: bool = False
-    workspace: int = 1 << 30
+    workspace: Annotated[int, Range(min=1)] = 1 << 30
     min_shapes: dict[str, list[int]] | list[str] = field(default_factory=dict)
     opt_shapes: dict[str, list[int]] | list[str] = field(default_factory=dict)
     max_shapes: dict[str, list[int]] | list[str] = field(default_factory=dict)
     timing_cache: str | None = None
-    builder_optimization_level: int = 3
+    builder_optimization_level: Annotated[int, Range(min=0, max=5)] = 3
     engine_path: str | None = None
     # Not options: set by the caller (the command line draws a progress bar with it).
     progress: ProgressCallback | None = field(default=None, init=False, repr=False, compare=False)
@@ -358,6 +359,12 @@ class TensorRTBackend(Backend):
         """Build the engine and load it for running; needs an NVIDIA GPU to load."""
         engine = self.build_engine(model)
         return TensorRTRunner.load(engine, load_tensorrt())
+
+    def planned_outputs(self, onnx_path: Path) -> list[Path]:
+        return [self.engine_target(onnx_path)]
+
+    def check_ready(self) -> None:
+        load_tensorrt()
 
     def emit(self, model: Model, onnx_path: Path) -> list[Path]:
         """Build and write the engine: `engine_path`, else `<onnx stem>.engine` beside it."""

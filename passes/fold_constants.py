@@ -49,12 +49,14 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
+from iropt.infra.options import Range
 from iropt.infra.pass_base import Pass, PassContext, PassResult
 from iropt.infra.registry import register_pass
 from iropt.ir.evaluate import EvaluationError, evaluate_node, has_subgraph, is_deterministic
@@ -79,7 +81,7 @@ class FoldConstants(Pass):
     with a constant condition by its taken branch.
     """
 
-    max_bytes: int = 1 << 20
+    max_bytes: Annotated[int, Range(min=0)] = 1 << 20
     fold_weights: bool = True
     fold_shapes: bool = True
     inline_if: bool = True

@@ -42,7 +42,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -99,6 +99,7 @@ from iropt.compress.sensitivity import (
     score,
 )
 from iropt.errors import OptionError, UserError
+from iropt.infra.options import Range
 from iropt.infra.pass_base import Pass, PassContext, PassKind, PassResult
 from iropt.infra.registry import register_pass
 from iropt.ir.graph import is_op
@@ -150,23 +151,23 @@ class Quantize(Pass):
     format: Literal["auto", "ort", "tensorrt"] = "auto"
     calibration: str | None = None
     method: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
-    percentile: float = 99.99
-    batch_size: int = 32
-    max_samples: int | None = None
-    bins: int = 2048
+    percentile: Annotated[float, Range(min=0, max=100)] = 99.99
+    batch_size: Annotated[int, Range(min=1, max=1 << 16)] = 32
+    max_samples: Annotated[int, Range(min=1)] | None = None
+    bins: Annotated[int, Range(min=8, max=1 << 20)] = 2048
     op_types: list[str] | None = None
     exclude_nodes: list[str] = field(default_factory=list)
     exclude_op_types: list[str] = field(default_factory=list)
     sensitivity: bool = False
     target_metric: Literal["cosine", "top1", "snr"] = "cosine"
     target_min: float = 0.995
-    sensitivity_samples: int = 64
+    sensitivity_samples: Annotated[int, Range(min=1, max=1 << 16)] = 64
     sensitivity_ranking: Literal["fast", "exhaustive"] = "fast"
-    sensitivity_refine: int = 4
+    sensitivity_refine: Annotated[int, Range(min=0)] = 4
     skip_slow_layers: bool = True
     weight_range: Literal["auto", "full", "reduced"] = "auto"
     bits: Literal[8, 4] = 8
-    block_size: int = 32
+    block_size: Annotated[int, Range(min=1)] = 32
     symmetric: bool = True
     weight_method: Literal["rtn", "gptq"] = "rtn"
     embeddings: bool = True

@@ -19,7 +19,7 @@ from hypothesis.extra import numpy as hnp
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 import iropt.io.save
-from iropt.errors import IroptError, ModelSaveError
+from iropt.errors import IroptError, ModelLoadError, ModelSaveError
 from iropt.io import stream as model_stream
 from iropt.io.load import load_model
 from iropt.io.save import save_model
@@ -189,7 +189,9 @@ def test_stored_tensor_keeps_its_fields_and_a_broken_one_is_refused(tmp_path: Pa
     )
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     onnx.save(proto, str(tmp_path / "in.onnx"))
-    model = load_model(tmp_path / "in.onnx")
+    with pytest.raises(ModelLoadError, match="'broken' holds 262140 bytes"):
+        load_model(tmp_path / "in.onnx")  # refused on load; the writer checks it again
+    model = Model.from_onnx(proto, tmp_path / "in.onnx")
 
     streamed = export_streamed(model)
 

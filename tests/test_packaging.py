@@ -145,7 +145,7 @@ def test_wheel_contents(wheel: Path) -> None:
         assert f"iropt/schedules/{schedule}" in names
     assert not any(name.startswith(("tests/", "golden_models/", "bench/")) for name in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "iropt = iropt.app.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "iropt = iropt.app.launch:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 IMPORT_CHECK = """

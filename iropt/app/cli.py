@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from iropt.errors import IroptError, UserError, VerificationError
+from iropt.util.interrupt import raise_if_interrupted
 
 Handler = Callable[[argparse.Namespace], int]
+# 128 + SIGINT, as shells report a command stopped with Ctrl-C.
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,13 +38,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        return _interrupted()
     _merge_global_flags(args)
     _configure_logging(args)
     try:
         handler: Handler = args.handler
-        return handler(args)
+        code = handler(args)
+        raise_if_interrupted()  # a Ctrl-C that native code swallowed still ends the command
+        return code
     except UserError as error:
         return _fail(args, error, 2)
     except VerificationError as error:
@@ -49,9 +57,26 @@ def _main(argv: Sequence[str] | None) -> int:
     except IroptError as error:
         return _fail(args, error, 1)
     except KeyboardInterrupt:
-        return 130
+        return _interrupted()
+    except OSError as error:  # a file that cannot be read or written where the code did not expect it
+        return _fail(args, UserError(_os_error_text(error)), 2)
     except Exception as error:  # a bug: say so plainly, the traceback is one -v away
         return _fail(args, error, 1, prefix="internal error")
+
+
+def _os_error_text(error: OSError) -> str:
+    """'PATH: reason' in words, the path cut short when long."""
+    from iropt.util.text import shorten
+
+    reason = error.strerror or str(error)
+    return f"{shorten(str(error.filename))}: {reason}" if error.filename else reason
+
+
+def _interrupted() -> int:
+    """Ctrl-C: no traceback, nothing half-written (saves stage their files and clean up on the
+    way out), and the shell's exit status for SIGINT."""
+    print("iropt: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _fail(args: argparse.Namespace, error: BaseException, code: int, prefix: str = "error") -> int:
@@ -169,6 +194,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if args.report is not None:
         check_report_path(args.report)
+    if args.report is not None:
+        from iropt.app.optimize import default_output_path
+        from iropt.io.save import check_output_file
+
+        check_output_file(args.report, "the report", [args.model, args.output or default_output_path(args.model)])
     build_progress = PhaseProgress(not args.quiet)
     shape_ranges = parse_shape_ranges(args.shape)
     options = RunOptions(
@@ -333,8 +363,8 @@ def _add_compare(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--inputs", help="inputs: .npz, folder of .npy/.npz, or module:function (default: generated)")
     p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS", help="shape for a dynamic input")
     p.add_argument("--metric", default="tolerance", choices=["tolerance", "cosine", "snr", "top1", "max_abs", "max_rel"])
-    p.add_argument("--rtol", type=float, default=1e-4)
-    p.add_argument("--atol", type=float, default=1e-5)
+    p.add_argument("--rtol", type=float, help="relative tolerance (default: from the output type, 1e-4 for fp32)")
+    p.add_argument("--atol", type=float, help="absolute tolerance (default: from the output type, 1e-5 for fp32)")
     p.add_argument("--min", type=float, help="lower bound for cosine/snr/top1")
     p.add_argument("--max", type=float, help="upper bound for max_abs/max_rel")
     p.add_argument("--samples", type=int, default=2, help="generated input samples")
@@ -347,6 +377,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from iropt.io.load import load_model
     from iropt.verify.criteria import Criterion
     from iropt.verify.feeds import open_feeds, parse_shape_overrides
+    from iropt.verify.runtime import reference_runner
     from iropt.verify.verifier import Verifier
 
     try:
@@ -354,9 +385,20 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                               max=args.max, samples=args.samples)
     except ValueError as error:
         raise UserError(str(error)) from error
-    a, b = load_model(args.a), load_model(args.b)
+    a = load_model(args.a)
+    load_model(args.b)  # checked as the reference is: a bad file is bad input, named as such
     feeds = open_feeds(args.inputs, a, shapes=parse_shape_overrides(args.shape), count=criterion.samples)
-    comparison = Verifier(a, feeds.feeds, progress=make_progress(not args.quiet)).check(b, criterion)
+    # Both files run as they are, not as iropt re-encodes them.
+    verifier = Verifier(a, feeds.feeds, progress=make_progress(not args.quiet), reference_file=args.a)
+    try:
+        verifier.reference_outputs()
+    except UserError as error:
+        raise UserError(f"{args.a}: {error}") from error
+    try:
+        outputs = verifier.run(reference_runner(args.b))
+    except UserError as error:
+        raise UserError(f"{args.b}: {error}") from error
+    comparison = verifier.check_outputs(outputs, criterion)
     if args.json:
         print(json.dumps(comparison.to_dict(), indent=2))
     elif not args.quiet:

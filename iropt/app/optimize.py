@@ -23,7 +23,7 @@ from iropt.infra.pass_manager import Instrument, PassManager, PassRecord, RunRep
 from iropt.infra.pipeline import Pipeline, VerifyStep
 from iropt.infra.registry import BACKENDS
 from iropt.io.load import load_model
-from iropt.io.save import ModelCheck, check_output_path, save_model
+from iropt.io.save import ModelCheck, check_output_file, check_output_path, save_model
 from iropt.ir.model import GraphStats, Model, graph_stats
 from iropt.util.progress import ProgressFn, no_progress
 from iropt.verify.criteria import EXACT_CRITERION, LOSSY_CRITERION, Criterion
@@ -138,15 +138,15 @@ def _optimize(options: RunOptions, progress: ProgressFn, outcome: RunOutcome) ->
     pipeline = outcome.pipeline = load_pipeline(options.schedule)
     model = load_model(options.model)
     output = options.output or default_output_path(options.model)
+    backend = _target_backend(pipeline, options)
     # Checked before any work so a long run never ends in "cannot write".
-    check_output_path(output, model.input_files())
+    check_outputs(options, output, model, backend)
     ctx = PassContext(
         target=pipeline.target,
         calibration=options.calibration,
         input_shapes=dict(options.shapes),
         progress=progress,
     )
-    backend = _target_backend(pipeline, options)
     if backend is not None:
         # A profile the inputs cannot have is bad input: said before the schedule runs.
         backend.check_inputs(model, EmitContext(shape_ranges=options.shape_ranges))
@@ -166,6 +166,18 @@ def _optimize(options: RunOptions, progress: ProgressFn, outcome: RunOutcome) ->
             outcome.bisect_seconds = verifier.seconds - outcome.verify_seconds
     if outcome.verified or options.force:
         _write_outputs(outcome, options, model, output, backend, verifier)
+
+
+def check_outputs(options: RunOptions, output: Path, model: Model, backend: Backend | None) -> None:
+    """UserError unless everything the run would write can be written: the model, the IR dumps,
+    the back end's artefacts (and the back end can run here)."""
+    check_output_path(output, model.input_files())
+    if options.dump_dir is not None and options.dump_dir.exists() and not options.dump_dir.is_dir():
+        raise UserError(f"{options.dump_dir}: --dump-ir names a file; it takes a folder to write into")
+    if options.emit and backend is not None:
+        backend.check_ready()
+        for path in backend.planned_outputs(output):
+            check_output_file(path, f"the {backend.name or 'target'} artefact", [*model.input_files(), output])
 
 
 def _target_backend(pipeline: Pipeline, options: RunOptions) -> Backend | None:
@@ -269,6 +281,7 @@ def _make_verifier(
     if not (options.verify or options.verify_each):
         return None, []
     from iropt.verify.feeds import feed_source
+    from iropt.verify.runtime import ModelRunError
     from iropt.verify.verifier import Verifier
 
     criterion = final_criterion(pipeline)
@@ -285,7 +298,7 @@ def _make_verifier(
     # schedule runs rather than after.
     try:
         verifier.reference_outputs()
-    except UserError as error:
+    except ModelRunError as error:
         raise UserError(f"{error}{_generated_inputs_hint(source)}") from error
     return verifier, [source.description, *source.notes]
 

@@ -20,6 +20,7 @@ rather than predicted from the ranking.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -40,14 +41,17 @@ Outputs = Sequence[dict[str, np.ndarray]]
 Evaluate = Callable[[frozenset[str] | None, frozenset[str]], float]
 
 
+_LOWEST_BOUND = {"cosine": -1.0, "top1": 0.0, "snr": -sys.float_info.max}
+
+
 def score(reference: Outputs, candidate: Outputs, metric: Metric) -> float:
     """`metric` between two runs over the same feeds: the worst over the model's outputs.
 
     Computed by `iropt.verify.compare`, over all feeds at once, so the number is the one a
     `verify(metric=...)` statement after the pass would report.
     """
-    # -inf: any value passes; only the statistic is wanted here.
-    comparison = compare(reference, candidate, Criterion(metric=metric, min=-math.inf))
+    # The lowest bound each metric takes: only the statistic is wanted here, not a verdict.
+    comparison = compare(reference, candidate, Criterion(metric=metric, min=_LOWEST_BOUND[metric]))
     field_name = "snr_db" if metric == "snr" else metric
     values = [getattr(o, field_name) for o in comparison.outputs]
     known = [float(v) for v in values if v is not None]

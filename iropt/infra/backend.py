@@ -77,3 +77,13 @@ class Backend(abc.ABC):
         """Build what `emit` writes without writing it; by default everything is done by `emit`."""
         del context
         return StagedArtefacts(write=lambda: self.emit(model, onnx_path))
+
+    def planned_outputs(self, onnx_path: Path) -> list[Path]:
+        """The files `emit` would write for `onnx_path`: checked before any work is done."""
+        del onnx_path
+        return []
+
+    def check_ready(self) -> None:
+        """UserError when `emit` cannot work here (its runtime is not installed); checked before
+        any work is done, so a run never writes the model and then fails to emit."""
+        return None  # ready wherever iropt runs, unless a back end says otherwise

@@ -5,7 +5,9 @@ Passes and back ends declare their options as typed keyword-only constructor par
 them from here, so the documentation, the parser and the checks never disagree.
 
 Supported annotations: bool, int, float (an int is accepted), str, `Literal[...]` choices,
-`list[T]`, `dict[str, T]` and unions such as `float | None`.
+`list[T]`, `dict[str, T]` and unions such as `float | None`. Numeric options take bounds with
+`typing.Annotated`: `max_bytes: Annotated[int, Range(min=0)] = 1 << 20` is refused below 0, with
+the bounds shown by `iropt passes NAME`. Floats must be finite and whole numbers fit in 64 bits.
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from iropt.errors import OptionError
+from iropt.util.bounds import Range, bound_violation, ranges_of
 from iropt.util.suggest import did_you_mean
+from iropt.util.text import shorten
+
+__all__ = ["REQUIRED", "OptionSpec", "Range", "bind_options", "coerce_option", "option_specs", "type_label"]
 
 
 class _Required:
@@ -50,7 +56,7 @@ class OptionSpec:
 def option_specs(cls: type) -> list[OptionSpec]:
     """The keyword-only options of `cls`'s constructor, in declaration order."""
     init = cls.__init__  # type: ignore[misc]
-    hints = typing.get_type_hints(init)
+    hints = typing.get_type_hints(init, include_extras=True)
     specs = []
     for param in inspect.signature(init).parameters.values():
         if param.name == "self" or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
@@ -87,7 +93,7 @@ def bind_options(owner: str, specs: list[OptionSpec], given: Mapping[str, Any]) 
         if key not in by_name:
             valid = ", ".join(by_name) or "none"
             raise OptionError(
-                f"{owner} has no option '{key}'{did_you_mean(key, by_name)}; its options are: {valid}"
+                f"{owner} has no option '{shorten(key)}'{did_you_mean(key, by_name)}; its options are: {valid}"
             )
     missing = [s.name for s in specs if s.required and s.name not in given]
     if missing:
@@ -100,16 +106,48 @@ def coerce_option(owner: str, spec: OptionSpec, value: Any) -> Any:
     ok, converted = _coerce(spec.annotation, value)
     if not ok:
         raise OptionError(
-            f"{owner} option '{spec.name}' expects {spec.type_name}, got {value!r} "
+            f"{owner} option '{spec.name}' expects {spec.type_name}, got {shorten(repr(value))} "
             f"({type(value).__name__})"
         )
+    reason = _first_violation(spec.annotation, converted)
+    if reason is not None:
+        raise OptionError(f"{owner} option '{spec.name}' {reason}, got {shorten(repr(converted))}")
     return converted
+
+
+def _first_violation(annotation: Any, value: Any) -> str | None:
+    """Why `value` (already converted) breaks a bound, looking into lists and dicts too."""
+    if isinstance(value, (list, tuple)):
+        item_type = _container_item(annotation, list)
+        return next((r for item in value if (r := _first_violation(item_type, item))), None)
+    if isinstance(value, dict):
+        item_type = _container_item(annotation, dict)
+        return next((r for item in value.values() if (r := _first_violation(item_type, item))), None)
+    return bound_violation(annotation, value)
+
+
+def _container_item(annotation: Any, container: type) -> Any:
+    """The item annotation of the `list[...]` / `dict[str, ...]` member of `annotation`, or Any."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _container_item(get_args(annotation)[0], container)
+    if origin is container:
+        args = get_args(annotation)
+        return args[-1] if args else Any
+    if origin in (Union, types.UnionType):
+        for member in get_args(annotation):
+            item = _container_item(member, container)
+            if item is not Any:
+                return item
+    return Any
 
 
 def _coerce(annotation: Any, value: Any) -> tuple[bool, Any]:
     origin = get_origin(annotation)
     if annotation is Any:
         return True, value
+    if origin is Annotated:
+        return _coerce(get_args(annotation)[0], value)
     if origin in (Union, types.UnionType):
         for member in get_args(annotation):
             ok, converted = _coerce(member, value)
@@ -169,8 +207,13 @@ def _coerce_dict(annotation: Any, value: Any) -> tuple[bool, Any]:
 
 
 def type_label(annotation: Any) -> str:
-    """A short human label for an annotation: 'int', 'float | None', "'l1' | 'l2'", 'list[str]'."""
+    """A short human label for an annotation: 'int', 'float | None', "'l1' | 'l2'", 'list[str]',
+    'int (>= 0)' for an annotation with bounds."""
     origin = get_origin(annotation)
+    if origin is Annotated:
+        label = type_label(get_args(annotation)[0])
+        bounds = "; ".join(r.describe() for r in ranges_of(annotation))
+        return f"{label} ({bounds})" if bounds else label
     if origin in (Union, types.UnionType):
         return " | ".join(type_label(a) for a in get_args(annotation))
     if origin is Literal:

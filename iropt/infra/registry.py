@@ -22,6 +22,7 @@ from iropt.errors import UnknownPassError
 from iropt.infra.options import OptionSpec, bind_options, option_specs
 from iropt.infra.pass_base import DEFAULT_CAPABILITIES, Pass, PassKind, TargetSpec
 from iropt.util.suggest import did_you_mean
+from iropt.util.text import shorten
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _log = logging.getLogger("iropt.registry")
@@ -104,7 +105,7 @@ class Registry:
             )
         if name not in self._entries:
             raise UnknownPassError(
-                f"unknown {self.what} '{name}'{did_you_mean(name, self._entries)}; "
+                f"unknown {self.what} '{shorten(name)}'{did_you_mean(name, self._entries)}; "
                 f"run `{self._listing}` to list them"
             )
         return self._entries[name]

@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import errno
 import os
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from iropt.errors import ModelLoadError
+from iropt.io.external import check_external_data, check_tensor_data, load_external_data
 from iropt.ir.model import Model
+from iropt.util.text import shorten
 
 
 def load_model(path: str | os.PathLike[str]) -> Model:
     """Read an ONNX model, with its external data, and explain what is wrong when it cannot."""
     proto, data_files = _load(Path(path))
-    return replace(Model.from_onnx(proto, Path(path).resolve()), source_data_files=data_files)
+    try:
+        model = Model.from_onnx(proto, Path(path).resolve())
+    except Exception as error:
+        # The proto passed every check above, so what the graph library still refuses is a
+        # damaged model (a field combination no check foresaw), not a bug in iropt.
+        raise ModelLoadError(
+            f"{path}: the model cannot be read into a graph: {type(error).__name__}: "
+            f"{shorten(str(error), 300)}"
+        ) from error
+    return replace(model, source_data_files=data_files)
 
 
 def load_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -29,23 +43,36 @@ def _load(model_path: Path) -> tuple[onnx.ModelProto, frozenset[Path]]:
     _check_readable(model_path)
     try:
         proto = onnx.load_model(str(model_path), load_external_data=False)
+    except PermissionError as exc:
+        raise ModelLoadError(f"{model_path}: permission denied (the file cannot be read)") from exc
     except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
         raise ModelLoadError(
-            f"{model_path}: not a readable ONNX model (the file is truncated or not ONNX protobuf: {exc})"
+            f"{model_path}: not a readable ONNX model (the file is truncated or not ONNX protobuf: "
+            f"{shorten(str(exc), 200)})"
         ) from exc
     _check_looks_like_onnx(model_path, proto)
-    if not _uses_external_data(proto):
-        return proto, frozenset()
-    data_files = _check_external_locations(model_path, proto)
-    onnx.external_data_helper.load_external_data_for_model(proto, str(model_path.parent))
-    return proto, data_files
+    _check_text_fields(model_path, proto)
+    _check_unique_definitions(model_path, proto)
+    check_tensor_data(model_path, proto)
+    refs = check_external_data(model_path, proto)
+    load_external_data(refs)
+    return proto, frozenset(ref.file for ref in refs)
 
 
 def _check_readable(model_path: Path) -> None:
+    try:
+        model_path.stat()
+    except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:
+            raise ModelLoadError(f"{shorten(str(model_path))}: the file name is too long") from error
     if not model_path.exists():
         raise ModelLoadError(f"{model_path}: no such file")
     if model_path.is_dir():
         raise ModelLoadError(f"{model_path}: is a directory, expected an .onnx file")
+    if not model_path.is_file():
+        raise ModelLoadError(f"{model_path}: is not a regular file, expected an .onnx file")
+    if not os.access(model_path, os.R_OK):
+        raise ModelLoadError(f"{model_path}: permission denied (the file cannot be read)")
     if model_path.stat().st_size == 0:
         raise ModelLoadError(f"{model_path}: the file is empty")
 
@@ -57,34 +84,70 @@ def _check_looks_like_onnx(model_path: Path, proto: onnx.ModelProto) -> None:
         raise ModelLoadError(
             f"{model_path}: not an ONNX model (no IR version, opset import or graph outputs)"
         )
+    if proto.ir_version > onnx.IR_VERSION:
+        raise ModelLoadError(
+            f"{model_path}: IR version {proto.ir_version} is newer than any this onnx knows "
+            f"({onnx.IR_VERSION}); the file is damaged or needs a newer onnx"
+        )
+    newest = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise ModelLoadError(
+                f"{model_path}: imports opset {opset.version} of the default domain, newer than any "
+                f"this onnx knows ({newest}); the file is damaged or needs a newer onnx"
+            )
 
 
-def _uses_external_data(proto: onnx.ModelProto) -> bool:
-    return any(
-        t.data_location == onnx.TensorProto.EXTERNAL
-        for t in onnx.external_data_helper._get_all_tensors(proto)
-    )
+def _check_text_fields(model_path: Path, message: Message) -> None:
+    """ModelLoadError for a text field (a name, a doc string) that is not UTF-8.
 
-
-def _check_external_locations(model_path: Path, proto: onnx.ModelProto) -> frozenset[Path]:
-    """The external data files the model reads (resolved); ModelLoadError for a missing one or
-    one outside the model's folder."""
-    base = model_path.parent.resolve()
-    files: set[Path] = set()
-    for tensor in onnx.external_data_helper._get_all_tensors(proto):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+    ONNX's protobuf schema does not enforce UTF-8, and protobuf hands such a field over as bytes,
+    which breaks whatever reads it as text later. Raw tensor data are bytes fields, not walked.
+    """
+    for field, value in message.ListFields():
+        if field.type not in (field.TYPE_MESSAGE, field.TYPE_STRING):
             continue
-        info = onnx.external_data_helper.ExternalDataInfo(tensor)
-        target = (base / info.location).resolve()
-        if not target.is_relative_to(base):
-            raise ModelLoadError(
-                f"{model_path}: tensor '{tensor.name}' points at external data outside the model's "
-                f"folder ({info.location}); refusing to read it"
-            )
-        if not target.is_file():
-            raise ModelLoadError(
-                f"{model_path}: external data file '{info.location}' of tensor '{tensor.name}' is missing"
-            )
-        files.add(target)
-    return frozenset(files)
+        items = value if field.is_repeated else [value]
+        for item in items:
+            if field.type == field.TYPE_MESSAGE:
+                _check_text_fields(model_path, item)
+            elif isinstance(item, bytes):
+                raise ModelLoadError(
+                    f"{model_path}: a {message.DESCRIPTOR.name}'s {field.name} is not UTF-8 text "
+                    f"({shorten(repr(item))}); the file is damaged or not ONNX"
+                )
 
+
+def _check_unique_definitions(model_path: Path, proto: onnx.ModelProto) -> None:
+    """ModelLoadError for a name given two values in one graph.
+
+    Two initializers of one name, or a value both an initializer and a node's output, or the
+    output of two nodes: runtimes and graph libraries each keep a different one, so the model
+    has no single meaning. Refused rather than guessed at.
+    """
+    for graph in _graphs(proto.graph):
+        definitions = Counter(
+            [t.name for t in graph.initializer]
+            + [s.values.name for s in graph.sparse_initializer]
+            + [name for node in graph.node for name in node.output if name]
+        )
+        twice = [name for name, count in definitions.items() if count > 1]
+        if twice:
+            where = "" if graph is proto.graph else f" (in subgraph '{shorten(graph.name)}')"
+            names = ", ".join(f"'{shorten(name)}'" for name in twice[:3])
+            more = f" and {len(twice) - 3} more" if len(twice) > 3 else ""
+            raise ModelLoadError(
+                f"{model_path}: {names}{more} defined more than once{where} (two initializers, or "
+                "an initializer and a node output, of the same name); runtimes disagree on which "
+                "one counts, so the model is refused: give each value its own name"
+            )
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                yield from _graphs(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _graphs(subgraph)

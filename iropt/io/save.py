@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from iropt.io.stream import (
     export_streamed,
 )
 from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, PROTOBUF_LIMIT, Model, graph_stats, tensor_bytes
+from iropt.util.interrupt import raise_if_interrupted
 
 # A check on a model about to be written (the ONNX checker, say): `save_model` hands it the
 # model in memory (its skeleton, see iropt.io.stream), `save_proto` the staged file.
@@ -143,16 +145,64 @@ def publish_atomically(out: Path, sidecars: list[str], write: Callable[[Path], N
     failure leaves nothing under the final name.
 
     `sidecars` are the names of files written beside the model (its external data); they are
-    moved first, so a model file never points at data that is not there yet.
+    moved first, so a model file never points at data that is not there yet. The renames hold a
+    lock on the folder, so two saves to one path cannot pair one's model with the other's data.
+    Scratch folders that a killed save left behind are removed first.
     """
+    _remove_stale_staging(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=_staging_prefix(out) + f"{os.getpid()}.") as tmp:
         staged = Path(tmp) / out.name
         write(staged)
-        for name in sidecars:
-            if (Path(tmp) / name).exists():  # onnx writes no data file when no tensor needs one
-                os.replace(Path(tmp) / name, out.parent / name)
-        os.replace(staged, out)
+        raise_if_interrupted()  # never publish after a Ctrl-C, even one native code swallowed
+        with _folder_lock(out.parent):
+            for name in sidecars:
+                if (Path(tmp) / name).exists():  # onnx writes no data file when no tensor needs one
+                    os.replace(Path(tmp) / name, out.parent / name)
+            os.replace(staged, out)
+
+
+def _staging_prefix(out: Path) -> str:
+    return f".{out.name}.iropt-"
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Remove this path's scratch folders whose save process no longer runs (it was killed)."""
+    prefix = _staging_prefix(out)
+    try:
+        candidates = [p for p in out.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    except OSError:
+        return
+    for folder in candidates:
+        pid_text = folder.name[len(prefix):].split(".", 1)[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # alive, but another user's
+    return True
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `folder` among iropt's saves (a no-op where flock is absent)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the renames are still atomic one by one
+        yield
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
 
 
 def check_output_path(out: Path, protected: Collection[Path] = ()) -> None:
@@ -170,6 +220,7 @@ def check_output_path(out: Path, protected: Collection[Path] = ()) -> None:
         raise ModelSaveError(f"{out}: cannot make the output directory: {nearest} is not a directory")
     if out.is_dir():
         raise ModelSaveError(f"{out}: is a directory, expected a file name")
+    refuse_special_file(out, "the output")
     inputs = [path.resolve() for path in protected]
     if out.resolve() in inputs[:1]:
         raise ModelSaveError(
@@ -181,12 +232,36 @@ def check_output_path(out: Path, protected: Collection[Path] = ()) -> None:
             "output path with -o"
         )
     sidecar = out.parent / (out.name + ".data")
+    refuse_special_file(sidecar, "the output's external data file")
     if sidecar.resolve() in inputs:
         raise ModelSaveError(
             f"{out}: its external data would go to {sidecar}, the input model's own external data "
             "file; choose another output path with -o"
         )
 
+
+
+def check_output_file(path: Path, what: str, protected: Collection[Path] = ()) -> None:
+    """ModelSaveError unless `what` (a report, an engine) can be written at `path` without
+    replacing a folder, a device, or one of the `protected` files (the input, the output model)."""
+    existing = next(parent for parent in path.parents if parent.exists())  # missing ones are made
+    if not existing.is_dir():
+        raise ModelSaveError(f"{path}: {existing} is a file, so the folder of {what} cannot be made")
+    if path.is_dir():
+        raise ModelSaveError(f"{path}: {what} names a directory, expected a file name")
+    refuse_special_file(path, what)
+    if path.resolve() in {p.resolve() for p in protected}:
+        raise ModelSaveError(f"{path}: {what} would be written over a model of this run; choose another path")
+
+
+def refuse_special_file(path: Path, what: str) -> None:
+    """ModelSaveError when `path` exists and is not a regular file (a device, a pipe, a socket):
+    a save replaces the file at its path, and must never replace one of those."""
+    if path.exists() and not path.is_file():
+        raise ModelSaveError(
+            f"{path}: {what} exists and is not a regular file (a device, pipe or socket); "
+            "refusing to replace it: choose another path"
+        )
 
 
 def write_bytes_atomically(out: Path, data: bytes) -> None:

@@ -17,4 +17,7 @@ def builtin_schedule_names() -> list[str]:
 def builtin_schedule_text(name: str) -> str | None:
     """The text of built-in schedule `name`, or None when there is none by that name."""
     entry = resources.files(__name__).joinpath(f"{name}.opt")
-    return entry.read_text(encoding="utf-8") if entry.is_file() else None
+    try:
+        return entry.read_text(encoding="utf-8") if entry.is_file() else None
+    except OSError:  # a name the file system cannot hold (too long): no such schedule
+        return None

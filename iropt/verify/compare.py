@@ -15,7 +15,8 @@ detection maps, feature maps and sequence outputs have a last axis that is not a
 
 Non-finite values: NaN against NaN and an infinity against the same infinity are equal; any
 other disagreement involving NaN or infinity fails whatever the metric, and is counted apart
-from the finite statistics.
+from the finite statistics. A check must compare something: an output that is empty on every
+sample, or has no finite value where both models agree (all NaN), fails, whatever the metric.
 
 The pass-manager instruments that use it (verify-each, checkpoints, bisection) live in
 `iropt.infra.instruments`.
@@ -82,7 +83,8 @@ class OutputComparison:
         ]
         parts.extend(f"{label}={fmt.format(value)}" for label, value, fmt in stats if value is not None)
         if self.atol_to_pass is not None:
-            parts.append(f"(passes at atol>={self.atol_to_pass:.3g} with rtol={criterion.rtol:g})")
+            rtol = criterion.tolerance_for(_dtype_or_none(self.dtype))[0]
+            parts.append(f"(passes at atol>={self.atol_to_pass:.3g} with rtol={rtol:g})")
         if self.nonfinite_mismatches:
             parts.append(f"non-finite mismatches={self.nonfinite_mismatches}")
         if self.message:
@@ -148,6 +150,27 @@ class Comparison:
         }
 
 
+def _dtype_or_none(name: str) -> Any:
+    """The numpy dtype named `name`, or None for names numpy does not know."""
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return None
+
+
+def nothing_to_compare(outputs: Sequence[Outputs]) -> list[str]:
+    """Why some outputs of a reference cannot be compared: empty, or no finite value, on every
+    sample. A check on them would compare nothing, so it cannot pass."""
+    problems = []
+    for name in outputs[0] if outputs else []:
+        arrays = [sample[name] for sample in outputs]
+        if all(a.size == 0 for a in arrays):
+            problems.append(f"output '{name}' is empty ({list(arrays[0].shape)}) on every input sample")
+        elif arrays[0].dtype.kind in "fc" and not any(np.isfinite(a).any() for a in arrays):
+            problems.append(f"output '{name}' has no finite value (all NaN or infinite) on any input sample")
+    return problems
+
+
 def _json_float(value: float | None) -> float | str | None:
     if value is None or math.isnan(value):
         return None
@@ -197,12 +220,20 @@ def _compare_output(
             )
         cands.append(got)
     if refs[0].dtype.kind not in ("b", "i", "u", "f"):
-        equal = all(np.array_equal(r, c) for r, c in zip(refs, cands, strict=True))
-        return OutputComparison(
-            name, shape, dtype, equal, "" if equal else "values differ (compared exactly: not numeric)",
-            elements=sum(r.size for r in refs),
-        )
+        return _exact(name, shape, dtype, refs, cands)
     return _numeric(name, shape, dtype, refs, cands, criterion)
+
+
+def _exact(
+    name: str, shape: tuple[int, ...], dtype: str, refs: list[np.ndarray], cands: list[np.ndarray]
+) -> OutputComparison:
+    """Outputs that are not numbers (strings, sequences) must be equal, and not empty."""
+    elements = sum(r.size for r in refs)
+    if elements == 0:
+        return OutputComparison(name, shape, dtype, False, "empty on every sample: nothing was compared")
+    equal = all(np.array_equal(r, c) for r, c in zip(refs, cands, strict=True))
+    message = "" if equal else "values differ (compared exactly: not numeric)"
+    return OutputComparison(name, shape, dtype, equal, message, elements=elements)
 
 
 @dataclass
@@ -211,6 +242,7 @@ class _Totals:
 
     elements: int = 0
     nonfinite: int = 0
+    finite_pairs: int = 0
     max_abs: float = 0.0
     sum_abs: float = 0.0
     max_rel: float = 0.0
@@ -233,8 +265,9 @@ def _numeric(
     criterion: Criterion,
 ) -> OutputComparison:
     totals = _Totals()
+    rtol, atol = criterion.tolerance_for(refs[0].dtype, _largest_magnitude(refs))
     for ref, cand in zip(refs, cands, strict=True):
-        _accumulate(totals, ref.astype(np.float64), cand.astype(np.float64), criterion)
+        _accumulate(totals, ref.astype(np.float64), cand.astype(np.float64), rtol, atol)
         _accumulate_top1(totals, ref, cand)
     finite = totals.elements - totals.nonfinite
     result = OutputComparison(name, shape, dtype, passed=True, elements=totals.elements)
@@ -246,11 +279,25 @@ def _numeric(
     result.snr_db = _snr_db(totals.ref_sq, totals.err_sq)
     result.top1 = totals.rows_agree / totals.rows if totals.rows else None
     result.atol_to_pass = math.inf if totals.nonfinite else totals.atol_needed
-    result.passed, result.message = _judge(result, totals, criterion)
+    result.passed, result.message = _judge(result, totals, criterion, (rtol, atol))
+    if not totals.finite_pairs:
+        # Statistics of nothing (max_abs=0, cosine=1, snr=inf) would read as a perfect match.
+        result.max_abs = result.mean_abs = result.max_rel = result.cosine = result.snr_db = None
+        result.atol_to_pass = None
     return result
 
 
-def _accumulate(totals: _Totals, ref: np.ndarray, cand: np.ndarray, criterion: Criterion) -> None:
+def _largest_magnitude(arrays: list[np.ndarray]) -> float:
+    """The largest finite |value| over all samples (0 when there is none)."""
+    largest = 0.0
+    for array in arrays:
+        finite = np.abs(array[np.isfinite(array)])
+        if finite.size:
+            largest = max(largest, float(finite.max()))
+    return largest
+
+
+def _accumulate(totals: _Totals, ref: np.ndarray, cand: np.ndarray, rtol: float, atol: float) -> None:
     ref, cand = ref.ravel(), cand.ravel()
     totals.elements += ref.size
     finite = np.isfinite(ref) & np.isfinite(cand)
@@ -258,6 +305,7 @@ def _accumulate(totals: _Totals, ref: np.ndarray, cand: np.ndarray, criterion: C
     same_nonfinite = (np.isnan(ref) & np.isnan(cand)) | (~finite & (ref == cand))
     totals.nonfinite += int(np.count_nonzero(~finite & ~same_nonfinite))
     ref, cand = ref[finite], cand[finite]
+    totals.finite_pairs += int(ref.size)
     if ref.size == 0:
         return
     with np.errstate(over="ignore", invalid="ignore"):
@@ -268,8 +316,8 @@ def _accumulate(totals: _Totals, ref: np.ndarray, cand: np.ndarray, criterion: C
         totals.sum_abs += float(abs_err.sum())
         floor = max(REL_ERROR_FLOOR * float(abs_ref.max()), _TINY)
         totals.max_rel = max(totals.max_rel, float((abs_err / np.maximum(abs_ref, floor)).max()))
-        totals.atol_needed = max(totals.atol_needed, float((abs_err - criterion.rtol * abs_ref).max()))
-        totals.within_tolerance &= bool(np.all(abs_err <= criterion.atol + criterion.rtol * abs_ref))
+        totals.atol_needed = max(totals.atol_needed, float((abs_err - rtol * abs_ref).max()))
+        totals.within_tolerance &= bool(np.all(abs_err <= atol + rtol * abs_ref))
         totals.dot += float(np.dot(ref, cand))
         totals.ref_sq += float(np.dot(ref, ref))
         totals.cand_sq += float(np.dot(cand, cand))
@@ -314,14 +362,21 @@ def _snr_db(signal: float, noise: float) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
-def _judge(result: OutputComparison, totals: _Totals, criterion: Criterion) -> tuple[bool, str]:
+def _judge(
+    result: OutputComparison, totals: _Totals, criterion: Criterion, tolerance: tuple[float, float]
+) -> tuple[bool, str]:
     if totals.nonfinite:
         return False, f"{totals.nonfinite} NaN/inf value(s) where the reference differs"
+    if totals.elements == 0:
+        return False, "empty on every sample: nothing was compared"
+    if totals.finite_pairs == 0:
+        return False, "no finite value to compare (NaN or infinite in both models): nothing was compared"
     metric = criterion.metric
     if metric == "tolerance":
         if totals.within_tolerance:
             return True, ""
-        return False, f"outside atol={criterion.atol:g} + rtol={criterion.rtol:g}*|reference|"
+        rtol, atol = tolerance
+        return False, f"outside atol={atol:g} + rtol={rtol:g}*|reference|"
     if metric == "top1" and result.top1 is None:
         return True, "top-1 not applicable (not shaped like class scores); not judged"
     value = {

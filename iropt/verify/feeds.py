@@ -29,6 +29,9 @@ whose values fit), with a note; anything else is a `UserError`.
 from __future__ import annotations
 
 import logging
+import math
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +45,14 @@ from iropt.errors import UserError
 from iropt.ir.model import Model
 from iropt.util.pyimport import import_location
 from iropt.util.suggest import did_you_mean
+from iropt.util.text import shorten
 
 Feeds = dict[str, np.ndarray]
 
+# --shape dimensions past this are typos (and past what numpy can index).
+MAX_DIM = 2**40
+# One sample of generated inputs may take at most this many bytes.
+MAX_GENERATED_BYTES = 2**30
 # Unnamed and symbolic dimensions of generated inputs default to this.
 DEFAULT_DYNAMIC_DIM = 1
 # Generated integer inputs are drawn from [0, GENERATED_INT_HIGH): small and non-negative, so
@@ -255,10 +263,10 @@ def parse_shape_ranges(items: Iterable[str]) -> dict[str, ShapeRange]:
     for item in items:
         name, sep, dims_text = item.rpartition(":")
         if not sep or not name or not dims_text:
-            raise UserError(f"--shape '{item}': expected NAME:DIMS such as x:1x3x224x224")
+            raise UserError(f"--shape '{shorten(item)}': expected NAME:DIMS such as x:1x3x224x224")
         if name in result:
-            raise UserError(f"--shape: input '{name}' is given twice")
-        result[name] = _parse_shape_range(item, dims_text)
+            raise UserError(f"--shape: input '{shorten(name)}' is given twice")
+        result[name] = _parse_shape_range(shorten(item), dims_text)
     return result
 
 
@@ -290,7 +298,10 @@ def _parse_dims(item: str, text: str) -> tuple[int, ...]:
             f"--shape '{item}': dimensions must be non-negative integers separated by 'x' "
             "(such as 1x3x224x224)"
         )
-    return tuple(int(p) for p in parts)
+    dims = tuple(int(p) for p in parts)
+    if any(dim > MAX_DIM for dim in dims):
+        raise UserError(f"--shape '{item}': a dimension is larger than {MAX_DIM}")
+    return dims
 
 
 def check_feed(
@@ -416,6 +427,7 @@ def _generated_source(
                 f"cannot generate data for input '{spec.name}' of type {spec.onnx_type}; "
                 "give real inputs (an .npz file, a folder or module:function)"
             )
+    _check_generated_size(inputs, shapes)
     notes.append(GENERATED_DATA_WARNING)
     _log.warning("%s", GENERATED_DATA_WARNING)
 
@@ -428,6 +440,21 @@ def _generated_source(
 
     description = f"{count} generated input sample(s) (seed {seed})"
     return FeedSource(description, produce, inputs, generated=True, notes=notes)
+
+
+def _check_generated_size(inputs: Sequence[InputSpec], shapes: Mapping[str, list[int]]) -> None:
+    """UserError when one generated sample would pass MAX_GENERATED_BYTES (a typo in --shape)."""
+    total = 0
+    for spec in inputs:
+        assert spec.dtype is not None
+        total += math.prod(shapes[spec.name]) * spec.dtype.itemsize
+    if total > MAX_GENERATED_BYTES:
+        sizes = ", ".join(f"{spec.name}: {'x'.join(map(str, shapes[spec.name]))}" for spec in inputs)
+        raise UserError(
+            f"generated inputs would take {total / 2**30:.3g} GiB per sample ({shorten(sizes, 200)}); "
+            f"the limit is {MAX_GENERATED_BYTES // 2**30} GiB: check --shape, or give real inputs "
+            "with --inputs"
+        )
 
 
 def _generated_shape(spec: InputSpec, overrides: Mapping[str, list[int]], notes: list[str]) -> list[int]:
@@ -518,19 +545,23 @@ def _single_input(inputs: Sequence[InputSpec], where: str, hint: str = "") -> st
     return inputs[0].name
 
 
+# What numpy raises for a damaged or truncated .npy/.npz (a zip archive of .npy files).
+_UNREADABLE = (OSError, ValueError, EOFError, KeyError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error)
+
+
 def _read_npz(path: Path) -> Feeds:
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path}: not a readable .npz file ({error})") from error
+    except _UNREADABLE as error:
+        raise UserError(f"{path}: not a readable .npz file ({type(error).__name__}: {shorten(str(error), 200)})") from error
 
 
 def _read_npy(path: Path) -> np.ndarray:
     try:
         array: np.ndarray = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path}: not a readable .npy file ({error})") from error
+    except _UNREADABLE as error:
+        raise UserError(f"{path}: not a readable .npy file ({type(error).__name__}: {shorten(str(error), 200)})") from error
     return array
 
 

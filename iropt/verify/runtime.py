@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,7 @@ from iropt.errors import UserError, first_line
 from iropt.io.save import spilled_model_file
 from iropt.io.stream import export_streamed
 from iropt.ir.model import EXTERNAL_DATA_THRESHOLD, PROTOBUF_LIMIT, Model, graph_stats, tensor_bytes
+from iropt.util.text import shorten
 from iropt.verify.runner import Runner
 
 OptimizationLevel = Literal["disable", "basic", "extended", "layout", "all"]
@@ -67,6 +69,44 @@ _log = logging.getLogger("iropt.ort")
 ModelLike = Model | onnx.ModelProto | str | os.PathLike[str]
 
 
+class ModelRunError(UserError):
+    """ONNX Runtime loaded the model but failed running it on the inputs given (a shape that
+    does not fit, an index out of range): unlike a model it cannot load, often the inputs' fault."""
+
+
+# The parts of ONNX Runtime's messages that describe its C++ source, not the user's model:
+# "[ONNXRuntimeError] : 1 : FAIL : " and "/onnxruntime_src/.../graph.cc:1407 ".
+_ORT_STATUS = re.compile(r"\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ")
+_ORT_SOURCE = re.compile(r"/onnxruntime_src/\S+:\d+ ")
+# Messages are one paragraph: ORT's longest run to several hundred characters of advice.
+_ORT_MESSAGE_CHARS = 400
+
+
+def ort_message(error: BaseException) -> str:
+    """ONNX Runtime's message without its C++ source locations and function signatures."""
+    text = " ".join(str(error).split())
+    segments = [s for s in _ORT_STATUS.split(text) if s.strip()] or [text]
+    message = segments[-1]  # nested statuses: the innermost says what is wrong
+    location = _ORT_SOURCE.search(message)
+    if location is not None:
+        message = _after_signature(message[location.end() :])
+    message = message.replace("status.IsOK() was false.", "").strip() or first_line(error)
+    return shorten(message, _ORT_MESSAGE_CHARS)
+
+
+def _after_signature(text: str) -> str:
+    """`text` past a leading C++ signature such as `void onnxruntime::Graph::Graph(...) const`."""
+    opening = text.find("(")
+    if opening < 0 or "::" not in text[:opening]:
+        return text
+    depth = 0
+    for index in range(opening, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[index], 0)
+        if depth == 0:
+            return text[index + 1 :].removeprefix(" const").strip()
+    return text
+
+
 class OrtRunner:
     """Runs an InferenceSession: `run(feeds) -> {output_name: array}`."""
 
@@ -89,7 +129,7 @@ class OrtRunner:
         try:
             values = self.session.run(self.output_names, wanted, self._run_options)
         except Exception as error:
-            raise UserError(f"ONNX Runtime failed to run the model: {first_line(error)}") from error
+            raise ModelRunError(f"ONNX Runtime failed to run the model: {ort_message(error)}") from error
         return {name: _as_array(value) for name, value in zip(self.output_names, values, strict=True)}
 
 
@@ -221,7 +261,7 @@ def _create(
     try:
         return ort.InferenceSession(model, sess_options=options, providers=list(providers))
     except Exception as error:
-        raise UserError(f"ONNX Runtime cannot run this model: {first_line(error)}") from error
+        raise UserError(f"ONNX Runtime cannot run this model: {ort_message(error)}") from error
 
 
 def check_providers(providers: Sequence[str]) -> None:

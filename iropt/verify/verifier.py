@@ -12,7 +12,7 @@ from iropt.errors import UserError, VerificationError
 from iropt.io.load import load_model
 from iropt.ir.model import Model
 from iropt.util.progress import ProgressFn
-from iropt.verify.compare import Comparison, compare
+from iropt.verify.compare import Comparison, compare, nothing_to_compare
 from iropt.verify.criteria import Criterion
 from iropt.verify.feeds import Feeds
 from iropt.verify.runner import Runner, RunnerFactory
@@ -78,12 +78,23 @@ class Verifier:
                 make_runner = lambda: reference_runner(reference_file)  # noqa: E731
             else:
                 make_runner = lambda: self.runner_factory(self.reference)  # noqa: E731
-            self._reference_outputs = self._run(make_runner, "running the reference")
+            outputs = self._run(make_runner, "running the reference")
+            vacuous = nothing_to_compare(outputs)
+            if vacuous:
+                raise VerificationError(
+                    f"verification would compare nothing: {'; '.join(vacuous)}; give inputs the "
+                    "model computes something on (check --shape or --inputs)"
+                )
+            self._reference_outputs = outputs
         return self._reference_outputs
 
     def outputs_of(self, model: Model, description: str = "verifying") -> list[Outputs]:
         """Outputs of `model` on every feed (UserError when the runtime cannot run it)."""
         return self._run(lambda: self.runner_factory(model), description)
+
+    def run(self, runner: Runner, description: str = "verifying") -> list[Outputs]:
+        """Outputs of `runner` (another model file, a back end's build) on every feed."""
+        return self._run(lambda: runner, description)
 
     def _run(self, make_runner: Callable[[], Runner], description: str) -> list[Outputs]:
         """Run every feed through the runner `make_runner` builds; the time goes to `seconds`."""
