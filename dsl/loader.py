@@ -7,7 +7,7 @@ from pathlib import Path
 
 from iropt.infra.pipeline import Pipeline
 from iropt.schedules import builtin_schedule_names, builtin_schedule_text
-from iropt.util.text import shorten
+from iropt.util.text import shorten_path
 
 from .ast import Schedule
 from .errors import Diagnostic, ScheduleError
@@ -89,4 +89,4 @@ def _reason(error: OSError | UnicodeDecodeError) -> str:
 
 
 def _error(filename: str, message: str) -> ScheduleError:
-    return ScheduleError([Diagnostic(shorten(filename), message)])
+    return ScheduleError([Diagnostic(shorten_path(filename), message)])

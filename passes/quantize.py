@@ -244,6 +244,8 @@ class Quantize(Pass):
         op_types = list(self.op_types) if self.op_types is not None else list(DEFAULT_OP_TYPES)
         slow_reasons = self._slow_nodes(model, scheme, op_types, ctx)
         slow = frozenset(slow_reasons)
+        # Named before the rewrite: afterwards the quantized layers read Q/DQ and count as excluded.
+        excluded_labels = self._excluded_labels(model, op_types)
         plan = plan_quantization(
             model.graph, scheme, op_types=op_types, excluded=self._excluded(slow), dtypes=dtypes
         )
@@ -286,7 +288,7 @@ class Quantize(Pass):
             calibration_samples=samples,
         )
         # The report names every layer left in float and why, not only the -v log.
-        result.info = {**info, "skipped_slow": list(slow_reasons.values()), "excluded": self._excluded_labels(model, op_types)}
+        result.info = {**info, "skipped_slow": list(slow_reasons.values()), "excluded": excluded_labels}
         return result
 
     def _excluded_labels(self, model: Model, op_types: list[str]) -> list[str]:

@@ -182,7 +182,9 @@ def test_require_precision_exits_1_and_writes_nothing(tmp_path: Path, capsys: py
     assert code == 1
     err = capsys.readouterr().err
     assert "asked for int8, runs in fp32" in err and "out.onnx was not written" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["half.onnx", "trt.opt"]
+    # No model or engine; the report is written on every exit, with the failure in it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["half.onnx", "report.json", "trt.opt"]
+    assert "error" in json.loads(report.read_text())
 
 
 @requires_tensorrt

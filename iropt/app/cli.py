@@ -66,10 +66,10 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def _os_error_text(error: OSError) -> str:
     """'PATH: reason' in words, the path cut short when long."""
-    from iropt.util.text import shorten
+    from iropt.util.text import shorten_path
 
     reason = error.strerror or str(error)
-    return f"{shorten(str(error.filename))}: {reason}" if error.filename else reason
+    return f"{shorten_path(str(error.filename))}: {reason}" if error.filename else reason
 
 
 def _interrupted() -> int:

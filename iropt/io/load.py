@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError, Message
 from iropt.errors import ModelLoadError
 from iropt.io.external import check_external_data, check_tensor_data, load_external_data
 from iropt.ir.model import Model
-from iropt.util.text import shorten
+from iropt.util.text import shorten, shorten_path
 
 
 def load_model(path: str | os.PathLike[str]) -> Model:
@@ -64,7 +64,7 @@ def _check_readable(model_path: Path) -> None:
         model_path.stat()
     except OSError as error:
         if error.errno == errno.ENAMETOOLONG:
-            raise ModelLoadError(f"{shorten(str(model_path))}: the file name is too long") from error
+            raise ModelLoadError(f"{shorten_path(str(model_path))}: the file name is too long") from error
     if not model_path.exists():
         raise ModelLoadError(f"{model_path}: no such file")
     if model_path.is_dir():
