@@ -284,3 +284,99 @@ def reference_runner(model: ModelLike) -> Runner:
 
     A path is loaded by ONNX Runtime itself, external data included."""
     return OrtRunner(make_session(model, providers=["CPUExecutionProvider"], optimization_level="disable"))
+
+
+def profile_models(
+    models: Sequence[ModelLike],
+    feed: Mapping[str, np.ndarray],
+    *,
+    runs: int,
+    threads: int = 0,
+    optimization_level: OptimizationLevel = "all",
+) -> list[tuple[list[dict[str, Any]], onnx.ModelProto]]:
+    """Run each model `runs` times with ONNX Runtime's profiler on, the models interleaved run by
+    run so that machine noise hits them alike; per model, the profiler's events (Chrome trace
+    JSON, in the order ORT wrote them) and the graph ORT ran after its optimizations, whose node
+    names the events carry."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="iropt-profile-") as tmp:
+        sessions, runners = [], []
+        for index, model in enumerate(models):
+            session = _profiling_session(model, Path(tmp) / f"m{index}", threads, optimization_level)
+            sessions.append(session)
+            runners.append(OrtRunner(session))
+        for _ in range(runs):
+            for runner in runners:
+                runner.run(feed)
+        results = []
+        for index, session in enumerate(sessions):
+            events = json.loads(Path(session.end_profiling()).read_text())
+            optimized = onnx.load(str(Path(tmp) / f"m{index}.optimized.onnx"), load_external_data=False)
+            results.append((events, optimized))
+        return results
+
+
+def _profiling_session(
+    model: ModelLike, prefix: Path, threads: int, optimization_level: OptimizationLevel
+) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _LEVELS[optimization_level]
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = _LOG_FATAL_ONLY  # the optimized model's hardware-specific warning
+    options.enable_profiling = True
+    options.profile_file_prefix = str(prefix)
+    options.optimized_model_filepath = str(prefix) + ".optimized.onnx"
+    # Weights beside the optimized model: its graph is what is read back, not its values.
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_file_name", prefix.name + ".optimized.data"
+    )
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "64")
+    payload = _session_payload(model)
+    return _create(payload, options, [CPU])
+
+
+def _session_payload(model: ModelLike) -> str | bytes:
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    proto = model.to_onnx() if isinstance(model, Model) else model
+    return proto.SerializeToString()
+
+
+def interleaved_latency_ms(
+    models: Sequence[ModelLike],
+    feed: Mapping[str, np.ndarray],
+    *,
+    threads: int = 0,
+    optimization_level: OptimizationLevel = "all",
+    budget_s: float = 0.5,
+    min_rounds: int = 10,
+    max_rounds: int = 200,
+) -> list[float]:
+    """The median latency (ms) of each model on `feed`, the models run in turn round by round
+    (the first two rounds warm up and are not counted); stops after `budget_s` seconds of
+    rounds once `min_rounds` are done."""
+    import statistics
+    import time
+
+    runners = [
+        OrtRunner(make_session(model, optimization_level=optimization_level, intra_op_threads=threads,
+                               inter_op_threads=1))
+        for model in models
+    ]
+    for runner in runners:
+        for _ in range(2):
+            runner.run(feed)
+    samples: list[list[float]] = [[] for _ in runners]
+    started = time.perf_counter()
+    for round_index in range(max_rounds):
+        order = runners if round_index % 2 == 0 else runners[::-1]  # neither always runs first
+        for runner in order:
+            begin = time.perf_counter()
+            runner.run(feed)
+            samples[runners.index(runner)].append((time.perf_counter() - begin) * 1000.0)
+        if round_index + 1 >= min_rounds and time.perf_counter() - started >= budget_s:
+            break
+    return [statistics.median(values) for values in samples]
