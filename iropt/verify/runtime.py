@@ -326,6 +326,7 @@ def _profiling_session(
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = _LOG_FATAL_ONLY  # the optimized model's hardware-specific warning
+    _no_spinning(options, threads)
     options.enable_profiling = True
     options.profile_file_prefix = str(prefix)
     options.optimized_model_filepath = str(prefix) + ".optimized.onnx"
@@ -336,6 +337,23 @@ def _profiling_session(
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "64")
     payload = _session_payload(model)
     return _create(payload, options, [CPU])
+
+
+def _no_spinning(options: ort.SessionOptions, threads: int) -> None:
+    """Worker threads sleep between ops instead of spinning: on a machine shared with other work a
+    spinning pool stalls whenever one of its threads is descheduled, and timings swing by 10x."""
+    if threads != 1:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+
+def _timing_session(model: ModelLike, threads: int, optimization_level: OptimizationLevel) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _LEVELS[optimization_level]
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = _LOG_ERRORS_ONLY
+    _no_spinning(options, threads)
+    return _create(_session_payload(model), options, [CPU])
 
 
 def _session_payload(model: ModelLike) -> str | bytes:
@@ -361,11 +379,7 @@ def interleaved_latency_ms(
     import statistics
     import time
 
-    runners = [
-        OrtRunner(make_session(model, optimization_level=optimization_level, intra_op_threads=threads,
-                               inter_op_threads=1))
-        for model in models
-    ]
+    runners = [OrtRunner(_timing_session(model, threads, optimization_level)) for model in models]
     for runner in runners:
         for _ in range(2):
             runner.run(feed)
