@@ -324,12 +324,12 @@ class Quantize(Pass):
             quantized_biases=rewrite.quantized_biases,
             kept_float=len(floats),
             skipped_slow=len(slow_reasons),
-            kept_float_measured=len(measured),
             calibration_samples=samples,
         )
         # The report names every layer left in float and why, not only the -v log.
         result.info = {**info, "skipped_slow": list(slow_reasons.values()), "excluded": excluded_labels}
         if placement == "measured":
+            result.stats["kept_float_measured"] = len(measured)
             result.info |= {"kept_float_measured": list(measured.values()), "measured": measured_info}
         return result
 
