@@ -265,3 +265,27 @@ def test_plan_layers_cover_each_anchor_with_its_fused_followers() -> None:
                              excluded=lambda node, key: False, dtypes=tensor_types(model))
     layers = plan_layers(model, plan, {})
     assert [layer.indices for layer in layers] == [(0, 1), (2, 3)]
+
+
+def test_a_cached_verdict_that_is_not_ours_is_ignored() -> None:
+    from iropt.compress.quant.measured import MeasuredLayer, _cached_verdict
+
+    layers = [MeasuredLayer("0", "conv (Conv)", (0,), {})]
+    good = {"kept_float": {"0": "why"}, "checks": [{"float_layers": 1, "int8_ms": 1.0, "float_ms": 2.0}],
+            "no_layer_paid": False}
+    assert _cached_verdict(good, layers) == ({"0": "why"}, [Check(1, 1.0, 2.0)], False)
+    assert _cached_verdict({**good, "kept_float": {"7": "why"}}, layers) is None  # another model's layer
+    assert _cached_verdict({"kept_float": ["0"]}, layers) is None
+    assert _cached_verdict(None, layers) is None
+
+
+def test_sensitivity_ranks_only_the_layers_measured_placement_left_int8(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    model = build(CONV_TRANSPOSE, {"w1": rand(rng, 8, 8, 3, 3), "b1": rand(rng, 8), "w2": rand(rng, 8, 4, 2, 2),
+                                   "b2": rand(rng, 4)})
+    calibration = write_feeds(tmp_path, {"x": rand(rng, 2, 8, 8, 8, scale=1.0)})
+    result, _ = quantize(model, calibration, target="ort", placement="measured", sensitivity=True, target_min=0.0)
+    float_layers = {item["layer"] for item in result.info["kept_float_measured"]}
+    ranked = {item["layer"] for item in result.info.get("ranking", [])}
+    assert any("ConvTranspose" in layer for layer in float_layers)
+    assert not ranked & float_layers

@@ -282,20 +282,13 @@ def measured_placement(measurer: Measurer, cache: TimingCache | None) -> Placeme
     """Which layers stay float (see the module docstring), from the cache where it knows."""
     start = time.perf_counter()
     layers = measurer.layers
-    context = _context(measurer)
-    model_key = model_signature(measurer.model, layers, context)
-    known = cache.model(model_key) if cache is not None else None
-    cached = [cache.layer(signature_key(layer.signature)) for layer in layers] if cache is not None else []
-    if known is not None and cached and all(c is not None for c in cached):
-        timings = [LayerTiming(layer.key, layer.label, c[0], c[1])
-                   for layer, c in zip(layers, cached, strict=True) if c is not None]
-        kept = {str(k): str(v) for k, v in known["kept_float"].items()}
-        checks = [Check(**c) for c in known.get("checks", [])]
-        return Placement(kept, timings, checks, bool(known.get("no_layer_paid")), True, time.perf_counter() - start)
-    if cached and all(c is not None for c in cached):
-        timings = [LayerTiming(layer.key, layer.label, c[0], c[1])
-                   for layer, c in zip(layers, cached, strict=True) if c is not None]
-    else:
+    model_key = model_signature(measurer.model, layers, _context(measurer))
+    timings = _cached_timings(layers, cache)
+    verdict = _cached_verdict(cache.model(model_key), layers) if cache is not None and timings else None
+    if timings is not None and verdict is not None:
+        kept, checks, no_layer_paid = verdict
+        return Placement(kept, timings, checks, no_layer_paid, True, time.perf_counter() - start)
+    if timings is None:
         timings = measurer.layer_timings()
     kept, checks, no_layer_paid = settle(timings, measurer.check)
     if cache is not None:
@@ -307,6 +300,34 @@ def measured_placement(measurer: Measurer, cache: TimingCache | None) -> Placeme
         })
         cache.save()
     return Placement(kept, timings, checks, no_layer_paid, False, time.perf_counter() - start)
+
+
+def _cached_timings(layers: Sequence[MeasuredLayer], cache: TimingCache | None) -> list[LayerTiming] | None:
+    """Every layer's timings from the cache, or None when one of them is not there."""
+    if cache is None:
+        return None
+    timings = []
+    for layer in layers:
+        known = cache.layer(signature_key(layer.signature))
+        if known is None:
+            return None
+        timings.append(LayerTiming(layer.key, layer.label, known[0], known[1]))
+    return timings
+
+
+def _cached_verdict(
+    known: Mapping[str, Any] | None, layers: Sequence[MeasuredLayer]
+) -> tuple[dict[str, str], list[Check], bool] | None:
+    """A whole-model verdict read back from the cache, or None when absent or not one of ours."""
+    if known is None:
+        return None
+    try:
+        kept = {str(key): str(reason) for key, reason in known["kept_float"].items()}
+        checks = [Check(int(c["float_layers"]), float(c["int8_ms"]), float(c["float_ms"])) for c in known["checks"]]
+        no_layer_paid = bool(known["no_layer_paid"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return (kept, checks, no_layer_paid) if set(kept) <= {layer.key for layer in layers} else None
 
 
 def _context(measurer: Measurer) -> dict[str, Any]:
