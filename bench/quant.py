@@ -440,10 +440,11 @@ def goals(results: Sequence[ModelResult]) -> list[str]:
             worse.append(f"{r.name} (iropt {ours if ours is None else f'{ours:.5f}'}, best ORT "
                          f"{theirs if theirs is None else f'{theirs:.5f}'})")
     lines.append(_goal(f"cosine vs fp32 >= {MIN_COSINE} and not below either quantize_static variant", worse))
+    measured = [r for r in results if r.memory]  # none with --no-memory; zoo models are not measured
+    if not measured:
+        return lines
     grew = []
-    for r in results:
-        if not r.memory:
-            continue  # not measured for this model (--no-memory, or a zoo model)
+    for r in measured:
         growth = _memory_growth(r.memory.get("iropt", {}))
         if growth is None or growth > MEMORY_SLACK:
             grew.append(f"{r.name} ({'failed' if growth is None else f'{growth * 100:+.1f}%'})")
