@@ -294,12 +294,16 @@ class Quantize(Pass):
             excluded_keys = frozenset(
                 node_key(i) for i, n in enumerate(model.graph.nodes) if self._excluded()(n, node_key(i))
             )
-            measured, measured_info = place_by_measurement(
+            outcome = place_by_measurement(
                 model, plan, lambda target, floats: build(target, None, floats | excluded_keys),
                 first[0], ctx, cache=TimingCache(),
             )
-            if measured:
-                slow = frozenset(measured)
+            if outcome is None:
+                placement, slow_reasons = "rules", self._slow_nodes(model, op_types, ctx)
+            else:
+                measured, measured_info = outcome
+            if measured or slow_reasons:
+                slow = frozenset(measured or slow_reasons)
                 plan = plan_quantization(
                     model.graph, scheme, op_types=op_types, excluded=self._excluded(slow), dtypes=dtypes
                 )

@@ -23,7 +23,8 @@ from iropt.compress.quant.measured import (
 )
 from iropt.compress.quant.placement import DEFAULT_OP_TYPES, plan_quantization, tensor_types
 from iropt.compress.quant.timing_cache import TimingCache, cache_dir, signature_key
-from iropt.errors import OptionError
+from iropt.errors import OptionError, UserError
+from iropt.infra.pass_base import PassContext
 from iropt.infra.registry import create_pass
 from iropt.ir.model import Model
 from iropt.passes.quantize import Quantize
@@ -298,3 +299,29 @@ def test_a_mix_gaining_less_than_the_noise_margin_is_not_checked() -> None:
     tiny = NOISE_MARGIN / 4
     kept, checks, all_float = settle(_timings((1.0 - tiny, 1.0), (1.2, 1.0)), never)
     assert all_float and checks == [] and set(kept) == {"0", "1"}
+
+
+class _UnavailableProfiler:
+    """A target that cannot run models for timing (a profiler that is refused)."""
+
+    def profile(self, *args: object, **kwargs: object) -> list[object]:
+        raise UserError("the profiler is not available on this target")
+
+    def latency(self, *args: object, **kwargs: object) -> list[float]:
+        raise UserError("the profiler is not available on this target")
+
+
+def test_placement_falls_back_to_rules_when_layers_cannot_be_timed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IROPT_CACHE_DIR", str(tmp_path / "cache"))  # nothing known: it must measure
+    rng = np.random.default_rng(4)
+    model = build(CONV_TRANSPOSE, {"w1": rand(rng, 8, 8, 3, 3), "b1": rand(rng, 8), "w2": rand(rng, 8, 4, 2, 2),
+                                   "b2": rand(rng, 4)})
+    pass_ = create_pass("quantize", {"calibration": write_feeds(tmp_path, {"x": rand(rng, 2, 8, 8, 8)})})
+    ctx = PassContext(model_profiler=_UnavailableProfiler(), log=logging.getLogger("iropt.t"))  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING):
+        result = pass_.run(model, ctx)
+    assert "placing them by rules instead" in caplog.text
+    assert "kept_float_measured" not in result.stats
+    assert [item["layer"].endswith("(ConvTranspose)") for item in result.info["skipped_slow"]] == [True]

@@ -31,6 +31,7 @@ import onnx_graphsurgeon as gs
 from iropt.compress.quant.attribution import attribute, tagged_copy, tensor_producers
 from iropt.compress.quant.placement import Plan
 from iropt.compress.quant.timing_cache import TimingCache, signature_key
+from iropt.errors import UserError
 from iropt.infra.pass_base import PassContext
 from iropt.ir.model import Model
 from iropt.verify.profiling import ModelProfiler
@@ -398,16 +399,21 @@ def _follows(node: gs.Node, tensor: gs.Tensor) -> bool:
 def place_by_measurement(
     model: Model, plan: Plan, build: Build, batch: Mapping[str, np.ndarray], ctx: PassContext,
     cache: TimingCache | None,
-) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
+) -> tuple[dict[str, dict[str, str]], dict[str, Any]] | None:
     """The plan's layers to keep float, by key ({"layer": label, "reason": why}), and the
-    report's view of the measurement; logs each decision and the time measuring took."""
+    report's view of the measurement; logs each decision and the time measuring took. None
+    (with a warning) when the target cannot run the models to time them."""
     threads, level = target_run_settings(ctx)
     feed = profile_feed(model, batch)
     layers = plan_layers(model, plan, run_context(feed, threads, level))
     if not layers:
         return {}, {}
     measurer = Measurer(model, layers, build, feed, ctx.model_profiler, threads, level, ctx.log)
-    placement = measured_placement(measurer, cache)
+    try:
+        placement = measured_placement(measurer, cache)
+    except UserError as error:
+        ctx.log.warning("quantize: could not time the layers (%s); placing them by rules instead", error)
+        return None
     labels = {layer.key: layer.label for layer in layers}
     kept = {key: {"layer": labels[key], "reason": reason} for key, reason in placement.kept_float.items()}
     for item in kept.values():
