@@ -58,7 +58,7 @@ from iropt.compress.calibration import (
     split_batches,
     with_outputs,
 )
-from iropt.compress.quant.blockwise import BLOCK_SIZES, quantize_gptq, quantize_rtn
+from iropt.compress.quant.blockwise import BLOCK_SIZES, BlockQuantized, quantize_gptq_by_input, quantize_rtn
 from iropt.compress.quant.dynamic import DYNAMIC_OP_TYPES, dynamic_candidates, quantize_dynamic
 from iropt.compress.quant.embedding import embedding_candidates, quantize_embeddings
 from iropt.compress.quant.existing import is_quantized
@@ -86,6 +86,7 @@ from iropt.compress.quant.weight_only import (
     BLOCKED_DQ_MIN_OPSET,
     WEIGHT_ONLY_OP_TYPES,
     Int4Format,
+    WeightOnlyCandidate,
     rewrite_weight_only,
     weight_only_candidates,
 )
@@ -389,14 +390,20 @@ class Quantize(Pass):
             feeds = limit_rows(self._feeds(model, ctx), self.max_samples)
             grams = collect_gram(model, activations, feeds, ctx.runner_factory,
                                  batch_size=self.batch_size, progress=ctx.progress)
-        quantized = {}
-        for candidate in ctx.progress(candidates, "quantizing weights", total=len(candidates)):
-            gram = grams.get(candidate.activation.name)
-            if gram is None:
-                codes = quantize_rtn(candidate.weight, self.block_size, self.symmetric)
-            else:
-                codes = quantize_gptq(candidate.weight, gram, self.block_size, self.symmetric)
-            quantized[candidate.key] = (candidate, codes)
+        by_input: dict[str, list[WeightOnlyCandidate]] = {}
+        for candidate in candidates:
+            by_input.setdefault(candidate.activation.name, []).append(candidate)
+        codes: dict[str, BlockQuantized] = {}
+        if grams:
+            groups = list(by_input.values())
+            layers = [(grams[group[0].activation.name], [c.weight for c in group]) for group in groups]
+            results = quantize_gptq_by_input(layers, self.block_size, self.symmetric)
+            for group, group_codes in ctx.progress(zip(groups, results, strict=True), "quantizing weights (gptq)", total=len(groups)):
+                codes.update((c.key, q) for c, q in zip(group, group_codes, strict=True))
+        else:
+            for candidate in ctx.progress(candidates, "quantizing weights", total=len(candidates)):
+                codes[candidate.key] = quantize_rtn(candidate.weight, self.block_size, self.symmetric)
+        quantized = {c.key: (c, codes[c.key]) for c in candidates}
         count = rewrite_weight_only(model.graph, quantized, fmt)
         model.graph.nodes = sorted_nodes(model.graph)
         return PassResult.from_stats(

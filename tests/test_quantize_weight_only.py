@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 from helpers_quant import build, checked, cosine, op_counts, quantize, rand, run, write_feeds
 
-from iropt.compress.quant.blockwise import pack_nibbles, quantize_gptq, quantize_rtn
+from iropt.compress.quant.blockwise import (
+    block_params,
+    pack_nibbles,
+    quantize_gptq,
+    quantize_gptq_by_input,
+    quantize_rtn,
+)
 from iropt.errors import OptionError
 from iropt.ir.model import Model
 
@@ -60,6 +66,47 @@ def test_gptq_has_less_output_error_than_rounding_on_its_calibration_inputs() ->
         rtn = np.linalg.norm(x @ (quantize_rtn(w, 32, symmetric).dequantize() - w))
         gptq = np.linalg.norm(x @ (quantize_gptq(w, gram, 32, symmetric).dequantize() - w))
         assert gptq < 0.7 * rtn
+
+
+def _reference_gptq(w: np.ndarray, gram: np.ndarray, block: int, symmetric: bool) -> np.ndarray:
+    """GPTQ as the paper states it, one row at a time with every correction applied at once:
+    the dequantized weight, for comparison with the batched implementation."""
+    w = w.astype(np.float64).copy()
+    h = gram + 0.01 * np.mean(np.diag(gram)) * np.eye(len(gram))
+    upper = np.linalg.cholesky(np.linalg.inv(h)).T
+    restored = np.empty_like(w)
+    for row in range(len(w)):
+        if row % block == 0:
+            scale, zero = block_params(w[row : row + block], symmetric)
+        codes = np.clip(np.rint(w[row] / scale) + zero, 0, 15)
+        restored[row] = (codes - zero) * scale
+        w[row + 1 :] -= np.outer(upper[row, row + 1 :], (w[row] - restored[row]) / upper[row, row])
+    return restored
+
+
+@pytest.mark.parametrize("block", [32, 128, 256])
+def test_batched_gptq_matches_one_row_at_a_time(block: int) -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1024, 16)) @ rng.standard_normal((16, 300)) + 0.1 * rng.standard_normal((1024, 300))
+    w = rng.standard_normal((300, 48))  # K not a multiple of the block or of the 128-row batch
+    gram = x.T @ x
+    for symmetric in (True, False):
+        q = quantize_gptq(w, gram, block, symmetric)
+        error = np.linalg.norm(x @ (q.dequantize() - w))
+        reference = np.linalg.norm(x @ (_reference_gptq(w, gram, block, symmetric) - w))
+        rtn = np.linalg.norm(x @ (quantize_rtn(w, block, symmetric).dequantize() - w))
+        assert error <= rtn
+        assert error == pytest.approx(reference, rel=0.02)
+
+
+def test_gptq_by_input_shares_one_factorization_and_keeps_the_order() -> None:
+    rng = np.random.default_rng(3)
+    inputs = [rng.standard_normal((256, 64)) for _ in range(3)]
+    layers = [(x.T @ x, [rng.standard_normal((64, 8 * (i + 1))) for i in range(2)]) for x in inputs]
+    results = list(quantize_gptq_by_input(layers, 32, True))
+    for (gram, weights), codes in zip(layers, results, strict=True):
+        for weight, q in zip(weights, codes, strict=True):
+            assert np.array_equal(q.codes, quantize_gptq(weight, gram, 32, True).codes)
 
 
 def test_pack_nibbles_puts_the_first_code_in_the_low_nibble() -> None:
