@@ -202,3 +202,102 @@ def test_embedding_tables_become_int8_rows_unless_tied() -> None:
     # Every looked-up row is within half a step of its own scale.
     step = np.abs(table).max(axis=1)[ids][..., None] / 127
     assert np.all(np.abs(got["e"] - table[ids]) <= step / 2 * (1 + 1e-5))
+
+
+def _block_steps(table: np.ndarray, block: int, symmetric: bool) -> np.ndarray:
+    """Each value's quantization step in 4-bit blocks of `block` along the rows, `[V, D]`."""
+    blocks = table.reshape(table.shape[0], -1, block)
+    low, high = np.minimum(blocks.min(axis=2), 0), np.maximum(blocks.max(axis=2), 0)
+    step = np.maximum(-low / 8, high / 7) if symmetric else (high - low) / 15
+    return np.repeat(step, block, axis=1)
+
+
+def _size(model: Model) -> int:
+    return len(model.to_onnx().SerializeToString())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_embedding_tables_become_4bit_blocks_for_onnx_runtime(symmetric: bool) -> None:
+    rng = np.random.default_rng(6)
+    table = (rng.standard_normal((2048, 64)) * rng.uniform(0.01, 3.0, (2048, 1))).astype(np.float32)
+    model = build(EMBEDDING_TEXT, {"table": table, "shared": rand(rng, 1024, 64)})
+    original = model.copy()
+    result, _ = quantize(model, None, bits=4, block_size=16, symmetric=symmetric)
+    checked(model)
+    assert result.stats["quantized_embeddings"] == 1
+    gathers = [n for n in model.graph.nodes if n.op == "GatherBlockQuantized"]
+    assert len(gathers) == 1 and gathers[0].attrs["block_size"] == 16
+    assert (len(gathers[0].inputs) == 4) != symmetric  # zero points only when asymmetric
+    ids = rng.integers(0, 1024, (3, 5)).astype(np.int64)
+    want, got = run(original, {"ids": ids}), run(model, {"ids": ids})
+    np.testing.assert_array_equal(got["logits"], want["logits"])  # the tied table stays float
+    # Every value within half a step (symmetric: nothing clips) or one step (zero points rounded).
+    bound = _block_steps(table, 16, symmetric)[ids] * (0.5 if symmetric else 1.0) * (1 + 1e-5)
+    assert np.all(np.abs(got["e"] - table[ids]) <= bound)
+    # 4 bits + a float scale per 16 values: the table is under a fifth of its float bytes.
+    assert _size(original) - _size(model) > 0.75 * table.nbytes
+
+
+def test_dynamic_mode_takes_4bit_tables_on_request_and_tensorrt_keeps_int8_rows() -> None:
+    rng = np.random.default_rng(7)
+    weights = {"table": rand(rng, 2048, 64), "shared": rand(rng, 1024, 64)}
+    dynamic = build(EMBEDDING_TEXT, weights)
+    quantize(dynamic, None, mode="dynamic", embedding_bits=4)
+    assert op_counts(dynamic)["GatherBlockQuantized"] == 1
+    default_dynamic = build(EMBEDDING_TEXT, weights)
+    quantize(default_dynamic, None, mode="dynamic")
+    assert "GatherBlockQuantized" not in op_counts(default_dynamic)
+    tensorrt = build(EMBEDDING_TEXT, weights, opset=21)
+    result, _ = quantize(tensorrt, None, target="tensorrt", bits=4, embedding_bits=4)
+    checked(tensorrt)
+    assert result.stats["quantized_embeddings"] == 1 and "GatherBlockQuantized" not in op_counts(tensorrt)
+    assert any(n.op == "Gather" and n.inputs[0].values.dtype == np.int8 for n in tensorrt.graph.nodes)
+
+
+def test_a_table_tied_to_a_gemm_weight_gets_a_4bit_copy_for_each_use() -> None:
+    rng = np.random.default_rng(8)
+    table = rand(rng, 1024, 64)
+    model = build("""
+g (int64[N] ids) => (float[N, 1024] logits, float[N, 64] e) {
+  e = Gather (table, ids)
+  logits = Gemm <transB = 1> (e, table)
+}""", {"table": table})
+    original = model.copy()
+    result, _ = quantize(model, None, bits=4, block_size=32)
+    checked(model)
+    assert op_counts(model) == {"GatherBlockQuantized": 1, "MatMulNBits": 1}
+    assert result.stats["quantized_embeddings"] == 1 and result.stats["quantized_weights"] == 1
+    floats = [t for t in model.graph.tensors().values() if hasattr(t, "values") and t.values.dtype == np.float32]
+    assert all(t.values.size < table.size for t in floats)  # the float table is gone
+    ids = rng.integers(0, 1024, 7).astype(np.int64)
+    want, got = run(original, {"ids": ids}), run(model, {"ids": ids})
+    assert np.all(np.abs(got["e"] - want["e"]) <= _block_steps(table, 32, True)[ids] * 0.5 * (1 + 1e-5))
+    assert cosine(got["logits"], want["logits"]) >= 0.98
+    # Two 4-bit copies (codes plus a float scale per 32 values: 0.16x of float each).
+    assert _size(model) < 0.35 * _size(original)
+
+
+def test_a_table_with_an_odd_row_length_stays_int8_rows() -> None:
+    rng = np.random.default_rng(9)
+    model = build("""
+g (int64[N] ids) => (float[N, 65] e) {
+  e = Gather (table, ids)
+}""", {"table": rand(rng, 1100, 65)})
+    result, _ = quantize(model, None, bits=4)
+    checked(model)
+    assert result.stats["quantized_embeddings"] == 1 and "GatherBlockQuantized" not in op_counts(model)
+
+
+def test_accuracy_level_reaches_matmul_nbits() -> None:
+    rng = np.random.default_rng(10)
+    model = _gemm_model(rng)
+    original = model.copy()
+    quantize(model, None, bits=4, accuracy_level=4)
+    checked(model)
+    assert {n.attrs["accuracy_level"] for n in model.graph.nodes} == {4}
+    x = rng.standard_normal((5, 80)).astype(np.float32)
+    want, got = run(original, {"x": x}), run(model, {"x": x}, optimized=True)
+    for name in want:
+        assert cosine(want[name], got[name]) >= 0.97
+    with pytest.raises(OptionError, match="accuracy_level"):
+        quantize(_gemm_model(rng), None, bits=4, accuracy_level=5)

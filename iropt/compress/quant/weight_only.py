@@ -7,7 +7,9 @@ Activations stay float; only the constant weight `W [K, N]` is stored quantized 
   `uint8 [N, blocks, block / 2]` (column n's block j, two codes per byte, low nibble first),
   `scales [N, blocks]`, zero points packed two per byte `[N, ceil(blocks / 2)]` (omitted when
   symmetric: the kernel's default zero point is 8). A Gemm's `alpha` folds into the scales and
-  `beta * C` becomes MatMulNBits' bias.
+  `beta * C` becomes MatMulNBits' bias. `accuracy_level` passes through (4: the kernel quantizes
+  activations to int8 per block and multiplies in integers, faster on CPUs with int8 dot
+  products, less precise).
 - `blocked_dq` (TensorRT, ONNX opset >= 21): `DequantizeLinear(axis=0, block_size=block)` of an
   int4 weight (symmetric: codes - 8, zero point omitted) or a uint4 weight with uint4 zero
   points, feeding the original MatMul / Gemm.
@@ -93,20 +95,26 @@ def rewrite_weight_only(
     graph: gs.Graph,
     quantized: Mapping[str, tuple[WeightOnlyCandidate, BlockQuantized]],
     fmt: Int4Format,
+    accuracy_level: int = 0,
 ) -> int:
-    """Replace each candidate's weight by its 4-bit codes in `fmt`; returns the layers rewritten."""
+    """Replace each candidate's weight by its 4-bit codes in `fmt`; returns the layers rewritten.
+
+    `accuracy_level` is MatMulNBits' attribute: the least precise type the kernel may compute
+    in (0 unset, 1 float32, 2 float16, 3 bfloat16, 4 int8 activations quantized per block)."""
     name = names_for(graph)
     for candidate, codes in quantized.values():
         if fmt == "matmul_nbits":
-            _matmul_nbits(graph, name, candidate, codes)
+            _matmul_nbits(graph, name, candidate, codes, accuracy_level)
         else:
             _blocked_dequantize(graph, name, candidate, codes)
     if fmt == "matmul_nbits" and quantized:
-        _import_domain(graph, MS_DOMAIN, 1)
+        import_domain(graph, MS_DOMAIN, 1)
     return len(quantized)
 
 
-def _matmul_nbits(graph: gs.Graph, name: FreshNames, candidate: WeightOnlyCandidate, q: BlockQuantized) -> None:
+def _matmul_nbits(
+    graph: gs.Graph, name: FreshNames, candidate: WeightOnlyCandidate, q: BlockQuantized, accuracy_level: int
+) -> None:
     node = candidate.node
     k, n = candidate.weight.shape
     padded = np.zeros((q.blocks * q.block, n), dtype=np.uint8)
@@ -134,7 +142,7 @@ def _matmul_nbits(graph: gs.Graph, name: FreshNames, candidate: WeightOnlyCandid
     graph.nodes.remove(node)
     graph.nodes.append(gs.Node(
         "MatMulNBits", name(f"{base}_MatMulNBits"),
-        {"K": k, "N": n, "bits": 4, "block_size": q.block},
+        {"K": k, "N": n, "bits": 4, "block_size": q.block, "accuracy_level": accuracy_level},
         inputs=inputs, outputs=[output], domain=MS_DOMAIN,
     ))
 
@@ -170,7 +178,8 @@ def _packed_constant(name: str, values: np.ndarray) -> gs.Constant:
     return gs.Constant(name, LazyValues(proto))
 
 
-def _import_domain(graph: gs.Graph, domain: str, version: int) -> None:
+def import_domain(graph: gs.Graph, domain: str, version: int) -> None:
+    """Declare `domain` in the model's opset imports (once)."""
     imports = list(graph.import_domains or [])
     if not any(opset.domain == domain for opset in imports):
         imports.append(onnx.helper.make_opsetid(domain, version))
