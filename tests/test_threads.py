@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from threadpoolctl import threadpool_info
 
 from iropt.util.threads import single_threaded_blas, thread_map, worker_count
@@ -37,3 +38,15 @@ def test_worker_count_is_at_least_one_and_at_most_one_per_item() -> None:
     assert worker_count(0) == 1
     assert worker_count(1) == 1
     assert 1 <= worker_count(1000) <= 1000
+
+
+def test_thread_map_passes_an_error_on() -> None:
+    def fail_on_first(value: int) -> int:
+        if value == 0:
+            raise ValueError("first piece")
+        return value
+
+    before = _blas_threads()
+    with pytest.raises(ValueError, match="first piece"):
+        list(thread_map(fail_on_first, list(range(50))))
+    assert _blas_threads() == before  # the limit is lifted after an error too

@@ -43,5 +43,9 @@ def thread_map(fn: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
         if workers == 1:
             yield from (fn(item) for item in items)
             return
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        pool = ThreadPoolExecutor(max_workers=workers)
+        try:
             yield from pool.map(fn, items)
+        finally:
+            # Stopped early (an error, an interrupt): the pieces not started yet are dropped.
+            pool.shutdown(wait=True, cancel_futures=True)
