@@ -399,25 +399,35 @@ class Quantize(Pass):
             feeds = limit_rows(self._feeds(model, ctx), self.max_samples)
             grams = collect_gram(model, activations, feeds, ctx.runner_factory,
                                  batch_size=self.batch_size, progress=ctx.progress)
-        by_input: dict[str, list[WeightOnlyCandidate]] = {}
-        for candidate in candidates:
-            by_input.setdefault(candidate.activation.name, []).append(candidate)
-        codes: dict[str, BlockQuantized] = {}
-        if grams:
-            groups = list(by_input.values())
-            layers = [(grams[group[0].activation.name], [c.weight for c in group]) for group in groups]
-            results = quantize_gptq_by_input(layers, self.block_size, self.symmetric)
-            for group, group_codes in ctx.progress(zip(groups, results, strict=True), "quantizing weights (gptq)", total=len(groups)):
-                codes.update((c.key, q) for c, q in zip(group, group_codes, strict=True))
-        else:
-            for candidate in ctx.progress(candidates, "quantizing weights", total=len(candidates)):
-                codes[candidate.key] = quantize_rtn(candidate.weight, self.block_size, self.symmetric)
+        codes = self._block_codes(candidates, grams, ctx)
         quantized = {c.key: (c, codes[c.key]) for c in candidates}
         count = rewrite_weight_only(model.graph, quantized, fmt, self.accuracy_level)
         model.graph.nodes = sorted_nodes(model.graph)
         return PassResult.from_stats(
             quantized_nodes=count, quantized_weights=count, quantized_embeddings=self._embeddings(model, ctx)
         )
+
+    def _block_codes(
+        self, candidates: list[WeightOnlyCandidate], grams: Mapping[str, np.ndarray], ctx: PassContext
+    ) -> dict[str, BlockQuantized]:
+        """4-bit codes of each candidate's weight: GPTQ when its input's Gram matrix is known
+        (weights reading one input share its factorization), else round to nearest."""
+        if not grams:
+            return {
+                c.key: quantize_rtn(c.weight, self.block_size, self.symmetric)
+                for c in ctx.progress(candidates, "quantizing weights", total=len(candidates))
+            }
+        by_input: dict[str, list[WeightOnlyCandidate]] = {}
+        for candidate in candidates:
+            by_input.setdefault(candidate.activation.name, []).append(candidate)
+        groups = list(by_input.values())
+        layers = [(grams[group[0].activation.name], [c.weight for c in group]) for group in groups]
+        results = quantize_gptq_by_input(layers, self.block_size, self.symmetric)
+        codes: dict[str, BlockQuantized] = {}
+        for group, group_codes in ctx.progress(zip(groups, results, strict=True), "quantizing weights (gptq)",
+                                               total=len(groups)):
+            codes.update((c.key, q) for c, q in zip(group, group_codes, strict=True))
+        return codes
 
     def _embeddings(self, model: Model, ctx: PassContext) -> int:
         """Store large Gather tables in int8 rows or 4-bit blocks (dynamic and weight-only modes)."""
