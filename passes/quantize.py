@@ -86,6 +86,7 @@ from iropt.compress.quant.weight_only import (
     BLOCKED_DQ_MIN_OPSET,
     WEIGHT_ONLY_OP_TYPES,
     Int4Format,
+    PackedRows,
     WeightOnlyCandidate,
     rewrite_weight_only,
     weight_only_candidates,
@@ -401,10 +402,12 @@ class Quantize(Pass):
                                  batch_size=self.batch_size, progress=ctx.progress)
         codes = self._block_codes(candidates, grams, ctx)
         quantized = {c.key: (c, codes[c.key]) for c in candidates}
-        count = rewrite_weight_only(model.graph, quantized, fmt, self.accuracy_level)
+        rows = rewrite_weight_only(model.graph, quantized, fmt, self.accuracy_level)
         model.graph.nodes = sorted_nodes(model.graph)
+        # A table tied to a Gemm reads the Gemm's 4-bit bytes when they are its own rounded codes.
+        embeddings = self._embeddings(model, ctx, rows if self.weight_method == "rtn" else None)
         return PassResult.from_stats(
-            quantized_nodes=count, quantized_weights=count, quantized_embeddings=self._embeddings(model, ctx)
+            quantized_nodes=len(quantized), quantized_weights=len(quantized), quantized_embeddings=embeddings
         )
 
     def _block_codes(
@@ -429,7 +432,7 @@ class Quantize(Pass):
             codes.update((c.key, q) for c, q in zip(group, group_codes, strict=True))
         return codes
 
-    def _embeddings(self, model: Model, ctx: PassContext) -> int:
+    def _embeddings(self, model: Model, ctx: PassContext, shared: Mapping[str, PackedRows] | None = None) -> int:
         """Store large Gather tables in int8 rows or 4-bit blocks (dynamic and weight-only modes)."""
         if not self.embeddings:
             return 0
@@ -439,7 +442,7 @@ class Quantize(Pass):
                 ctx.log.info("quantize: embedding tables stay int8 rows for format tensorrt (no 4-bit gather)")
             bits = 8
         fmt = EmbeddingFormat(bits=bits, block=self.block_size, symmetric=self.symmetric)
-        count = quantize_embeddings(model.graph, embedding_candidates(model.graph, self._excluded()), fmt)
+        count = quantize_embeddings(model.graph, embedding_candidates(model.graph, self._excluded()), fmt, shared)
         if count:
             model.graph.nodes = sorted_nodes(model.graph)
         return count

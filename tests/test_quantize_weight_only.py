@@ -254,27 +254,42 @@ def test_dynamic_mode_takes_4bit_tables_on_request_and_tensorrt_keeps_int8_rows(
     assert any(n.op == "Gather" and n.inputs[0].values.dtype == np.int8 for n in tensorrt.graph.nodes)
 
 
-def test_a_table_tied_to_a_gemm_weight_gets_a_4bit_copy_for_each_use() -> None:
+@pytest.mark.parametrize(("method", "symmetric"), [("rtn", True), ("rtn", False), ("gptq", True)])
+def test_a_table_tied_to_a_gemm_weight(tmp_path: Path, method: str, symmetric: bool) -> None:
     rng = np.random.default_rng(8)
     table = rand(rng, 1024, 64)
     model = build("""
-g (int64[N] ids) => (float[N, 1024] logits, float[N, 64] e) {
+g (int64[N, 3] ids) => (float[N, 3, 1024] logits, float[N, 3, 64] e) {
   e = Gather (table, ids)
-  logits = Gemm <transB = 1> (e, table)
-}""", {"table": table})
+  flat = Reshape (e, shape)
+  flat_logits = Gemm <transB = 1> (flat, table)
+  logits = Reshape (flat_logits, out_shape)
+}""", {
+        "table": table, "shape": np.array([-1, 64]), "out_shape": np.array([-1, 3, 1024]),
+    })
     original = model.copy()
-    result, _ = quantize(model, None, bits=4, block_size=32)
+    calibration = write_feeds(tmp_path, {"ids": rng.integers(0, 1024, (16, 3))})
+    result, _ = quantize(model, calibration, bits=4, block_size=32, symmetric=symmetric, weight_method=method)
     checked(model)
-    assert op_counts(model) == {"GatherBlockQuantized": 1, "MatMulNBits": 1}
     assert result.stats["quantized_embeddings"] == 1 and result.stats["quantized_weights"] == 1
     floats = [t for t in model.graph.tensors().values() if hasattr(t, "values") and t.values.dtype == np.float32]
     assert all(t.values.size < table.size for t in floats)  # the float table is gone
-    ids = rng.integers(0, 1024, 7).astype(np.int64)
-    want, got = run(original, {"ids": ids}), run(model, {"ids": ids})
-    assert np.all(np.abs(got["e"] - want["e"]) <= _block_steps(table, 32, True)[ids] * 0.5 * (1 + 1e-5))
+    ids = rng.integers(0, 1024, (7, 3)).astype(np.int64)
+    want, got = run(original, {"ids": ids}), run(model, {"ids": ids}, optimized=True)
+    bound = _block_steps(table, 32, symmetric)[ids] * (0.5 if symmetric else 1.0) * (1 + 1e-5)
+    assert np.all(np.abs(got["e"] - want["e"]) <= bound)
     assert cosine(got["logits"], want["logits"]) >= 0.98
-    # Two 4-bit copies (codes plus a float scale per 32 values: 0.16x of float each).
-    assert _size(model) < 0.35 * _size(original)
+    gather = next(n for n in model.graph.nodes if n.op == "GatherBlockQuantized")
+    matmul = next(n for n in model.graph.nodes if n.op == "MatMulNBits")
+    if method == "rtn":
+        # The lookup reads the Gemm's own 4-bit bytes: the codes once (1/8 of float), only the
+        # scales (1/32 each) and zero points twice, in each node's layout.
+        assert gather.inputs[0] is matmul.inputs[1]
+        assert _size(model) < 0.22 * _size(original)
+    else:
+        # GPTQ's codes serve the projection, not the lookup: each use has its own copy.
+        assert gather.inputs[0] is not matmul.inputs[1]
+        assert _size(model) < 0.35 * _size(original)
 
 
 def test_a_table_with_an_odd_row_length_stays_int8_rows() -> None:

@@ -25,12 +25,16 @@ size plus its scales. A table with an odd D (the codes cannot be packed in pairs
 A table qualifies when every consumer is a Gather on axis 0 and it has at least `min_elements`
 values. A table also read by another node (tied to an output projection) stays float, unless
 that node was quantized first (a Gemm/MatMul reading the table as its constant weight gets its
-own quantized copy), after which only Gathers read it.
+own quantized copy), after which only Gathers read it. Where that node became a MatMulNBits
+whose B holds the table's own 4-bit codes (a Gemm with transB, rounded to nearest in the same
+blocks), the Gathers read those bytes instead of a second copy: B is `[V, blocks, block / 2]`,
+so the lookup is GatherBlockQuantized with `quantize_axis=2` (scales `[V, blocks, 1]`)
+followed by a Reshape of `[..., blocks, block]` to `[..., D]`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,7 +46,7 @@ from iropt.compress.quant.blockwise import pack_nibbles, quantize_rtn
 from iropt.compress.quant.params import weight_params
 from iropt.compress.quant.placement import node_key, node_label
 from iropt.compress.quant.rewrite import names_for
-from iropt.compress.quant.weight_only import MS_DOMAIN, import_domain
+from iropt.compress.quant.weight_only import MS_DOMAIN, PackedRows, import_domain
 from iropt.ir.graph import FreshNames, constant_value, is_op
 
 EmbeddingBits = Literal[8, 4]
@@ -87,14 +91,20 @@ class EmbeddingFormat:
     symmetric: bool = True
 
 
-def quantize_embeddings(graph: gs.Graph, candidates: list[EmbeddingCandidate], fmt: EmbeddingFormat) -> int:
-    """Rewrite `candidates` in place; returns the number of tables stored quantized."""
+def quantize_embeddings(
+    graph: gs.Graph,
+    candidates: list[EmbeddingCandidate],
+    fmt: EmbeddingFormat,
+    shared: Mapping[str, PackedRows] | None = None,
+) -> int:
+    """Rewrite `candidates` in place; returns the number of tables stored quantized. `shared`:
+    4-bit codes of tables already stored for a MatMulNBits (by table name), read in place."""
     name = names_for(graph)
     tables: dict[int, Callable[[gs.Node], None]] = {}
     for candidate in candidates:
         table = candidate.node.inputs[0]
         if id(table) not in tables:
-            tables[id(table)] = _table_rewriter(graph, name, table, fmt)
+            tables[id(table)] = _table_rewriter(graph, name, table, fmt, (shared or {}).get(table.name))
         tables[id(table)](candidate.node)
     if any(is_op(node, "GatherBlockQuantized") for node in graph.nodes):
         import_domain(graph, MS_DOMAIN, 1)
@@ -102,11 +112,14 @@ def quantize_embeddings(graph: gs.Graph, candidates: list[EmbeddingCandidate], f
 
 
 def _table_rewriter(
-    graph: gs.Graph, name: FreshNames, table: gs.Tensor, fmt: EmbeddingFormat
+    graph: gs.Graph, name: FreshNames, table: gs.Tensor, fmt: EmbeddingFormat, shared: PackedRows | None
 ) -> Callable[[gs.Node], None]:
     """Quantize `table` once; the function returned rewrites one Gather of it."""
     value = constant_value(table)
     assert value is not None
+    if fmt.bits == 4 and shared is not None and _can_share(table, shared, fmt):
+        inputs = _shared_inputs(name, table.name, shared)
+        return lambda node: _rewrite_shared(graph, name, node, inputs, fmt.block, value.shape[1])
     if fmt.bits == 4 and value.shape[1] % 2 == 0:
         inputs = _4bit_table(name, table.name, value, fmt)
         return lambda node: _rewrite_4bit(graph, name, node, inputs, fmt.block)
@@ -133,6 +146,40 @@ def _4bit_table(name: FreshNames, table: str, value: np.ndarray, fmt: EmbeddingF
             zeros = np.concatenate([zeros, np.zeros((zeros.shape[0], 1), dtype=np.uint8)], axis=1)
         inputs.append(gs.Constant(name(f"{table}_block_zero_points"), np.ascontiguousarray(pack_nibbles(zeros))))
     return inputs
+
+
+def _can_share(table: gs.Tensor, shared: PackedRows, fmt: EmbeddingFormat) -> bool:
+    """Whether the Gathers of `table` can read `shared`: the same codes as the table's own (same
+    blocks), and indices of known rank (the Reshape after the lookup keeps their dimensions)."""
+    same_codes = shared.codes.block == fmt.block and shared.codes.symmetric == fmt.symmetric
+    return same_codes and all(gather.inputs[1].shape is not None for gather in table.outputs)
+
+
+def _shared_inputs(name: FreshNames, table: str, shared: PackedRows) -> list[gs.Constant]:
+    """GatherBlockQuantized's inputs over MatMulNBits' B: scales and zero points `[V, blocks, 1]`
+    (one block along the last axis of each `[blocks, block / 2]` row)."""
+    q = shared.codes
+    inputs = [shared.data, gs.Constant(name(f"{table}_block_scales"), np.ascontiguousarray(q.scale.T[:, :, None]))]
+    if not q.symmetric:
+        inputs.append(gs.Constant(name(f"{table}_block_zero_points"), np.ascontiguousarray(q.zero.T[:, :, None])))
+    return inputs
+
+
+def _rewrite_shared(
+    graph: gs.Graph, name: FreshNames, node: gs.Node, inputs: list[gs.Constant], block: int, width: int
+) -> None:
+    ids, output, base = _detach(graph, node)
+    blocks = gs.Variable(name(f"{base}_blocks"), dtype=np.float32)
+    # Reshape's 0 keeps a dimension of its input: the indices' dimensions, then the row width.
+    shape = gs.Constant(name(f"{base}_row_shape"), np.array([0] * len(ids.shape) + [width], dtype=np.int64))
+    graph.nodes.extend([
+        gs.Node(
+            "GatherBlockQuantized", name(f"{base}_GatherBlockQuantized"),
+            {"bits": 4, "block_size": block, "gather_axis": 0, "quantize_axis": 2},
+            inputs=[inputs[0], ids, *inputs[1:]], outputs=[blocks], domain=MS_DOMAIN,
+        ),
+        gs.Node("Reshape", name(f"{base}_Reshape"), inputs=[blocks, shape], outputs=[output]),
+    ])
 
 
 def _detach(graph: gs.Graph, node: gs.Node) -> tuple[gs.Tensor, gs.Tensor, str]:

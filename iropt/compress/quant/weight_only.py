@@ -91,30 +91,48 @@ def _describe(node: gs.Node, key: str, label: str) -> WeightOnlyCandidate | None
     return WeightOnlyCandidate(node, key, label, np.ascontiguousarray(weight), float(node.attrs.get("alpha", 1.0)), bias)
 
 
+@dataclass(frozen=True)
+class PackedRows:
+    """MatMulNBits' B for a Gemm weight stored `[N, K]` (transB): one row of the constant per
+    output, packed in blocks along the row, the layout of a 4-bit embedding table, so a Gather
+    of the same table (tied weights) can read these bytes instead of a copy of its own."""
+
+    data: gs.Constant  # uint8 [N, blocks, block / 2], no padding (K is a multiple of the block)
+    codes: BlockQuantized  # of the `[K, N]` weight; its scales without the Gemm's alpha
+
+
 def rewrite_weight_only(
     graph: gs.Graph,
     quantized: Mapping[str, tuple[WeightOnlyCandidate, BlockQuantized]],
     fmt: Int4Format,
     accuracy_level: int = 0,
-) -> int:
-    """Replace each candidate's weight by its 4-bit codes in `fmt`; returns the layers rewritten.
+) -> dict[str, PackedRows]:
+    """Replace each candidate's weight by its 4-bit codes in `fmt`.
 
     `accuracy_level` is MatMulNBits' attribute: the least precise type the kernel may compute
-    in (0 unset, 1 float32, 2 float16, 3 bfloat16, 4 int8 activations quantized per block)."""
+    in (0 unset, 1 float32, 2 float16, 3 bfloat16, 4 int8 activations quantized per block).
+    Returns, by the name of the original weight, the B of each Gemm whose transB weight is
+    stored row by row (what a tied embedding table can share)."""
     name = names_for(graph)
+    rows: dict[str, PackedRows] = {}
     for candidate, codes in quantized.values():
         if fmt == "matmul_nbits":
-            _matmul_nbits(graph, name, candidate, codes, accuracy_level)
+            weight = candidate.node.inputs[1].name
+            transposed = is_op(candidate.node, "Gemm") and int(candidate.node.attrs.get("transB", 0))
+            data = _matmul_nbits(graph, name, candidate, codes, accuracy_level)
+            if transposed and candidate.weight.shape[0] % codes.block == 0:
+                rows[weight] = PackedRows(data, codes)
         else:
             _blocked_dequantize(graph, name, candidate, codes)
     if fmt == "matmul_nbits" and quantized:
         import_domain(graph, MS_DOMAIN, 1)
-    return len(quantized)
+    return rows
 
 
 def _matmul_nbits(
     graph: gs.Graph, name: FreshNames, candidate: WeightOnlyCandidate, q: BlockQuantized, accuracy_level: int
-) -> None:
+) -> gs.Constant:
+    """Replace the candidate by a MatMulNBits node; returns its B."""
     node = candidate.node
     k, n = candidate.weight.shape
     padded = np.zeros((q.blocks * q.block, n), dtype=np.uint8)
@@ -122,9 +140,10 @@ def _matmul_nbits(
     base = node.name or node.outputs[0].name
     packed = pack_nibbles(padded.T.reshape(n, q.blocks, q.block))
     scales = (q.scale.T * np.float32(candidate.alpha)).astype(np.float32)
+    data = gs.Constant(name(f"{base}_weight_q4"), np.ascontiguousarray(packed))
     inputs: list[gs.Tensor] = [
         candidate.activation,
-        gs.Constant(name(f"{base}_weight_q4"), np.ascontiguousarray(packed)),
+        data,
         gs.Constant(name(f"{base}_weight_scales"), np.ascontiguousarray(scales)),
     ]
     if not q.symmetric:
@@ -145,6 +164,7 @@ def _matmul_nbits(
         {"K": k, "N": n, "bits": 4, "block_size": q.block, "accuracy_level": accuracy_level},
         inputs=inputs, outputs=[output], domain=MS_DOMAIN,
     ))
+    return data
 
 
 def _blocked_dequantize(graph: gs.Graph, name: FreshNames, candidate: WeightOnlyCandidate, q: BlockQuantized) -> None:
