@@ -108,6 +108,7 @@ from iropt.ir.graph import is_op
 from iropt.ir.model import Model
 from iropt.ir.opset import upgrade_opset
 from iropt.ir.toposort import sorted_nodes
+from iropt.util.threads import single_threaded_blas
 from iropt.verify.feeds import iter_feeds
 from iropt.verify.runner import Runner
 
@@ -398,8 +399,11 @@ class Quantize(Pass):
         if self.weight_method == "gptq" and candidates:
             activations = sorted({c.activation.name for c in candidates})
             feeds = limit_rows(self._feeds(model, ctx), self.max_samples)
-            grams = collect_gram(model, activations, feeds, ctx.runner_factory,
-                                 batch_size=self.batch_size, progress=ctx.progress)
+            # The X^T X products are mid-sized: BLAS threads waiting for busy cores cost more
+            # than they gain (ONNX Runtime keeps its own threads).
+            with single_threaded_blas():
+                grams = collect_gram(model, activations, feeds, ctx.runner_factory,
+                                     batch_size=self.batch_size, progress=ctx.progress)
         codes = self._block_codes(candidates, grams, ctx)
         quantized = {c.key: (c, codes[c.key]) for c in candidates}
         rows = rewrite_weight_only(model.graph, quantized, fmt, self.accuracy_level)
