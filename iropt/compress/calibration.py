@@ -498,9 +498,12 @@ def collect_gram(
 
     def accumulate(batch: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         for name in tensors:
-            values = np.asarray(batch[name] if name in inputs else outputs[name], dtype=np.float64)
+            # One batch's product in float32 (half the time of float64; a batch's sum loses no
+            # precision that matters next to GPTQ's damping), the running sum in float64.
+            values = np.asarray(batch[name] if name in inputs else outputs[name], dtype=np.float32)
             rows = values.reshape(-1, values.shape[-1])
-            grams[name] = grams[name] + rows.T @ rows if name in grams else rows.T @ rows
+            gram = (rows.T @ rows).astype(np.float64)
+            grams[name] = grams[name] + gram if name in grams else gram
 
     collect_statistics(model, tensors, feeds, runner_factory, batch_size=batch_size, histograms=False,
                        progress=progress, on_outputs=accumulate)
