@@ -148,7 +148,10 @@ def optimize(
 
 def _optimize(options: RunOptions, progress: ProgressFn, outcome: RunOutcome) -> None:
     pipeline = outcome.pipeline = load_pipeline(options.schedule)
-    model = load_model(options.model)
+    verifying = options.verify or options.verify_each
+    # With verification, the weights in external data are read only after ONNX Runtime has run
+    # the reference from the input file and let go of its copy: never both in memory at once.
+    model = load_model(options.model, external_data=not verifying)
     output = options.output or default_output_path(options.model)
     backend = _target_backend(pipeline, options)
     # Checked before any work so a long run never ends in "cannot write".
@@ -166,9 +169,11 @@ def _optimize(options: RunOptions, progress: ProgressFn, outcome: RunOutcome) ->
         from iropt.lowering.triton import check_model_name
 
         check_model_name(options.triton_name)
-    # The verifier keeps its own copy of the input model: the reference, and where bisection
-    # starts from.
+    # The verifier runs the reference from the input file (read again only if bisection needs
+    # the model it starts from).
     verifier, outcome.feed_notes = _make_verifier(options, model, pipeline, progress)
+    if model.source_data_files and verifying:
+        model = load_model(options.model)
     snapshots = _transform(options, model, pipeline, ctx, verifier, outcome)
     if verifier is not None and _verifies_written_file(options, outcome, backend):
         # Written first, then checked from the file by ONNX Runtime, and published only if it

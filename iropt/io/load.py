@@ -18,9 +18,14 @@ from iropt.ir.model import Model
 from iropt.util.text import shorten, shorten_path
 
 
-def load_model(path: str | os.PathLike[str]) -> Model:
-    """Read an ONNX model, with its external data, and explain what is wrong when it cannot."""
-    proto, data_files = _load(Path(path))
+def load_model(path: str | os.PathLike[str], *, external_data: bool = True) -> Model:
+    """Read an ONNX model, with its external data, and explain what is wrong when it cannot.
+
+    `external_data=False` checks the external references but reads none of them: the graph,
+    its inputs and the weights' types and shapes, without the weights' bytes (enough to make
+    inputs for it, or to see whether it has external data: `Model.source_data_files`).
+    """
+    proto, data_files = _load(Path(path), external_data)
     try:
         model = Model.from_onnx(proto, Path(path).resolve())
     except Exception as error:
@@ -38,8 +43,8 @@ def load_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
     return _load(Path(path))[0]
 
 
-def _load(model_path: Path) -> tuple[onnx.ModelProto, frozenset[Path]]:
-    """The validated proto, its external data loaded, and the external data files it read."""
+def _load(model_path: Path, external_data: bool = True) -> tuple[onnx.ModelProto, frozenset[Path]]:
+    """The validated proto, its external data loaded (when asked), and its external data files."""
     _check_readable(model_path)
     try:
         proto = onnx.load_model(str(model_path), load_external_data=False)
@@ -55,7 +60,8 @@ def _load(model_path: Path) -> tuple[onnx.ModelProto, frozenset[Path]]:
     _check_unique_definitions(model_path, proto)
     check_tensor_data(model_path, proto)
     refs = check_external_data(model_path, proto)
-    load_external_data(refs)
+    if external_data:
+        load_external_data(refs)
     return proto, frozenset(ref.file for ref in refs)
 
 
