@@ -176,7 +176,8 @@ def measure(code: str, model: Path, out_dir: Path, *, memory_cap: int | None, ti
     elif exit_code == 0:
         result = "ok"
     elif memory_cap is not None and (exit_code < 0 or any(marker in err for marker in _OUT_OF_MEMORY)):
-        result = "out of memory"
+        # A native allocation that fails may end the process by a signal, with nothing said.
+        result = f"out of memory (exit {exit_code})"
     else:
         result = f"exit {exit_code}"
     if exit_code and not timed_out:
@@ -208,7 +209,7 @@ def run(shape: str, gib: float, tools: list[str], work: Path, cap: float, timeou
             ratio = f"{seconds / base_seconds:.2f}x" if base_seconds else ""
             result = measured.result
             if memory_cap is not None:
-                result += f" (cap {memory_cap / GIB:.1f} GiB)"
+                result += f", cap {memory_cap / GIB:.1f} GiB"
             rows.append([shape, f"{size:.2f}", tool, f"{seconds:.1f}", ratio, f"{peak:.2f} ({peak / size:.1f}x)",
                          result])
             print(" | ".join(rows[-1]), flush=True)
