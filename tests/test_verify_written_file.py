@@ -179,3 +179,17 @@ def test_staged_files_left_unpublished_leave_no_trace(tmp_path: Path) -> None:
         staged.publish()
     assert out.read_bytes() == b"model" and (out.parent / "o.onnx.data").read_bytes() == b"data"
     assert sorted(p.name for p in out.parent.iterdir()) == ["o.onnx", "o.onnx.data"]
+
+
+def test_the_main_graph_weights_are_read_from_external_data_as_arrays(tmp_path: Path) -> None:
+    source = _mlp_with_external_data(tmp_path / "in")
+    expected = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(source)).graph.initializer}
+    model = load_model(source)
+    constants = {name: t for name, t in model.graph.tensors().items() if name in expected}
+    assert set(constants) == set(expected)
+    for name, constant in constants.items():
+        assert isinstance(constant._values, np.ndarray)  # read once, not held as a TensorProto
+        np.testing.assert_array_equal(constant.values, expected[name])
+    # Exported, the weights are inline data: nothing points back at the input's data file.
+    exported = model.to_onnx()
+    assert all(t.data_location == TensorProto.DEFAULT and t.raw_data for t in exported.graph.initializer)
