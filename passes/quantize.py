@@ -51,7 +51,7 @@ from iropt.compress.calibration import (
     CalibrationMethod,
     TensorStats,
     collect_gram,
-    collect_statistics,
+    collect_statistics_parallel,
     compute_range,
     limit_rows,
     rows_of,
@@ -340,7 +340,8 @@ class Quantize(Pass):
                 kept.append({name: np.array(value, copy=True) for name, value in batch.items()})
 
         feeds = limit_rows(self._feeds(model, ctx), self.max_samples)
-        stats = collect_statistics(
+        # Shards of the data set as parallel tasks, merged, when Ray is running; else serial.
+        stats = collect_statistics_parallel(
             model, list(plan.tensors), feeds, ctx.runner_factory,
             batch_size=self.batch_size, bins=self.bins, histograms=self.method != "minmax",
             progress=ctx.progress, on_batch=keep,
