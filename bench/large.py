@@ -6,7 +6,7 @@ its weights in external data (`model.onnx.data`). The Identity nodes give the ex
 something to rewrite that is not a weight, as in real exports. Two shapes:
 
 - `mlp`: layers of `WIDTH x WIDTH` (256 MiB each), as many as reach `--gib` (default 2.2 GiB);
-- `one_tensor`: the same with one weight of over 2 GiB (a single tensor past protobuf's limit).
+- `one_tensor`: one weight of over 2 GiB (a single tensor past protobuf's limit), then a small one.
 
 Each tool runs in its own child process; its peak RSS is the child's `ru_maxrss` and its time
 the wall time of the child, interpreter start-up included. Tools, in one run so the ratios
@@ -16,7 +16,11 @@ share the machine's conditions:
   reference: the least any tool that reads and writes the model does);
 - `iropt cleanup` / `iropt default`: `iropt run` with its verification (reference and candidate
   run on ONNX Runtime and compared) and writing the output;
-- `onnxslim`: its Python API with its own output check off (its default), when installed.
+- `onnxslim`: its Python API with its own output check off (its default), when installed;
+- `onnxsim`: `onnxsim.simplify` on the loaded model (with its own check), saved with external
+  data, when installed; under a cap on its address space (`--cap`, 3x the model by default), so
+  it is reported as "out of memory" where it would need more. Every tool is stopped after
+  `--timeout` seconds ("timeout").
 
 Run: `.venv/bin/python bench/large.py [--gib 2.2] [--shape mlp|one_tensor|both]`. Needs about
 5x the model's size of free memory for the peers; the model is deleted at the end.
@@ -25,12 +29,15 @@ Run: `.venv/bin/python bench/large.py [--gib 2.2] [--shape mlp|one_tensor|both]`
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +70,10 @@ def generate(path: Path, total_bytes: int, one_big_tensor: bool) -> Path:
     data = path.with_name(path.name + ".data")
     shapes: list[tuple[int, int]] = []
     if one_big_tensor:
-        # One weight of just over 2 GiB (WIDTH x wide), then back to WIDTH.
+        # One weight of just over 2 GiB (WIDTH x wide), then a small one down to a few outputs:
+        # the model is that one tensor, not two of that size.
         wide = (2 * GIB + 64 * 2**20) // (4 * WIDTH)
-        shapes = [(WIDTH, wide), (wide, WIDTH)]
+        shapes = [(WIDTH, wide), (wide, 16)]
     else:
         shapes = [(WIDTH, WIDTH)] * max(1, total_bytes // (4 * WIDTH * WIDTH))
     nodes, initializers = [], []
@@ -112,36 +120,78 @@ TOOLS = {
     "iropt cleanup": "from iropt.app.cli import main; import sys; sys.exit(main(['run','cleanup',sys.argv[1],'-o',sys.argv[2],'-q']))",
     "iropt default": "from iropt.app.cli import main; import sys; sys.exit(main(['run','default',sys.argv[1],'-o',sys.argv[2],'-q']))",
     "onnxslim": "import onnxslim,sys; onnxslim.slim(sys.argv[1], sys.argv[2])",
+    # onnxsim takes a ModelProto, weights and all; its result goes out with external data.
+    "onnxsim": (
+        "import onnx,onnxsim,sys; m,ok=onnxsim.simplify(onnx.load(sys.argv[1])); "
+        "sys.exit('onnxsim: its own check of the result failed') if not ok else None; "
+        "onnx.save(m, sys.argv[2], save_as_external_data=True, location='out.onnx.data')"
+    ),
 }
+# Peers known to need several times the model's size run under a cap on their address space
+# (RLIMIT_AS, as a multiple of the model's size), so that one does not take the machine's memory
+# from everything else; one that hits it is reported as "out of memory".
+CAPPED = {"onnxsim"}
+# What a child that ran out of address space says (Python, C++, protobuf, ONNX Runtime).
+_OUT_OF_MEMORY = ("MemoryError", "bad_alloc", "Cannot allocate memory", "out of memory", "Failed to allocate")
 
 
-def measure(code: str, model: Path, out_dir: Path) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS GiB, exit code) of `code` run in a child interpreter."""
+@dataclass
+class Measured:
+    seconds: float
+    peak_gib: float
+    result: str  # "ok", "out of memory", "timeout", "exit N"
+
+
+def measure(code: str, model: Path, out_dir: Path, *, memory_cap: int | None, timeout: float) -> Measured:
+    """Wall time, peak RSS and outcome of `code` run in a child interpreter; `memory_cap` bytes of
+    address space at most (None: no cap), killed after `timeout` seconds."""
     out_dir.mkdir(parents=True, exist_ok=True)
+
+    def limit() -> None:
+        if memory_cap is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory_cap, memory_cap))
+
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-c", code, str(model), str(out_dir / "out.onnx")], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - start
-    if child.stderr is not None:
-        err = child.stderr.read().decode(errors="replace").strip()
-        if err and os.waitstatus_to_exitcode(status):
-            print(err[-2000:], file=sys.stderr)
+    with tempfile.TemporaryFile() as errors:
+        child = subprocess.Popen([sys.executable, "-c", code, str(model), str(out_dir / "out.onnx")], cwd=ROOT,
+                                 stdout=subprocess.DEVNULL, stderr=errors, preexec_fn=limit)
+        timed_out = False
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - start > timeout:
+                child.kill()
+                timed_out = True
+                _, status, usage = os.wait4(child.pid, 0)
+                break
+            time.sleep(0.2)
+        seconds = time.perf_counter() - start
+        errors.seek(0)
+        err = errors.read().decode(errors="replace").strip()
     shutil.rmtree(out_dir, ignore_errors=True)
-    return seconds, usage.ru_maxrss / 2**20, os.waitstatus_to_exitcode(status)
+    exit_code = os.waitstatus_to_exitcode(status)
+    if timed_out:
+        result = "timeout"
+    elif exit_code == 0:
+        result = "ok"
+    elif memory_cap is not None and (exit_code < 0 or any(marker in err for marker in _OUT_OF_MEMORY)):
+        # A native allocation that fails may end the process by a signal, with nothing said.
+        result = f"out of memory (exit {exit_code})"
+    else:
+        result = f"exit {exit_code}"
+    if exit_code and not timed_out:
+        print(err[-2000:], file=sys.stderr)
+    return Measured(seconds, usage.ru_maxrss / 2**20, result)
 
 
 def available(tool: str) -> bool:
-    if tool != "onnxslim":
+    if tool not in ("onnxslim", "onnxsim"):
         return True
-    try:
-        import onnxslim  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec(tool) is not None
 
 
-def run(shape: str, gib: float, tools: list[str], work: Path) -> list[list[str]]:
+def run(shape: str, gib: float, tools: list[str], work: Path, cap: float, timeout: float) -> list[list[str]]:
     model = generate(work / f"{shape}.onnx", int(gib * GIB), one_big_tensor=shape == "one_tensor")
     size = (model.stat().st_size + model.with_name(model.name + ".data").stat().st_size) / GIB
     rows = []
@@ -151,12 +201,17 @@ def run(shape: str, gib: float, tools: list[str], work: Path) -> list[list[str]]
             if not available(tool):
                 rows.append([shape, f"{size:.2f}", tool, "not installed", "", "", ""])
                 continue
-            seconds, peak, code = measure(TOOLS[tool], model, work / "out")
+            memory_cap = int(cap * size * GIB) if tool in CAPPED else None
+            measured = measure(TOOLS[tool], model, work / "out", memory_cap=memory_cap, timeout=timeout)
+            seconds, peak = measured.seconds, measured.peak_gib
             if tool == "onnx load+save":
                 base_seconds = seconds
             ratio = f"{seconds / base_seconds:.2f}x" if base_seconds else ""
+            result = measured.result
+            if memory_cap is not None:
+                result += f", cap {memory_cap / GIB:.1f} GiB"
             rows.append([shape, f"{size:.2f}", tool, f"{seconds:.1f}", ratio, f"{peak:.2f} ({peak / size:.1f}x)",
-                         "ok" if code == 0 else f"exit {code}"])
+                         result])
             print(" | ".join(rows[-1]), flush=True)
     finally:
         model.unlink()
@@ -169,13 +224,16 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=2.2, help="size of the mlp model")
     parser.add_argument("--shape", choices=["mlp", "one_tensor", "both"], default="mlp")
     parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated: " + ", ".join(TOOLS))
+    parser.add_argument("--cap", type=float, default=3.0,
+                        help="address-space cap of " + ", ".join(sorted(CAPPED)) + ", in model sizes")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds before a tool is stopped")
     args = parser.parse_args()
     tools = [t.strip() for t in args.tools.split(",")]
     shapes = ["mlp", "one_tensor"] if args.shape == "both" else [args.shape]
     rows = []
     with tempfile.TemporaryDirectory(prefix="iropt-large-") as tmp:
         for shape in shapes:
-            rows += run(shape, args.gib, tools, Path(tmp))
+            rows += run(shape, args.gib, tools, Path(tmp), args.cap, args.timeout)
     print(markdown_table(["model", "GiB", "tool", "wall s", "vs onnx", "peak RSS GiB (x model)", "result"], rows))
 
 

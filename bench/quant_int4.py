@@ -7,10 +7,13 @@ seed; CALIB sentences calibrate (GPTQ's layer inputs), the next EVAL sentences a
 Variants (all run by ONNX Runtime on the CPU, optimizations on):
 - fp32: the model as built;
 - int8 dynamic: iropt `quantize(mode="dynamic")` (7-bit int8 MatMul weights, word-embedding
-  table int8 per row) against ORT `quantize_dynamic` (its defaults: int8 weights per tensor);
-- int4: iropt `quantize(bits=4)` (MatMulNBits) with rtn or gptq, block 32/64/128, symmetric
-  or with zero points, against `onnxruntime.quantization.matmul_nbits_quantizer` with its
-  DEFAULT (round to nearest, ORT's kernel), HQQ and GPTQ algorithms at the same block size.
+  table int8 per row, or in 4-bit blocks with `embedding_bits=4`) against ORT
+  `quantize_dynamic` (its defaults: int8 weights per tensor);
+- int4: iropt `quantize(bits=4)` (MatMulNBits, word-embedding table in 4-bit blocks as
+  GatherBlockQuantized) with rtn or gptq, block 32/64/128, symmetric or with zero points, and
+  MatMulNBits' accuracy level 4 (int8 compute), against
+  `onnxruntime.quantization.matmul_nbits_quantizer` with its DEFAULT (round to nearest, ORT's
+  kernel), HQQ and GPTQ algorithms at the same block size.
 
 Figures: cosine of the sentence embeddings against fp32 (mean and minimum over the test
 sentences), the saved file size, the bytes of the MatMul weights (quantized weights, scales and
@@ -18,6 +21,8 @@ zero points of the projection layers) against their fp32 bytes, latency of a bat
 sentences with 1 thread (variants interleaved), and the time the quantizer took.
 
 Run: `.venv/bin/python bench/quant_int4.py` (needs the bench extra for the model's weights).
+`--blocks 32,128` compares several block sizes; `--only iropt,RTN` keeps fp32 and the variants
+whose names contain one of the words (a quick run without ORT's slow HQQ and GPTQ modes).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ BATCH = 8
 MATMUL_OPS = ("MatMul", "MatMulNBits", "MatMulInteger")
 # Block sizes compared (`--blocks 32,128`); 32 is the issue's figure.
 BLOCKS = tuple(int(b) for b in (sys.argv[sys.argv.index("--blocks") + 1] if "--blocks" in sys.argv else "32").split(","))
+ONLY = tuple(sys.argv[sys.argv.index("--only") + 1].split(",")) if "--only" in sys.argv else ()
 
 
 def texts() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -132,6 +138,8 @@ def main() -> None:
         variants: dict[str, Callable[[], onnx.ModelProto]] = {
             "fp32": lambda: onnx.load(str(path)),
             "iropt int8 dynamic": lambda: iropt_variant(path, calib_path, mode="dynamic"),
+            "iropt int8 dynamic, 4-bit table": lambda: iropt_variant(path, calib_path, mode="dynamic",
+                                                                      embedding_bits=4),
             "ORT quantize_dynamic": lambda: ort_dynamic(path),
         }
         for block in BLOCKS:
@@ -142,11 +150,16 @@ def main() -> None:
             variants[f"iropt int4 gptq b{block} zp"] = (
                 lambda b=block: iropt_variant(path, calib_path, bits=4, block_size=b, weight_method="gptq",
                                               symmetric=False))
+            variants[f"iropt int4 gptq b{block} zp acc4"] = (
+                lambda b=block: iropt_variant(path, calib_path, bits=4, block_size=b, weight_method="gptq",
+                                              symmetric=False, accuracy_level=4))
             variants[f"ORT RTN b{block} sym"] = lambda b=block: ort_nbits(path, "DEFAULT", b, calib, True)
             variants[f"ORT RTN b{block} zp"] = lambda b=block: ort_nbits(path, "DEFAULT", b, calib, False)
             variants[f"ORT HQQ b{block}"] = lambda b=block: ort_nbits(path, "HQQ", b, calib, False)
         for block in BLOCKS:  # the slowest peer last
             variants[f"ORT GPTQ b{block}"] = lambda b=block: ort_nbits(path, "GPTQ", b, calib, False)
+        if ONLY:
+            variants = {n: make for n, make in variants.items() if n == "fp32" or any(w in n for w in ONLY)}
         results: dict[str, dict] = {}
         for name, make in variants.items():
             start = time.perf_counter()

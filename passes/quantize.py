@@ -57,16 +57,16 @@ from iropt.compress.calibration import (
     CalibrationMethod,
     TensorStats,
     collect_gram,
-    collect_statistics,
+    collect_statistics_parallel,
     compute_range,
     limit_rows,
     rows_of,
     split_batches,
     with_outputs,
 )
-from iropt.compress.quant.blockwise import BLOCK_SIZES, quantize_gptq, quantize_rtn
+from iropt.compress.quant.blockwise import BLOCK_SIZES, BlockQuantized, quantize_gptq_by_input, quantize_rtn
 from iropt.compress.quant.dynamic import DYNAMIC_OP_TYPES, dynamic_candidates, quantize_dynamic
-from iropt.compress.quant.embedding import embedding_candidates, quantize_embeddings
+from iropt.compress.quant.embedding import EmbeddingFormat, embedding_candidates, quantize_embeddings
 from iropt.compress.quant.existing import is_quantized
 from iropt.compress.quant.measured import place_by_measurement
 from iropt.compress.quant.params import (
@@ -94,6 +94,8 @@ from iropt.compress.quant.weight_only import (
     BLOCKED_DQ_MIN_OPSET,
     WEIGHT_ONLY_OP_TYPES,
     Int4Format,
+    PackedRows,
+    WeightOnlyCandidate,
     rewrite_weight_only,
     weight_only_candidates,
 )
@@ -114,6 +116,7 @@ from iropt.ir.graph import is_op
 from iropt.ir.model import Model
 from iropt.ir.opset import upgrade_opset
 from iropt.ir.toposort import sorted_nodes
+from iropt.util.threads import single_threaded_blas
 from iropt.verify.feeds import iter_feeds
 from iropt.verify.runner import Runner
 
@@ -151,8 +154,11 @@ class Quantize(Pass):
     `bits=4`: weight-only 4-bit MatMul/Gemm weights in blocks of `block_size` (16..256, a power
     of two) along K, `symmetric` or with zero points, chosen by `weight_method` rtn (round to
     nearest) or gptq (error compensation from calibration inputs); ONNX Runtime gets
-    MatMulNBits, TensorRT int4 DequantizeLinear with blocks (opset >= 21). `embeddings` (dynamic
-    and bits=4): Gather tables of at least 64Ki values stored int8 with one scale per row.
+    MatMulNBits (its `accuracy_level` 0-4 passed through), TensorRT int4 DequantizeLinear with
+    blocks (opset >= 21). `embeddings` (dynamic and bits=4): Gather tables of at least 64Ki values
+    stored in `embedding_bits` (default: `bits`, 8 in dynamic mode): 8 = int8 with one scale per
+    row; 4 = blocks of `block_size` along each row, `symmetric` or with zero points, as ONNX
+    Runtime's GatherBlockQuantized (format tensorrt keeps int8 rows: no 4-bit gather there).
     """
 
     kind = PassKind.LOSSY
@@ -182,6 +188,8 @@ class Quantize(Pass):
     symmetric: bool = True
     weight_method: Literal["rtn", "gptq"] = "rtn"
     embeddings: bool = True
+    embedding_bits: Literal[8, 4] | None = None
+    accuracy_level: Annotated[int, Range(min=0, max=4)] = 0
     # Results of the last run, for the CLI and tests (not options).
     last_ranking: list[LayerScore] = field(default_factory=list, init=False, repr=False, compare=False)
     last_kept_float: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
@@ -206,6 +214,10 @@ class Quantize(Pass):
             raise OptionError(
                 f"quantize: block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}"
             )
+        if not 0 <= self.accuracy_level <= 4:
+            raise OptionError(f"quantize: accuracy_level must be 0..4 (MatMulNBits' levels), got {self.accuracy_level}")
+        if self.embedding_bits not in (None, 8, 4):
+            raise OptionError(f"quantize: embedding_bits must be 8 or 4, got {self.embedding_bits}")
         if self.skip_slow_layers is not None and self.placement != "measured":
             raise OptionError("quantize: give placement or its older spelling skip_slow_layers, not both")
         if self.bits == 4 and self.mode == "dynamic":
@@ -375,7 +387,8 @@ class Quantize(Pass):
                 kept.append({name: np.array(value, copy=True) for name, value in batch.items()})
 
         feeds = limit_rows(self._feeds(model, ctx), self.max_samples)
-        stats = collect_statistics(
+        # Shards of the data set as parallel tasks, merged, when Ray is running; else serial.
+        stats = collect_statistics_parallel(
             model, list(plan.tensors), feeds, ctx.runner_factory,
             batch_size=self.batch_size, bins=self.bins, histograms=self.method != "minmax",
             progress=ctx.progress, on_batch=keep,
@@ -417,7 +430,7 @@ class Quantize(Pass):
         quantized = build(model, None, floats)
         result = PassResult.from_stats(
             quantized_nodes=quantized, quantized_weights=quantized, kept_float=len(floats),
-            quantized_embeddings=self._embeddings(model),
+            quantized_embeddings=self._embeddings(model, ctx),
         )
         result.info = info
         return result
@@ -434,27 +447,54 @@ class Quantize(Pass):
         if self.weight_method == "gptq" and candidates:
             activations = sorted({c.activation.name for c in candidates})
             feeds = limit_rows(self._feeds(model, ctx), self.max_samples)
-            grams = collect_gram(model, activations, feeds, ctx.runner_factory,
-                                 batch_size=self.batch_size, progress=ctx.progress)
-        quantized = {}
-        for candidate in ctx.progress(candidates, "quantizing weights", total=len(candidates)):
-            gram = grams.get(candidate.activation.name)
-            if gram is None:
-                codes = quantize_rtn(candidate.weight, self.block_size, self.symmetric)
-            else:
-                codes = quantize_gptq(candidate.weight, gram, self.block_size, self.symmetric)
-            quantized[candidate.key] = (candidate, codes)
-        count = rewrite_weight_only(model.graph, quantized, fmt)
+            # The X^T X products are mid-sized: BLAS threads waiting for busy cores cost more
+            # than they gain (ONNX Runtime keeps its own threads).
+            with single_threaded_blas():
+                grams = collect_gram(model, activations, feeds, ctx.runner_factory,
+                                     batch_size=self.batch_size, progress=ctx.progress)
+        codes = self._block_codes(candidates, grams, ctx)
+        quantized = {c.key: (c, codes[c.key]) for c in candidates}
+        rows = rewrite_weight_only(model.graph, quantized, fmt, self.accuracy_level)
         model.graph.nodes = sorted_nodes(model.graph)
+        # A table tied to a Gemm reads the Gemm's 4-bit bytes when they are its own rounded codes.
+        embeddings = self._embeddings(model, ctx, rows if self.weight_method == "rtn" else None)
         return PassResult.from_stats(
-            quantized_nodes=count, quantized_weights=count, quantized_embeddings=self._embeddings(model)
+            quantized_nodes=len(quantized), quantized_weights=len(quantized), quantized_embeddings=embeddings
         )
 
-    def _embeddings(self, model: Model) -> int:
-        """Store large Gather tables in int8 per row (dynamic and weight-only modes)."""
+    def _block_codes(
+        self, candidates: list[WeightOnlyCandidate], grams: Mapping[str, np.ndarray], ctx: PassContext
+    ) -> dict[str, BlockQuantized]:
+        """4-bit codes of each candidate's weight: GPTQ when its input's Gram matrix is known
+        (weights reading one input share its factorization), else round to nearest."""
+        if not grams:
+            return {
+                c.key: quantize_rtn(c.weight, self.block_size, self.symmetric)
+                for c in ctx.progress(candidates, "quantizing weights", total=len(candidates))
+            }
+        by_input: dict[str, list[WeightOnlyCandidate]] = {}
+        for candidate in candidates:
+            by_input.setdefault(candidate.activation.name, []).append(candidate)
+        groups = list(by_input.values())
+        layers = [(grams[group[0].activation.name], [c.weight for c in group]) for group in groups]
+        results = quantize_gptq_by_input(layers, self.block_size, self.symmetric)
+        codes: dict[str, BlockQuantized] = {}
+        for group, group_codes in ctx.progress(zip(groups, results, strict=True), "quantizing weights (gptq)",
+                                               total=len(groups)):
+            codes.update((c.key, q) for c, q in zip(group, group_codes, strict=True))
+        return codes
+
+    def _embeddings(self, model: Model, ctx: PassContext, shared: Mapping[str, PackedRows] | None = None) -> int:
+        """Store large Gather tables in int8 rows or 4-bit blocks (dynamic and weight-only modes)."""
         if not self.embeddings:
             return 0
-        count = quantize_embeddings(model.graph, embedding_candidates(model.graph, self._excluded()))
+        bits = self.embedding_bits or self.bits
+        if bits == 4 and self.resolve_format(ctx) == "tensorrt":
+            if self.embedding_bits == 4:
+                ctx.log.info("quantize: embedding tables stay int8 rows for format tensorrt (no 4-bit gather)")
+            bits = 8
+        fmt = EmbeddingFormat(bits=bits, block=self.block_size, symmetric=self.symmetric)
+        count = quantize_embeddings(model.graph, embedding_candidates(model.graph, self._excluded()), fmt, shared)
         if count:
             model.graph.nodes = sorted_nodes(model.graph)
         return count

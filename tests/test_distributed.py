@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -21,11 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
-from test_calibration_merge import _feeds, assert_sharded_equals_serial
+from test_calibration import _two_layer_model
+from test_calibration_merge import _assert_same, _feeds, assert_sharded_equals_serial
 
 from iropt.app.cli import main
+from iropt.compress.calibration import collect_statistics, collect_statistics_parallel
 from iropt.io.load import load_model
+from iropt.io.save import save_model
 from iropt.verify.runtime import reference_runner
 
 # Ray turns a loopback address given to ray.init() into the machine's own IP, which a cluster
@@ -196,6 +202,45 @@ def test_calibration_shards_run_as_ray_tasks_and_merge_to_the_serial_statistics(
     # With this process connected, parallel_map sends each shard to the cluster as a task.
     assert ray.is_initialized()
     assert_sharded_equals_serial(_feeds(8), (3, 6))
+
+
+def test_parallel_calibration_reads_the_data_in_waves_of_shards_and_merges_to_the_serial_statistics(
+    ray_driver: Any,
+) -> None:
+    # Ten batches in shards of two: five shards, sent two at a time (the cluster's two CPUs).
+    feeds = _feeds(10)
+    seen: list[dict[str, np.ndarray]] = []
+    model = _two_layer_model()
+    serial = collect_statistics(model, ["x", "h", "r"], feeds, reference_runner)
+    parallel = collect_statistics_parallel(model, ["x", "h", "r"], feeds, reference_runner, shard_batches=2,
+                                           on_batch=seen.append)
+    for name in ("x", "h", "r"):
+        _assert_same(parallel[name], serial[name])
+    assert [batch["x"].tobytes() for batch in seen] == [feed["x"].tobytes() for feed in feeds]
+
+
+def test_quantize_under_ray_calibrates_in_shards_to_the_model_a_serial_run_makes(
+    ray_driver: Any, tmp_path: Path
+) -> None:
+    model = tmp_path / "two_layer.onnx"
+    save_model(_two_layer_model(), model)
+    rng = np.random.default_rng(6)
+    # 64 rows in batches of 4: 16 batches, two shards; values on a 1/64 grid, so each shard
+    # sees the very values a serial run sees.
+    np.savez(tmp_path / "calibration.npz", x=(rng.integers(-64, 64, size=(64, 4)) / 64).astype(np.float32))
+    schedule = tmp_path / "int8.opt"
+    schedule.write_text("quantize(batch_size=4)\n")
+    args = [str(schedule), str(model), "--calibration", str(tmp_path / "calibration.npz"), "--no-verify", "-q"]
+    assert main(["run", *args, "-o", str(tmp_path / "ray.onnx")]) == 0
+    # The same run in a process of its own, not connected to Ray: serial calibration.
+    script = Path(sys.executable).with_name("iropt")
+    subprocess.run([str(script), "run", *args, "-o", str(tmp_path / "serial.onnx")], check=True)
+    parallel, serial = (onnx.load(str(tmp_path / name)) for name in ("ray.onnx", "serial.onnx"))
+    quantized = [t for t in parallel.graph.initializer if "scale" in t.name]
+    assert quantized, "the pass quantized nothing"
+    assert [t.SerializeToString() for t in parallel.graph.initializer] == [
+        t.SerializeToString() for t in serial.graph.initializer
+    ]
 
 
 SPACE = """

@@ -6,6 +6,7 @@ input file is never modified, and every failure is an IroptError with a message 
 
 from __future__ import annotations
 
+import gc
 import itertools
 import time
 from collections.abc import Callable
@@ -23,7 +24,14 @@ from iropt.infra.pass_manager import Instrument, PassManager, PassRecord, RunRep
 from iropt.infra.pipeline import Pipeline, VerifyStep
 from iropt.infra.registry import BACKENDS
 from iropt.io.load import load_model
-from iropt.io.save import ModelCheck, check_output_file, check_output_path, save_model
+from iropt.io.save import (
+    ModelCheck,
+    check_output_file,
+    check_output_path,
+    publish_staged,
+    save_model,
+    stage_model,
+)
 from iropt.ir.model import GraphStats, Model, graph_stats
 from iropt.util.progress import ProgressFn, no_progress
 from iropt.verify.criteria import EXACT_CRITERION, LOSSY_CRITERION, Criterion
@@ -35,6 +43,10 @@ if TYPE_CHECKING:
 
 # Verification runs on at most this many feeds of a file, folder or function source.
 MAX_VERIFY_FEEDS = 64
+# A model with more weight bytes than this is written before its final check, which ONNX
+# Runtime then runs from the written file (see `_optimize`). Below it the check runs from
+# memory and a failed one writes nothing at all. A module constant so tests can lower it.
+VERIFY_WRITTEN_FILE_MIN_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -136,7 +148,10 @@ def optimize(
 
 def _optimize(options: RunOptions, progress: ProgressFn, outcome: RunOutcome) -> None:
     pipeline = outcome.pipeline = load_pipeline(options.schedule)
-    model = load_model(options.model)
+    verifying = options.verify or options.verify_each
+    # With verification, the weights in external data are read only after ONNX Runtime has run
+    # the reference from the input file and let go of its copy: never both in memory at once.
+    model = load_model(options.model, external_data=not verifying)
     output = options.output or default_output_path(options.model)
     backend = _target_backend(pipeline, options)
     # Checked before any work so a long run never ends in "cannot write".
@@ -154,18 +169,52 @@ def _optimize(options: RunOptions, progress: ProgressFn, outcome: RunOutcome) ->
         from iropt.lowering.triton import check_model_name
 
         check_model_name(options.triton_name)
-    # The verifier keeps its own copy of the input model: the reference, and where bisection
-    # starts from.
+    # The verifier runs the reference from the input file (read again only if bisection needs
+    # the model it starts from).
     verifier, outcome.feed_notes = _make_verifier(options, model, pipeline, progress)
+    if model.source_data_files and verifying:
+        model = load_model(options.model)
     snapshots = _transform(options, model, pipeline, ctx, verifier, outcome)
+    if verifier is not None and _verifies_written_file(options, outcome, backend):
+        # Written first, then checked from the file by ONNX Runtime, and published only if it
+        # passed: the graph is let go before the runtime loads its own copy of the weights, so
+        # a large model is in memory once at a time, not twice.
+        staged = stage_model(model, output, check=_checker(options.model, options.check_each))
+        del model
+        gc.collect()  # graphsurgeon's nodes and tensors refer to each other: freed by the collector
+        with staged:
+            _verify_final(outcome, staged.path, verifier)
+            outcome.verify_seconds = verifier.seconds
+            if outcome.verified or options.force:
+                outcome.output = publish_staged(staged)
+        _bisect_if_failed(outcome, options, verifier, snapshots, ctx)
+        return
     if verifier is not None:
         _verify_final(outcome, model, verifier)
         outcome.verify_seconds = verifier.seconds
-        if not outcome.verified and options.bisect:
-            outcome.culprit = _find_culprit(outcome, verifier, snapshots, ctx, options.status)
-            outcome.bisect_seconds = verifier.seconds - outcome.verify_seconds
+        _bisect_if_failed(outcome, options, verifier, snapshots, ctx)
     if outcome.verified or options.force:
         _write_outputs(outcome, options, model, output, backend, verifier)
+
+
+def _verifies_written_file(options: RunOptions, outcome: RunOutcome, backend: Backend | None) -> bool:
+    """Whether the final check runs on the written output file rather than the graph in memory:
+    for models with many weights, when the model is the only thing the run writes (a back end's
+    build and a Triton repository are made from the graph, which must then stay)."""
+    assert outcome.final is not None
+    return (
+        backend is None
+        and options.triton is None
+        and outcome.final.parameter_bytes > VERIFY_WRITTEN_FILE_MIN_BYTES
+    )
+
+
+def _bisect_if_failed(
+    outcome: RunOutcome, options: RunOptions, verifier: Any, snapshots: dict[int, Model], ctx: PassContext
+) -> None:
+    if not outcome.verified and options.bisect:
+        outcome.culprit = _find_culprit(outcome, verifier, snapshots, ctx, options.status)
+        outcome.bisect_seconds = verifier.seconds - outcome.verify_seconds
 
 
 def check_outputs(options: RunOptions, output: Path, model: Model, backend: Backend | None) -> None:
@@ -357,11 +406,16 @@ def _transform(
     return snapshots.models
 
 
-def _verify_final(outcome: RunOutcome, model: Model, verifier: Any) -> None:
+def _verify_final(outcome: RunOutcome, model: Model | Path, verifier: Any) -> None:
+    """The final check, on the model in memory or on the file it was written to."""
     assert outcome.pipeline is not None
     outcome.criterion = final_criterion(outcome.pipeline)
     last_is_verify = bool(outcome.pipeline.steps) and isinstance(outcome.pipeline.steps[-1], VerifyStep)
-    if not last_is_verify:
+    if last_is_verify:
+        return
+    if isinstance(model, Path):
+        outcome.comparisons.append(verifier.check_file(model, outcome.criterion))
+    else:
         outcome.comparisons.append(verifier.check(model, outcome.criterion))
 
 

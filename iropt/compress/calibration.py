@@ -30,6 +30,7 @@ a runner from the pass context (passes never import a runtime), in batches of bo
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ import onnx
 
 from iropt.errors import UserError
 from iropt.ir.model import Model
+from iropt.util.parallel import ray_if_running
 from iropt.util.progress import ProgressFn
 from iropt.verify.runner import Runner
 
@@ -451,6 +453,69 @@ def collect_statistics_sharded(
     return merge_statistics(parallel_map(job, [list(shard) for shard in shards]))
 
 
+# Batches in one shard when calibration runs as Ray tasks: enough work per task to be worth
+# sending the model and the feeds to a worker.
+SHARD_BATCHES = 8
+
+
+def collect_statistics_parallel(
+    model: Model,
+    tensors: Sequence[str],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    runner_factory: Callable[[Model], Runner],
+    *,
+    batch_size: int = 32,
+    bins: int = DEFAULT_BINS,
+    histograms: bool = True,
+    progress: ProgressFn | None = None,
+    on_batch: Callable[[dict[str, np.ndarray]], None] | None = None,
+    shard_batches: int = SHARD_BATCHES,
+) -> dict[str, TensorStats]:
+    """`collect_statistics`, over shards of `shard_batches` batches computed as parallel Ray
+    tasks and merged, when this process is connected to Ray and the feeds make more than one
+    shard; the same statistics (see `collect_statistics_sharded`).
+
+    The feeds are read a wave of shards at a time (one shard per CPU of the cluster), so memory
+    holds a wave of feeds, never the whole data set. `on_batch` sees every batch, in order.
+    `runner_factory` must pickle (a module-level function) when the shards go to Ray.
+    """
+    ray = ray_if_running()
+    if ray is None:
+        return collect_statistics(model, tensors, feeds, runner_factory, batch_size=batch_size, bins=bins,
+                                  histograms=histograms, progress=progress, on_batch=on_batch)
+    batches: Iterator[dict[str, np.ndarray]] = (
+        batch for feed in feeds for batch in split_batches(feed, batch_size)
+    )
+    if progress is not None:
+        batches = progress(batches, "calibrating", total=None)
+    shards = _shards(batches, shard_batches, on_batch)
+    wave = max(2, int(ray.cluster_resources().get("CPU", 2)))
+    current = list(itertools.islice(shards, wave))
+    if len(current) < 2:  # one shard: a task would only add the cost of sending it
+        return collect_statistics(model, tensors, current[0] if current else [], runner_factory,
+                                  batch_size=batch_size, bins=bins, histograms=histograms)
+    waves: list[dict[str, TensorStats]] = []
+    while current:
+        waves.append(collect_statistics_sharded(model, tensors, current, runner_factory, batch_size=batch_size,
+                                                bins=bins, histograms=histograms))
+        current = list(itertools.islice(shards, wave))
+    return merge_statistics(waves)
+
+
+def _shards(
+    batches: Iterator[dict[str, np.ndarray]], size: int, on_batch: Callable[[dict[str, np.ndarray]], None] | None
+) -> Iterator[list[dict[str, np.ndarray]]]:
+    """The batches in lists of `size`, each batch shown to `on_batch` as it is read."""
+    while True:
+        shard = list(itertools.islice(batches, size))
+        if not shard:
+            return
+        if on_batch is not None:
+            for batch in shard:
+                on_batch(batch)
+        yield shard
+
+
 def _shard_statistics(
     serialized: bytes, tensors: tuple[str, ...], runner_factory: Callable[[Model], Runner], batch_size: int,
     bins: int, histograms: bool, feeds: Sequence[Mapping[str, np.ndarray]],
@@ -498,9 +563,12 @@ def collect_gram(
 
     def accumulate(batch: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         for name in tensors:
-            values = np.asarray(batch[name] if name in inputs else outputs[name], dtype=np.float64)
+            # One batch's product in float32 (half the time of float64; a batch's sum loses no
+            # precision that matters next to GPTQ's damping), the running sum in float64.
+            values = np.asarray(batch[name] if name in inputs else outputs[name], dtype=np.float32)
             rows = values.reshape(-1, values.shape[-1])
-            grams[name] = grams[name] + rows.T @ rows if name in grams else rows.T @ rows
+            gram = (rows.T @ rows).astype(np.float64)
+            grams[name] = grams[name] + gram if name in grams else gram
 
     collect_statistics(model, tensors, feeds, runner_factory, batch_size=batch_size, histograms=False,
                        progress=progress, on_outputs=accumulate)

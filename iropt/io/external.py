@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from iropt.errors import ModelLoadError
@@ -99,6 +100,37 @@ def load_external_data(refs: list[ExternalRef]) -> None:
         ref.tensor.raw_data = payload
         ref.tensor.data_location = onnx.TensorProto.DEFAULT
         del ref.tensor.external_data[:]
+
+
+# Element types read straight into a numpy array of the same bytes (little-endian, one element
+# per itemsize bytes); others are read into their TensorProto.
+_ARRAY_TYPES = frozenset({
+    _T.FLOAT, _T.DOUBLE, _T.FLOAT16, _T.BOOL, _T.INT8, _T.INT16, _T.INT32, _T.INT64,
+    _T.UINT8, _T.UINT16, _T.UINT32, _T.UINT64, _T.COMPLEX64, _T.COMPLEX128,
+})
+
+
+def readable_as_array(ref: ExternalRef) -> bool:
+    """Whether `read_array` can read this reference (a numpy type whose bytes are ONNX's)."""
+    return ref.tensor.data_type in _ARRAY_TYPES
+
+
+def read_array(ref: ExternalRef) -> np.ndarray:
+    """A checked reference's data as an array of its type and shape, read from the file once.
+
+    Unlike `load_external_data`, the bytes are not put into the TensorProto: protobuf copies what
+    it is given, so a weight of several GB would be in memory twice while it is read.
+    """
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(ref.tensor.data_type).newbyteorder("<")
+    count = ref.length // dtype.itemsize
+    try:
+        array = np.fromfile(ref.file, dtype=dtype, count=count, offset=ref.offset)
+    except (OSError, ValueError) as error:
+        reason = _os_reason(error) if isinstance(error, OSError) else str(error)
+        raise ModelLoadError(f"{ref.file}: cannot read external data: {reason}") from error
+    if array.size != count:
+        raise ModelLoadError(f"{ref.file}: external data changed while it was read (a short read)")
+    return array.reshape(tuple(ref.tensor.dims))
 
 
 def _checked_ref(model_path: Path, base: Path, tensor: onnx.TensorProto) -> ExternalRef:

@@ -10,19 +10,38 @@ from dataclasses import replace
 from pathlib import Path
 
 import onnx
+import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError, Message
 
 from iropt.errors import ModelLoadError
-from iropt.io.external import check_external_data, check_tensor_data, load_external_data
+from iropt.io.external import (
+    ExternalRef,
+    check_external_data,
+    check_tensor_data,
+    load_external_data,
+    read_array,
+    readable_as_array,
+)
 from iropt.ir.model import Model
 from iropt.util.text import shorten, shorten_path
 
 
-def load_model(path: str | os.PathLike[str]) -> Model:
-    """Read an ONNX model, with its external data, and explain what is wrong when it cannot."""
-    proto, data_files = _load(Path(path))
+def load_model(path: str | os.PathLike[str], *, external_data: bool = True) -> Model:
+    """Read an ONNX model, with its external data, and explain what is wrong when it cannot.
+
+    `external_data=False` checks the external references but reads none of them: the graph,
+    its inputs and the weights' types and shapes, without the weights' bytes (enough to make
+    inputs for it, or to see whether it has external data: `Model.source_data_files`).
+    """
+    model_path = Path(path)
+    proto, refs = _load_unread(model_path)
+    # The main graph's weights are read into arrays after the import, once each; everything
+    # else (subgraphs, attributes, sparse tensors, other types) into its TensorProto now.
+    as_arrays = _main_graph_refs(proto, refs) if external_data else {}
+    if external_data:
+        load_external_data([ref for ref in refs if ref.tensor.name not in as_arrays])
     try:
-        model = Model.from_onnx(proto, Path(path).resolve())
+        model = Model.from_onnx(proto, model_path.resolve())
     except Exception as error:
         # The proto passed every check above, so what the graph library still refuses is a
         # damaged model (a field combination no check foresaw), not a bug in iropt.
@@ -30,16 +49,41 @@ def load_model(path: str | os.PathLike[str]) -> Model:
             f"{path}: the model cannot be read into a graph: {type(error).__name__}: "
             f"{shorten(str(error), 300)}"
         ) from error
-    return replace(model, source_data_files=data_files)
+    _read_into_constants(model, as_arrays)
+    return replace(model, source_data_files=frozenset(ref.file for ref in refs))
+
+
+def _main_graph_refs(proto: onnx.ModelProto, refs: list[ExternalRef]) -> dict[str, ExternalRef]:
+    """The references of the main graph's initializers that can be read as arrays, by name."""
+    initializers = {t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    by_name = Counter(ref.tensor.name for ref in refs)
+    return {
+        ref.tensor.name: ref for ref in refs
+        # A name that another external tensor (in a subgraph, say) shares is read the old way.
+        if ref.tensor.name in initializers and by_name[ref.tensor.name] == 1 and readable_as_array(ref)
+    }
+
+
+def _read_into_constants(model: Model, refs: dict[str, ExternalRef]) -> None:
+    """Give each of the graph's constants named in `refs` its data, read from the file."""
+    if not refs:
+        return
+    for tensor in model.graph.tensors().values():
+        ref = refs.get(tensor.name)
+        if ref is not None and isinstance(tensor, gs.Constant):
+            tensor.values = read_array(ref)
+            tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def load_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Read and validate a ModelProto, loading external data from inside the model's folder only."""
-    return _load(Path(path))[0]
+    proto, refs = _load_unread(Path(path))
+    load_external_data(refs)
+    return proto
 
 
-def _load(model_path: Path) -> tuple[onnx.ModelProto, frozenset[Path]]:
-    """The validated proto, its external data loaded, and the external data files it read."""
+def _load_unread(model_path: Path) -> tuple[onnx.ModelProto, list[ExternalRef]]:
+    """The validated proto and its checked external references, none of them read yet."""
     _check_readable(model_path)
     try:
         proto = onnx.load_model(str(model_path), load_external_data=False)
@@ -54,9 +98,7 @@ def _load(model_path: Path) -> tuple[onnx.ModelProto, frozenset[Path]]:
     _check_text_fields(model_path, proto)
     _check_unique_definitions(model_path, proto)
     check_tensor_data(model_path, proto)
-    refs = check_external_data(model_path, proto)
-    load_external_data(refs)
-    return proto, frozenset(ref.file for ref in refs)
+    return proto, check_external_data(model_path, proto)
 
 
 def _check_readable(model_path: Path) -> None:

@@ -44,8 +44,51 @@ def save_model(
     is given the model to be written, its large tensors as empty placeholders (see
     `iropt.io.stream`), before anything is written; if it raises, nothing is.
     """
+    with stage_model(model, path, external_data=external_data, check=check) as staged:
+        return publish_staged(staged)
+
+
+def publish_staged(staged: StagedFiles) -> Path:
+    """`staged.publish()`, a failure to rename said as a ModelSaveError."""
+    try:
+        return staged.publish()
+    except OSError as error:
+        raise ModelSaveError(f"{staged.out}: could not write the model: {error}") from error
+
+
+def stage_model(
+    model: Model,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    check: ModelCheck | None = None,
+) -> StagedFiles:
+    """Write `model` for `path` into a scratch folder beside it, not yet published.
+
+    As `save_model`, but the files stay staged until `publish()`, so the caller can test them
+    first (run the written model) and publish only what passed; leaving the `with` block of
+    the result without publishing removes them. The result holds no reference to `model`:
+    once written, the caller may let the graph and its weights go.
+    """
     out = Path(path)
     check_output_path(out, model.input_files())
+    write, sidecars = _model_writer(model, out, external_data, check)
+    staged = StagedFiles.create(out, sidecars)
+    try:
+        write(staged.path)
+    except OSError as error:
+        staged.discard()
+        raise ModelSaveError(f"{out}: could not write the model: {error}") from error
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
+
+
+def _model_writer(
+    model: Model, out: Path, external_data: bool | None, check: ModelCheck | None
+) -> tuple[Callable[[Path], None], list[str]]:
+    """What writes `model`'s files at a staged path, and the names of its side files."""
     streamed, external = _export_for(model, out, external_data)
     if check is not None:
         check(streamed.skeleton)
@@ -56,18 +99,14 @@ def save_model(
         if streamed.byte_size() > PROTOBUF_LIMIT:
             # Too much stays inline (tensors in or read by If/Loop bodies, graph inputs or
             # outputs, typed fields): onnx's own converter moves every tensor out, copies and all.
-            return save_proto(model.to_onnx(), out, external_data=True, protected=model.input_files(), check=check)
+            return _proto_writer(model.to_onnx(), True, check), [data_name]
 
     def write(staged: Path) -> None:
         _write_file(staged, streamed.write)
         if payloads:
             _write_file(staged.parent / data_name, lambda data: ExternalPayload.write_all(payloads, data))
 
-    try:
-        publish_atomically(out, [data_name] if payloads else [], write)
-    except OSError as error:
-        raise ModelSaveError(f"{out}: could not write the model: {error}") from error
-    return out
+    return write, [data_name] if payloads else []
 
 
 def _export_for(model: Model, out: Path, external_data: bool | None) -> tuple[StreamedModel, bool]:
@@ -106,17 +145,20 @@ def save_proto(
     if external_data is None:
         external_data = tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
     sidecars = [out.name + ".data"] if external_data else []
+    try:
+        publish_atomically(out, sidecars, _proto_writer(proto, external_data, check))
+    except OSError as error:
+        raise ModelSaveError(f"{out}: could not write the model: {error}") from error
+    return out
 
+
+def _proto_writer(proto: onnx.ModelProto, external_data: bool, check: ModelCheck | None) -> Callable[[Path], None]:
     def write(staged: Path) -> None:
         _save_proto_file(proto, staged, external_data)
         if check is not None:
             check(staged)
 
-    try:
-        publish_atomically(out, sidecars, write)
-    except OSError as error:
-        raise ModelSaveError(f"{out}: could not write the model: {error}") from error
-    return out
+    return write
 
 
 def _save_proto_file(proto: onnx.ModelProto, staged: Path, external_data: bool) -> None:
@@ -142,24 +184,70 @@ def publish_atomically(out: Path, sidecars: list[str], write: Callable[[Path], N
     """`write(staged)` into a scratch folder beside `out`, then rename into place (atomic per file).
 
     The one way iropt publishes a file (models, engines, ONNX Runtime's own artefacts): a
-    failure leaves nothing under the final name.
-
-    `sidecars` are the names of files written beside the model (its external data); they are
-    moved first, so a model file never points at data that is not there yet. The renames hold a
-    lock on the folder, so two saves to one path cannot pair one's model with the other's data.
-    Scratch folders that a killed save left behind are removed first.
+    failure leaves nothing under the final name. See `StagedFiles`.
     """
-    _remove_stale_staging(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=_staging_prefix(out) + f"{os.getpid()}.") as tmp:
-        staged = Path(tmp) / out.name
-        write(staged)
+    with StagedFiles.create(out, sidecars) as staged:
+        write(staged.path)
+        staged.publish()
+
+
+class StagedFiles:
+    """A file (and the side files beside it) written into a scratch folder next to its final
+    path `out`, waiting to be published.
+
+    `publish` moves the side files first, so a model file never points at data that is not
+    there yet. The renames hold a lock on the folder, so two saves to one path cannot pair one's
+    model with the other's data. Leaving the `with` block removes the scratch folder, and when
+    nothing was published, the folders made for `out` too: an unpublished file leaves no trace.
+    Scratch folders that a killed save left behind are removed when a new one is made.
+    """
+
+    def __init__(self, out: Path, sidecars: list[str], folder: Path, made: list[Path]) -> None:
+        self.out = out
+        self.sidecars = sidecars
+        self.folder = folder
+        self._made = made
+        self.published = False
+
+    @classmethod
+    def create(cls, out: Path, sidecars: list[str]) -> StagedFiles:
+        _remove_stale_staging(out)
+        made = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=out.parent, prefix=_staging_prefix(out) + f"{os.getpid()}."))
+        return cls(out, sidecars, folder, made)
+
+    @property
+    def path(self) -> Path:
+        """Where the file is staged (its side files beside it, under their final names)."""
+        return self.folder / self.out.name
+
+    def publish(self) -> Path:
+        """Rename the staged files into place; returns `out`."""
         raise_if_interrupted()  # never publish after a Ctrl-C, even one native code swallowed
-        with _folder_lock(out.parent):
-            for name in sidecars:
-                if (Path(tmp) / name).exists():  # onnx writes no data file when no tensor needs one
-                    os.replace(Path(tmp) / name, out.parent / name)
-            os.replace(staged, out)
+        with _folder_lock(self.out.parent):
+            for name in self.sidecars:
+                if (self.folder / name).exists():  # onnx writes no data file when no tensor needs one
+                    os.replace(self.folder / name, self.out.parent / name)
+            os.replace(self.path, self.out)
+        self.published = True
+        return self.out
+
+    def discard(self) -> None:
+        """Remove the scratch folder (what is still staged in it)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        if not self.published:
+            for folder in self._made:  # innermost first
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break  # not empty (something else was written there) or already gone
+
+    def __enter__(self) -> StagedFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
 
 
 def _staging_prefix(out: Path) -> str:

@@ -152,11 +152,14 @@ def make_session(
     optimized_model_path: Path | None = None,
     save_ort_format: bool = False,
     strict_providers: bool = False,
+    prepack_weights: bool = True,
 ) -> ort.InferenceSession:
     """An InferenceSession for `model` (a Model, a ModelProto or a path).
 
     `optimized_model_path` makes ORT write the model after its graph optimizations (as an ORT
-    format file with `save_ort_format=True`). A provider fallback (see `provider_fallback`) is
+    format file with `save_ort_format=True`). `prepack_weights=False` keeps ORT from packing
+    weights for its GEMM kernels while the session is made (faster repeated runs, but each packed
+    weight is in memory twice until its original is let go). A provider fallback (see `provider_fallback`) is
     logged as a warning, or with `strict_providers` raised as a UserError. Raises UserError for
     an unknown provider or a model ORT cannot load.
     """
@@ -170,6 +173,8 @@ def make_session(
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = inter_op_threads
     options.log_severity_level = _LOG_ERRORS_ONLY
+    if not prepack_weights:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
         if save_ort_format:
@@ -282,8 +287,11 @@ def check_providers(providers: Sequence[str]) -> None:
 def reference_runner(model: ModelLike) -> Runner:
     """ONNX Runtime on the CPU with graph optimizations disabled; UserError if ORT cannot load it.
 
-    A path is loaded by ONNX Runtime itself, external data included."""
-    return OrtRunner(make_session(model, providers=["CPUExecutionProvider"], optimization_level="disable"))
+    A path is loaded by ONNX Runtime itself, external data included. Weights are not prepacked:
+    the reference runs a few feeds, and a weight of several GB would be in memory twice."""
+    return OrtRunner(make_session(
+        model, providers=["CPUExecutionProvider"], optimization_level="disable", prepack_weights=False
+    ))
 
 
 def profile_models(

@@ -121,6 +121,23 @@ class Verifier:
         """Compare `model` with the reference on the feeds."""
         return self.check_outputs(self.candidate_outputs(model), criterion)
 
+    def check_file(self, path: Path, criterion: Criterion, what: str = "the written model") -> Comparison:
+        """Compare the model file at `path` with the reference on the feeds.
+
+        ONNX Runtime reads the file itself, external data included, so no graph of the model
+        need be in memory beside the runtime's copy of it."""
+        self.reference_outputs()
+        make_runner: Callable[[], Runner]
+        if self.runner_factory is reference_runner:
+            make_runner = lambda: reference_runner(path)  # noqa: E731
+        else:
+            make_runner = lambda: self.runner_factory(load_model(path))  # noqa: E731
+        try:
+            outputs = self._run(make_runner, f"verifying {what}")
+        except UserError as error:
+            raise ComparisonFailed(f"{what} cannot be run: {error}", None) from error
+        return self.check_outputs(outputs, criterion)
+
     def check_outputs(self, outputs: Sequence[Outputs], criterion: Criterion) -> Comparison:
         """Compare outputs already computed (by another back end, say) with the reference."""
         reference = self.reference_outputs()

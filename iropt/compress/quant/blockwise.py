@@ -21,9 +21,12 @@ batches (the correction of a batch is applied to the rest in one matrix product)
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from iropt.util.threads import thread_map
 
 LEVELS = 16  # 4-bit codes
 SYMMETRIC_ZERO = 8
@@ -31,6 +34,7 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 # Added to the diagonal of H, as a fraction of its mean: keeps H invertible when inputs are
 # correlated or some never vary (GPTQ's "percdamp").
 GPTQ_DAMPING = 0.01
+# Rows whose corrections are kept back and applied to the rows after them in one product.
 GPTQ_BATCH = 128
 
 
@@ -93,47 +97,100 @@ def quantize_rtn(weight: np.ndarray, block: int, symmetric: bool) -> BlockQuanti
     return BlockQuantized(codes, np.stack(scales), np.stack(zeros), block, symmetric)
 
 
-def quantize_gptq(weight: np.ndarray, gram: np.ndarray, block: int, symmetric: bool) -> BlockQuantized:
-    """GPTQ: quantize rows in order, compensating each row's error on the rows after it.
+@dataclass(frozen=True)
+class GptqFactor:
+    """What GPTQ needs from a layer input's Gram matrix, shared by every weight reading that input."""
 
-    `gram` is `X^T X` (`[K, K]`) over calibration inputs X of the layer.
-    """
-    w = np.array(weight, dtype=np.float64)
-    k = w.shape[0]
+    upper: np.ndarray  # float64 [K, K], upper triangular, `U^T U = (H + damping)^-1`
+    dead: np.ndarray  # bool [K], inputs that are always 0
+
+
+def gptq_factor(gram: np.ndarray) -> GptqFactor:
+    """Damp `gram` (`X^T X`, `[K, K]`) and factor its inverse."""
     h = np.array(gram, dtype=np.float64)
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
-    w[dead] = 0.0  # inputs that are always 0 contribute nothing
-    h[np.diag_indices(k)] += GPTQ_DAMPING * float(np.mean(np.diag(h)))
-    upper = _upper_cholesky_of_inverse(h)
+    h[np.diag_indices(h.shape[0])] += GPTQ_DAMPING * float(np.mean(np.diag(h)))
+    return GptqFactor(_upper_cholesky_of_inverse(h), dead)
+
+
+def quantize_gptq(
+    weight: np.ndarray, gram: np.ndarray | GptqFactor, block: int, symmetric: bool
+) -> BlockQuantized:
+    """GPTQ: quantize rows in order, compensating each row's error on the rows after it.
+
+    `gram` is `X^T X` (`[K, K]`) over calibration inputs X of the layer, or its `gptq_factor`.
+    Rows go in batches of `GPTQ_BATCH` (a multiple of `block`). Inside a batch, a row's
+    correction reaches the other rows of its block at once (the block's scale and the next row
+    depend on it) and the later blocks of the batch only when they are reached, as one product
+    with the batch's errors so far; the rows after the batch get the whole batch's correction
+    in one product. All N output columns of a row are rounded together.
+    """
+    factor = gram if isinstance(gram, GptqFactor) else gptq_factor(gram)
+    w = np.array(weight, dtype=np.float64)
+    w[factor.dead] = 0.0  # inputs that are always 0 contribute nothing
+    k = w.shape[0]
+    batch = max(GPTQ_BATCH, block)
     codes = np.empty(w.shape, dtype=np.uint8)
     scales: list[np.ndarray] = []
     zeros: list[np.ndarray] = []
-    for start in range(0, k, GPTQ_BATCH):
-        end = min(start + GPTQ_BATCH, k)
-        errors = np.zeros((end - start, w.shape[1]))
-        for row in range(start, end):
-            if row % block == 0:
-                scale, zero = block_params(w[row : row + block], symmetric)
-                scales.append(scale)
-                zeros.append(zero)
-            code = _codes(w[row], scale, zero)
-            codes[row] = code
-            error = (w[row] - (code - zero) * scale) / upper[row, row]
-            w[row + 1 : end] -= np.outer(upper[row, row + 1 : end], error)
-            errors[row - start] = error
-        w[end:] -= upper[start:end, end:].T @ errors
+    for start in range(0, k, batch):
+        end = min(start + batch, k)
+        upper = factor.upper[start:end, start:end]
+        errors = np.empty((end - start, w.shape[1]))
+        for first in range(0, end - start, block):
+            last = min(first + block, end - start)
+            # This block's rows with the corrections of the batch's earlier blocks.
+            rows = w[start + first : start + last] - upper[:first, first:last].T @ errors[:first]
+            scale, zero = block_params(rows, symmetric)
+            scales.append(scale)
+            zeros.append(zero)
+            _quantize_block(rows, upper[first:last, first:last], scale, zero,
+                            codes[start + first : start + last], errors[first:last])
+        w[end:] -= factor.upper[start:end, end:].T @ errors
     return BlockQuantized(codes, np.stack(scales), np.stack(zeros), block, symmetric)
 
 
+def quantize_gptq_by_input(
+    layers: Sequence[tuple[np.ndarray, Sequence[np.ndarray]]], block: int, symmetric: bool
+) -> Iterator[list[BlockQuantized]]:
+    """GPTQ for weights grouped by the input they read (`(gram, weights)` per input): each input's
+    Gram matrix is factored once for all its weights (a transformer's Q, K and V projections),
+    and the inputs are spread over threads. Results in the order of `layers`."""
+
+    def one_input(layer: tuple[np.ndarray, Sequence[np.ndarray]]) -> list[BlockQuantized]:
+        factor = gptq_factor(layer[0])
+        return [quantize_gptq(weight, factor, block, symmetric) for weight in layer[1]]
+
+    return thread_map(one_input, layers)
+
+
+def _quantize_block(
+    rows: np.ndarray, upper: np.ndarray, scale: np.ndarray, zero: np.ndarray, codes: np.ndarray, errors: np.ndarray
+) -> None:
+    """Round `rows` one after the other into `codes`, each row's scaled error into `errors`, and
+    correct the rows below it (`rows` is a working copy, changed in place)."""
+    zero_f = zero.astype(np.float64)
+    for row in range(rows.shape[0]):
+        code = _codes(rows[row], scale, zero_f)
+        codes[row] = code
+        error = (rows[row] - (code - zero_f) * scale) / upper[row, row]
+        errors[row] = error
+        if row + 1 < rows.shape[0]:
+            rows[row + 1 :] -= upper[row, row + 1 :, None] * error
+
+
 def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
-    """U with `U^T U = H^-1` (upper triangular), adding damping until H is positive definite."""
+    """U with `U^T U = H^-1` (upper triangular), adding damping until H is positive definite.
+
+    With V the upper triangular factor of `H = V V^T` (a Cholesky factorization of H with its
+    rows and columns reversed), `U = V^-1`: one factorization and one triangular inverse.
+    """
     damping = GPTQ_DAMPING * float(np.mean(np.diag(h)))
     for _ in range(8):
         try:
-            lower = np.linalg.cholesky(h)
-            inverse = np.linalg.inv(lower)
-            return np.linalg.cholesky(inverse.T @ inverse).T
+            reversed_lower = np.linalg.cholesky(h[::-1, ::-1])
+            return np.ascontiguousarray(np.linalg.inv(reversed_lower[::-1, ::-1]))
         except np.linalg.LinAlgError:
             h = h + damping * np.eye(h.shape[0])
             damping *= 10

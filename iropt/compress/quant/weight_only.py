@@ -7,7 +7,9 @@ Activations stay float; only the constant weight `W [K, N]` is stored quantized 
   `uint8 [N, blocks, block / 2]` (column n's block j, two codes per byte, low nibble first),
   `scales [N, blocks]`, zero points packed two per byte `[N, ceil(blocks / 2)]` (omitted when
   symmetric: the kernel's default zero point is 8). A Gemm's `alpha` folds into the scales and
-  `beta * C` becomes MatMulNBits' bias.
+  `beta * C` becomes MatMulNBits' bias. `accuracy_level` passes through (4: the kernel quantizes
+  activations to int8 per block and multiplies in integers, faster on CPUs with int8 dot
+  products, less precise).
 - `blocked_dq` (TensorRT, ONNX opset >= 21): `DequantizeLinear(axis=0, block_size=block)` of an
   int4 weight (symmetric: codes - 8, zero point omitted) or a uint4 weight with uint4 zero
   points, feeding the original MatMul / Gemm.
@@ -89,24 +91,48 @@ def _describe(node: gs.Node, key: str, label: str) -> WeightOnlyCandidate | None
     return WeightOnlyCandidate(node, key, label, np.ascontiguousarray(weight), float(node.attrs.get("alpha", 1.0)), bias)
 
 
+@dataclass(frozen=True)
+class PackedRows:
+    """MatMulNBits' B for a Gemm weight stored `[N, K]` (transB): one row of the constant per
+    output, packed in blocks along the row, the layout of a 4-bit embedding table, so a Gather
+    of the same table (tied weights) can read these bytes instead of a copy of its own."""
+
+    data: gs.Constant  # uint8 [N, blocks, block / 2], no padding (K is a multiple of the block)
+    codes: BlockQuantized  # of the `[K, N]` weight; its scales without the Gemm's alpha
+
+
 def rewrite_weight_only(
     graph: gs.Graph,
     quantized: Mapping[str, tuple[WeightOnlyCandidate, BlockQuantized]],
     fmt: Int4Format,
-) -> int:
-    """Replace each candidate's weight by its 4-bit codes in `fmt`; returns the layers rewritten."""
+    accuracy_level: int = 0,
+) -> dict[str, PackedRows]:
+    """Replace each candidate's weight by its 4-bit codes in `fmt`.
+
+    `accuracy_level` is MatMulNBits' attribute: the least precise type the kernel may compute
+    in (0 unset, 1 float32, 2 float16, 3 bfloat16, 4 int8 activations quantized per block).
+    Returns, by the name of the original weight, the B of each Gemm whose transB weight is
+    stored row by row (what a tied embedding table can share)."""
     name = names_for(graph)
+    rows: dict[str, PackedRows] = {}
     for candidate, codes in quantized.values():
         if fmt == "matmul_nbits":
-            _matmul_nbits(graph, name, candidate, codes)
+            weight = candidate.node.inputs[1].name
+            transposed = is_op(candidate.node, "Gemm") and int(candidate.node.attrs.get("transB", 0))
+            data = _matmul_nbits(graph, name, candidate, codes, accuracy_level)
+            if transposed and candidate.weight.shape[0] % codes.block == 0:
+                rows[weight] = PackedRows(data, codes)
         else:
             _blocked_dequantize(graph, name, candidate, codes)
     if fmt == "matmul_nbits" and quantized:
-        _import_domain(graph, MS_DOMAIN, 1)
-    return len(quantized)
+        import_domain(graph, MS_DOMAIN, 1)
+    return rows
 
 
-def _matmul_nbits(graph: gs.Graph, name: FreshNames, candidate: WeightOnlyCandidate, q: BlockQuantized) -> None:
+def _matmul_nbits(
+    graph: gs.Graph, name: FreshNames, candidate: WeightOnlyCandidate, q: BlockQuantized, accuracy_level: int
+) -> gs.Constant:
+    """Replace the candidate by a MatMulNBits node; returns its B."""
     node = candidate.node
     k, n = candidate.weight.shape
     padded = np.zeros((q.blocks * q.block, n), dtype=np.uint8)
@@ -114,9 +140,10 @@ def _matmul_nbits(graph: gs.Graph, name: FreshNames, candidate: WeightOnlyCandid
     base = node.name or node.outputs[0].name
     packed = pack_nibbles(padded.T.reshape(n, q.blocks, q.block))
     scales = (q.scale.T * np.float32(candidate.alpha)).astype(np.float32)
+    data = gs.Constant(name(f"{base}_weight_q4"), np.ascontiguousarray(packed))
     inputs: list[gs.Tensor] = [
         candidate.activation,
-        gs.Constant(name(f"{base}_weight_q4"), np.ascontiguousarray(packed)),
+        data,
         gs.Constant(name(f"{base}_weight_scales"), np.ascontiguousarray(scales)),
     ]
     if not q.symmetric:
@@ -134,9 +161,10 @@ def _matmul_nbits(graph: gs.Graph, name: FreshNames, candidate: WeightOnlyCandid
     graph.nodes.remove(node)
     graph.nodes.append(gs.Node(
         "MatMulNBits", name(f"{base}_MatMulNBits"),
-        {"K": k, "N": n, "bits": 4, "block_size": q.block},
+        {"K": k, "N": n, "bits": 4, "block_size": q.block, "accuracy_level": accuracy_level},
         inputs=inputs, outputs=[output], domain=MS_DOMAIN,
     ))
+    return data
 
 
 def _blocked_dequantize(graph: gs.Graph, name: FreshNames, candidate: WeightOnlyCandidate, q: BlockQuantized) -> None:
@@ -170,7 +198,8 @@ def _packed_constant(name: str, values: np.ndarray) -> gs.Constant:
     return gs.Constant(name, LazyValues(proto))
 
 
-def _import_domain(graph: gs.Graph, domain: str, version: int) -> None:
+def import_domain(graph: gs.Graph, domain: str, version: int) -> None:
+    """Declare `domain` in the model's opset imports (once)."""
     imports = list(graph.import_domains or [])
     if not any(opset.domain == domain for opset in imports):
         imports.append(onnx.helper.make_opsetid(domain, version))
