@@ -280,6 +280,8 @@ class Measurer:
             )
             if worst is None or int8_ms / float_ms > worst.int8_ms / worst.float_ms:
                 worst = Check(len(floats), int8_ms, float_ms)
+            if not worst.passes:
+                break  # failed already: the other thread count cannot save it
         assert worst is not None
         return worst
 
