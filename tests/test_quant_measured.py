@@ -325,3 +325,15 @@ def test_placement_falls_back_to_rules_when_layers_cannot_be_timed(
     assert "placing them by rules instead" in caplog.text
     assert "kept_float_measured" not in result.stats
     assert [item["layer"].endswith("(ConvTranspose)") for item in result.info["skipped_slow"]] == [True]
+
+
+def test_profiler_and_timing_read_a_model_written_out_with_external_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    from iropt.verify import runtime
+
+    monkeypatch.setattr(runtime, "IN_MEMORY_LIMIT", 0)  # as for a model past the protobuf limit
+    model, feeds = _conv_chain()
+    tagged = tagged_copy(model)
+    [profile] = OrtProfiler(runs=2, warmup=1).profile([tagged], feeds, threads=1, optimization_level="all")
+    assert profile.kernel_ms > 0 and len(profile.graph.node) > 0
+    [latency] = OrtProfiler(budget_s=0.01).latency([tagged], feeds, threads=1, optimization_level="all")
+    assert latency > 0

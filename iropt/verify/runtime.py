@@ -17,7 +17,7 @@ import functools
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -180,6 +180,18 @@ def make_session(
         if save_ort_format:
             options.add_session_config_entry("session.save_model_format", "ORT")
     create = functools.partial(_create_checked, options=options, providers=providers, strict=strict_providers)
+    return _created_from(
+        model, create, before_spill=lambda: _externalize_optimized(options, optimized_model_path, save_ort_format)
+    )
+
+
+def _created_from(
+    model: ModelLike,
+    create: Callable[[str | bytes], ort.InferenceSession],
+    before_spill: Callable[[], None] | None = None,
+) -> ort.InferenceSession:
+    """`create` called with what ORT loads `model` from: its path, its bytes, or a temporary file
+    (after `before_spill`) when it is too big for one protobuf message."""
     if isinstance(model, (str, os.PathLike)):
         return create(str(model))
     if isinstance(model, Model):
@@ -190,7 +202,8 @@ def make_session(
                 return create(streamed.to_bytes())
     elif tensor_bytes(model) <= IN_MEMORY_LIMIT:
         return create(model.SerializeToString())
-    _externalize_optimized(options, optimized_model_path, save_ort_format)
+    if before_spill is not None:
+        before_spill()
     # Too big for one protobuf message: written with its data beside it for ORT to read. ORT
     # reads (or maps) the data while the session is created; on Linux a mapped file stays
     # valid after its name is removed.
@@ -343,8 +356,7 @@ def _profiling_session(
         "session.optimized_model_external_initializers_file_name", prefix.name + ".optimized.data"
     )
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "64")
-    payload = _session_payload(model)
-    return _create(payload, options, [CPU])
+    return _created_from(model, functools.partial(_create, options=options, providers=[CPU]))
 
 
 def _no_spinning(options: ort.SessionOptions, threads: int) -> None:
@@ -361,14 +373,7 @@ def _timing_session(model: ModelLike, threads: int, optimization_level: Optimiza
     options.inter_op_num_threads = 1
     options.log_severity_level = _LOG_ERRORS_ONLY
     _no_spinning(options, threads)
-    return _create(_session_payload(model), options, [CPU])
-
-
-def _session_payload(model: ModelLike) -> str | bytes:
-    if isinstance(model, (str, os.PathLike)):
-        return str(model)
-    proto = model.to_onnx() if isinstance(model, Model) else model
-    return proto.SerializeToString()
+    return _created_from(model, functools.partial(_create, options=options, providers=[CPU]))
 
 
 def interleaved_latency_ms(
