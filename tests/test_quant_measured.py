@@ -337,3 +337,23 @@ def test_profiler_and_timing_read_a_model_written_out_with_external_data(monkeyp
     assert profile.kernel_ms > 0 and len(profile.graph.node) > 0
     [latency] = OrtProfiler(budget_s=0.01).latency([tagged], feeds, threads=1, optimization_level="all")
     assert latency > 0
+
+
+def test_unnamed_nodes_are_matched_to_the_names_the_profiler_gave_them() -> None:
+    # HardSwish inlined after two int8 convs: ORT saves its nodes unnamed, profiles them as <op>_<index>.
+    nodes = [
+        onnx.helper.make_node("QLinearConv", ["x"], ["a"], name="iropt_node_0_token_1"),
+        onnx.helper.make_node("HardSigmoid", ["a"], ["ha"]),
+        onnx.helper.make_node("QLinearConv", ["ha"], ["b"], name="iropt_node_2_token_5"),
+        onnx.helper.make_node("HardSigmoid", ["b"], ["hb"]),
+        onnx.helper.make_node("Sigmoid", ["hb"], ["out"], name="iropt_node_4"),
+    ]
+    ran = onnx.helper.make_graph(nodes, "ran", [], [])
+    times = {"iropt_node_0_token_1": ("QLinearConv", 1.0), "HardSigmoid_31": ("HardSigmoid", 0.5),
+             "iropt_node_2_token_5": ("QLinearConv", 2.0), "HardSigmoid_107": ("HardSigmoid", 0.25),
+             "iropt_node_4": ("Sigmoid", 0.1)}
+    charged = attribute(times, ran, {})
+    assert charged.unattributed_ms == 0.0
+    # Not int8 themselves: each goes to its int8 neighbour, the consumer first (the first one
+    # feeds conv 2), else the producer (the second follows conv 2 and feeds a float Sigmoid).
+    assert charged.by_index == {0: 1.0, 2: pytest.approx(2.75), 4: 0.1}

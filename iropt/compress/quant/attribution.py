@@ -122,6 +122,7 @@ def attribute(
 ) -> Attribution:
     """Charge each profiled node's ms (`times`: node name -> (op, ms)) to a node position of the
     model; `graph` is the graph ORT ran, `producers` the model's `tensor_producers`."""
+    _name_unnamed(times, graph)
     lookup = _Graph(graph, producers)
     by_index: dict[int, float] = {}
     unattributed = 0.0
@@ -134,6 +135,32 @@ def attribute(
         else:
             by_index[index] = by_index.get(index, 0.0) + ms
     return Attribution(by_index, unattributed)
+
+
+_GENERATED_NAME = re.compile(r"^(\w+?)_(\d+)$")
+
+
+def _name_unnamed(times: Mapping[str, tuple[str, float]], graph: onnx.GraphProto) -> None:
+    """Give the graph's unnamed nodes the names the profiler used for them.
+
+    ORT names a node without a name `<op>_<its index>` in the profile (the nodes a function such
+    as HardSwish is inlined into have none), but the graph it saves keeps them unnamed. Its
+    indices grow in the order it created the nodes, which follows the graph's order, so the
+    profiled names of one op, sorted by index, are matched in order to that op's unnamed nodes
+    (only when both counts agree)."""
+    unnamed: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        if not node.name:
+            unnamed.setdefault(node.op_type, []).append(node)
+    generated: dict[str, list[tuple[int, str]]] = {}
+    for name, (op, _) in times.items():
+        match = _GENERATED_NAME.match(name)
+        if match and match.group(1) == op and op in unnamed:
+            generated.setdefault(op, []).append((int(match.group(2)), name))
+    for op, names in generated.items():
+        if len(names) == len(unnamed[op]):
+            for node, (_, name) in zip(unnamed[op], sorted(names), strict=True):
+                node.name = name
 
 
 def _nearest_tagged(start: str, step: str, lookup: _Graph) -> list[tuple[int, str]]:
