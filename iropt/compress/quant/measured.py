@@ -9,9 +9,14 @@ this measures it, in the model's own shapes (the calibration batch) on the machi
    kernel plus the Q/DQ and layout conversions it causes, its float cost its float kernel (with
    ORT's NCHWc reorders around it). A layer whose int8 cost is higher stays float (`slow_layers`).
 3. Check the whole model: time the chosen mix against the float model end to end (interleaved
-   runs, medians). A mix that is not faster loses its next least paying int8 layers (1, then 2,
-   then 4 more...) and is timed again; after `MAX_CHECKS` mixes every layer stays float, and the
-   report says that no layer paid. What comes out is never slower than float as measured.
+   runs, medians; at the target's thread count, or without one at one thread and at ORT's
+   default). A mix passes when it is faster by NOISE_MARGIN; one that is not loses its next
+   least paying int8 layers (1, then 2, then 4 more...) and is timed again; after `MAX_CHECKS`
+   mixes, or once the layers' predicted gain is below the margin, every layer stays float and
+   the report says that no layer paid. What comes out is never slower than float as measured.
+
+Kernels are profiled at the target's thread count, or at one thread without one: per-kernel
+times of a thread pool on a machine shared with other work say more about the load than the layer.
 
 Layer timings and the model's verdict are cached per machine (`timing_cache`), so quantizing
 the same model, or one with the same layers, again costs no profiling.
@@ -53,7 +58,7 @@ Build = Callable[[Model, frozenset[str]], None]
 @dataclass(frozen=True)
 class MeasuredLayer:
     """A candidate layer: its plan key, a label, the node positions whose time is its own (the
-    node and an activation absorbed into it) and its signature for the timing cache."""
+    node and the per-element ops after it, see `_followers`) and its timing-cache signature."""
 
     key: str
     label: str
@@ -246,8 +251,6 @@ class Measurer:
     def layer_timings(self) -> list[LayerTiming]:
         """Each layer's int8 and float cost from one interleaved profile of both models."""
         quantized = self.candidate(frozenset())
-        # Without a thread count from the target, kernels are compared on one thread: per-kernel
-        # times of a pool shared with other work say more about the machine's load than the layer.
         float_profile, int8_profile = self.profiler.profile(
             [self.tagged, quantized], self.feed, threads=self.threads or 1,
             optimization_level=self.optimization_level,
