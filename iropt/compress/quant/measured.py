@@ -10,7 +10,7 @@ this measures it, in the model's own shapes (the calibration batch) on the machi
    ORT's NCHWc reorders around it). A layer whose int8 cost is higher stays float (`slow_layers`).
 3. Check the whole model: time the chosen mix against the float model end to end (interleaved
    runs, medians; at the target's thread count, or without one at one thread and at ORT's
-   default). A mix passes when it is faster by NOISE_MARGIN; one that is not loses its next
+   default). A mix passes when it is faster by NOISE_MARGIN, twice; one that is not loses its next
    least paying int8 layers (1, then 2, then 4 more...) and is timed again; after `MAX_CHECKS`
    mixes, or once the layers' predicted gain is below the margin, every layer stays float and
    the report says that no layer paid. What comes out is never slower than float as measured.
