@@ -129,6 +129,65 @@ def added_noise_db(
     return scores
 
 
+def error_of(value: float, metric: Metric) -> float:
+    """A metric value as an error that adds up roughly over independent noise sources: 1 - cosine
+    (about half the noise-to-signal ratio), the noise-to-signal ratio for snr, 1 - top1."""
+    if metric == "snr":
+        return 10.0 ** (-value / 10.0)
+    return max(1.0 - value, 0.0)
+
+
+def fewest_below(noise: Sequence[float], quantized_error: float, target_error: float, scale: float = 1.0) -> int:
+    """Predicted fewest leading layers of `noise` (added noise-to-signal ratios, in ranking order)
+    to keep in float so that the model's error falls to `target_error`.
+
+    The prediction: the model's error is its fully quantized error shared among the layers in
+    proportion to their added noise, times `scale` (a correction measured on an earlier trial).
+    """
+    total = sum(noise)
+    if total <= 0 or quantized_error <= 0:
+        return 0
+    remaining = total
+    for count, item in enumerate(noise):
+        if scale * quantized_error * remaining / total <= target_error:
+            return count
+        remaining -= item
+    return len(noise)
+
+
+def grow_until_met(
+    meets: Callable[[int], bool], total: int, start: int, failing: int = 0,
+    suggest: Callable[[int], int] | None = None,
+) -> int:
+    """The fewest `count` in (failing, total] with `meets(count)`, assuming more is never worse:
+    try `start`; while it fails, grow (to `suggest(count)` when given, within count+1 .. 2*count,
+    else doubling); then, from the first count that meets, look one below (a good start is
+    usually right) and bisect down to the last that fails. Returns `total` when nothing meets.
+    """
+    count = min(max(start, failing + 1), total)
+    while not meets(count):
+        failing = count
+        if count >= total:
+            return total
+        doubled = min(2 * count, total)
+        count = doubled if suggest is None else min(max(suggest(count), count + 1), doubled)
+    passing = count
+    if passing - 1 > failing:
+        if not meets(passing - 1):
+            return passing
+        passing -= 1
+    while passing - failing > 1:
+        middle = (failing + passing) // 2
+        if meets(middle):
+            passing = middle
+        else:
+            failing = middle
+    return passing
+
+
+EvaluateMany = Callable[[Sequence[tuple[frozenset[str] | None, frozenset[str]]]], list[float]]
+
+
 def analyze_fast(
     layers: Sequence[tuple[str, str]],
     noise_db: dict[str, float],
@@ -136,37 +195,53 @@ def analyze_fast(
     target_min: float,
     refine: int = 4,
     quantized_score: float | None = None,
+    metric: Metric = "cosine",
+    evaluate_many: EvaluateMany | None = None,
 ) -> SensitivityResult:
     """Rank `layers` by `noise_db` (from `added_noise_db`), measure the `refine` worst alone to
     order them, and keep the fewest worst-ranked in float that let the model meet `target_min`.
 
     `quantized_score`: the metric of the fully quantized model when the caller has it already
-    (from the run that measured the noise)."""
+    (from the run that measured the noise). `evaluate_many` evaluates independent trials at
+    once (in parallel where it can); `evaluate` is used one by one otherwise. The noise also
+    predicts how many layers the target needs (`fewest_below`): the search starts there, and
+    the refinement is skipped when the prediction keeps all `refine` worst in float anyway
+    (their order among themselves then changes nothing).
+    """
     by_noise = sorted((LayerScore(key, label, noise_db[key]) for key, label in layers), key=lambda item: item.score)
-    alone = {item.key: evaluate(frozenset({item.key}), frozenset()) for item in by_noise[:refine]}
-    ranking = sorted(by_noise[:refine], key=lambda item: alone[item.key]) + by_noise[refine:]
     tried: dict[int, float] = {} if quantized_score is None else {0: quantized_score}
-
-    def result(count: int) -> SensitivityResult:
-        met = tried[count] >= target_min
-        return SensitivityResult(ranking, ranking[:count], tried[count], met, alone, len(alone) + len(tried))
+    alone: dict[str, float] = {}
+    ranking = list(by_noise)
 
     def with_float(count: int) -> float:
         if count not in tried:
             tried[count] = evaluate(None, frozenset(item.key for item in ranking[:count]))
         return tried[count]
 
+    def result(count: int) -> SensitivityResult:
+        met = tried[count] >= target_min
+        return SensitivityResult(ranking, ranking[:count], tried[count], met, alone, len(alone) + len(tried))
+
     if with_float(0) >= target_min:
         return result(0)
-    failing, passing = 0, 1
-    while passing < len(ranking) and with_float(passing) < target_min:
-        failing, passing = passing, min(2 * passing, len(ranking))
-    if with_float(passing) < target_min:
-        return result(passing)
-    while passing - failing > 1:
-        middle = (failing + passing) // 2
-        if with_float(middle) >= target_min:
-            passing = middle
-        else:
-            failing = middle
-    return result(passing)
+    target_error = error_of(target_min, metric)
+
+    def predicted(scale: float = 1.0) -> int:
+        nsr = [10.0 ** (-item.score / 10.0) for item in ranking]
+        return fewest_below(nsr, error_of(tried[0], metric), target_error, scale)
+
+    if refine > 0 and predicted() < min(refine, len(ranking)):
+        top = by_noise[:refine]
+        trials = [(frozenset({item.key}), frozenset[str]()) for item in top]
+        scores = evaluate_many(trials) if evaluate_many is not None else [evaluate(*trial) for trial in trials]
+        alone = {item.key: value for item, value in zip(top, scores, strict=True)}
+        ranking = sorted(top, key=lambda item: alone[item.key]) + by_noise[refine:]
+
+    def suggest(count: int) -> int:
+        # Corrected by how far the prediction was off at the count just measured.
+        nsr = [10.0 ** (-item.score / 10.0) for item in ranking]
+        guess = error_of(tried[0], metric) * sum(nsr[count:]) / max(sum(nsr), 1e-300)
+        return fewest_below(nsr, error_of(tried[0], metric), target_error, error_of(tried[count], metric) / max(guess, 1e-300))
+
+    count = grow_until_met(lambda n: with_float(n) >= target_min, len(ranking), predicted(), suggest=suggest)
+    return result(count)

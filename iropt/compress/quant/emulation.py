@@ -1,0 +1,242 @@
+"""One model that runs any subset of a plan's layers fake-quantized, chosen per run.
+
+Sensitivity analysis asks "what does the model give with these layers quantized and those in
+float?" many times. Building a quantized copy, rewriting it and opening a session per question
+costs about a plain quantization each. The emulation model answers every question from one
+session: it is the fully quantized QDQ model with each Q/DQ pair behind a run-time switch. A
+bool graph input `quantization_switches` has one entry per layer of the plan (in plan order),
+and every place the rewrite would read a dequantized value reads
+
+    Where(switch, DequantizeLinear(QuantizeLinear(x)), x)
+
+instead, so a layer runs float or fake-quantized depending on the vector fed with the inputs.
+Weights and biases get the same treatment (`Where(switch, DequantizeLinear(int8 w), w)`).
+
+The switches reproduce what `insert_qdq` writes for any sub-plan of the full plan (the nodes
+of `plan_quantization` with more layers excluded, or with `only` some): a tensor the rewrite
+quantizes for all its consumers (a quantized node's output) is switched by its producer; a
+quantized consumer also reads the dequantized value when its own switch is on. A Gemm/MatMul
+output is quantized for all consumers only when a quantized consumer reads it, as in the plan.
+Scales are those of the full calibration, which the rewrite of a sub-plan uses as well.
+
+Run with ONNX Runtime's graph optimizations off (the reference runner), the emulation computes
+exactly what the rewritten model computes as written: float arithmetic on dequantized values
+(ORT's int8 kernels, which fusion would pick, round differently, as they do for the real model
+under the same runner).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from iropt.compress.quant.params import QParams, Scheme, bias_params, weight_params
+from iropt.compress.quant.placement import Plan, QuantizedNode, QuantizedTensor
+from iropt.compress.quant.rewrite import names_for
+from iropt.ir.channels import weight_layout
+from iropt.ir.graph import FreshNames, constant_value, is_op, replace_in
+from iropt.ir.model import Model
+from iropt.ir.toposort import sorted_nodes
+
+SWITCHES = "quantization_switches"
+
+
+class NotEmulated(Exception):
+    """The model cannot be emulated with switches; the caller rebuilds a model per trial instead."""
+
+
+@dataclass(frozen=True)
+class Emulation:
+    """The emulation model and the layer key behind each entry of its switch vector."""
+
+    model: Model
+    keys: tuple[str, ...]
+
+    def switches(self, quantized: Collection[str]) -> np.ndarray:
+        """The switch vector that runs the layers with keys in `quantized` fake-quantized."""
+        unknown = set(quantized) - set(self.keys)
+        if unknown:
+            raise ValueError(f"layers {sorted(unknown)} are not in the emulated plan")
+        return np.array([key in quantized for key in self.keys], dtype=np.bool_)
+
+
+def build_emulation(model: Model, plan: Plan, params: Mapping[str, QParams], scheme: Scheme) -> Emulation:
+    """Rewrite `model` in place into the emulation of `plan` (made on this model's graph).
+
+    Raises NotEmulated when the graph already has an input named like the switches.
+    """
+    graph = model.graph
+    if any(tensor.name == SWITCHES for tensor in graph.inputs) or SWITCHES in graph.tensors():
+        raise NotEmulated(f"the model already has a tensor named {SWITCHES}")
+    switches = gs.Variable(SWITCHES, dtype=np.bool_, shape=[len(plan.nodes)])
+    builder = _Builder(graph, scheme, plan, _Switches(graph, switches, [c.key for c in plan.nodes]))
+    # Weights first: a bias's scale reads its node's input tensor, which activations re-point.
+    for candidate in plan.nodes:
+        builder.weight_and_bias(candidate, params)
+    for name, item in plan.tensors.items():
+        builder.activation(item, params[name])
+    graph.inputs.append(switches)
+    graph.nodes = sorted_nodes(graph)
+    return Emulation(model, tuple(c.key for c in plan.nodes))
+
+
+class _Switches:
+    """Bool scalars read from the switch vector, one Gather per layer (made once, shared)."""
+
+    def __init__(self, graph: gs.Graph, vector: gs.Variable, keys: Sequence[str]) -> None:
+        self.graph = graph
+        self.vector = vector
+        self.index = {key: position for position, key in enumerate(keys)}
+        self.name: FreshNames = names_for(graph)
+        self._made: dict[tuple[str, ...], gs.Variable] = {}
+
+    def of(self, key: str) -> gs.Variable:
+        """Layer `key`'s switch."""
+        if (key,) not in self._made:
+            index = gs.Constant(self.name(f"{SWITCHES}_index"), values=np.array(self.index[key], dtype=np.int64))
+            self._made[(key,)] = self._node("Gather", [self.vector, index])
+        return self._made[(key,)]
+
+    def any_of(self, keys: Sequence[str]) -> gs.Variable:
+        """On when any of the layers `keys` is on."""
+        result = self.of(keys[0])
+        for key in keys[1:]:
+            result = self._node("Or", [result, self.of(key)])
+        return result
+
+    def both(self, first: gs.Variable, second: gs.Variable) -> gs.Variable:
+        return self._node("And", [first, second])
+
+    def _node(self, op: str, inputs: list[gs.Tensor]) -> gs.Variable:
+        out = gs.Variable(self.name(f"{SWITCHES}_{op.lower()}"), dtype=np.bool_, shape=[])
+        self.graph.nodes.append(gs.Node(op, self.name(f"{SWITCHES}_{op}"), inputs=inputs, outputs=[out]))
+        return out
+
+
+class _Builder:
+    def __init__(self, graph: gs.Graph, scheme: Scheme, plan: Plan, switches: _Switches) -> None:
+        self.graph = graph
+        self.scheme = scheme
+        # Looked up before the rewiring starts: re-pointing a producer changes `output`.
+        self._key = {id(c.node): c.key for c in plan.nodes}
+        self._producer = {id(c.output): c for c in plan.nodes}
+        self.switches = switches
+        self.name = switches.name
+        # A weight shared by several nodes is quantized once per axis, as the rewrite does.
+        self._weights: dict[tuple[int, int | None], tuple[gs.Variable, QParams]] = {}
+
+    def _append(self, op: str, base: str, inputs: list[gs.Tensor], out: gs.Variable, attrs: dict | None = None) -> None:
+        self.graph.nodes.append(gs.Node(op, self.name(f"{base}_{op}"), attrs or {}, inputs=inputs, outputs=[out]))
+
+    def _dequantize(self, base: str, values: np.ndarray, params: QParams, shape: list[int]) -> gs.Variable:
+        stored = gs.Constant(self.name(f"{base}_quantized"), values=values)
+        scale = gs.Constant(self.name(f"{base}_scale"), values=params.scale)
+        zero = gs.Constant(self.name(f"{base}_zero_point"), values=params.zero_point)
+        out = gs.Variable(self.name(f"{base}_dequantized"), dtype=np.float32, shape=shape)
+        attrs = {"axis": params.axis} if params.axis is not None else {}
+        self._append("DequantizeLinear", base, [stored, scale, zero], out, attrs)
+        return out
+
+    def _where(self, switch: gs.Variable, on: gs.Tensor, off: gs.Tensor, base: str, shape: object) -> gs.Variable:
+        out = gs.Variable(self.name(f"{base}_switched"), dtype=np.float32, shape=shape)
+        self._append("Where", base, [switch, on, off], out)
+        return out
+
+    def weight_and_bias(self, candidate: QuantizedNode, params: Mapping[str, QParams]) -> None:
+        """Switch the node's weight (and int32 bias, for formats that have one) per layer."""
+        if candidate.weight is None:
+            return
+        node, spec = candidate.node, candidate.weight
+        tensor = node.inputs[spec.index]
+        value = constant_value(tensor)
+        assert value is not None
+        cache_key = (id(tensor), spec.axis)
+        if cache_key not in self._weights:
+            quantized, weight_qparams = weight_params(value, spec.axis, self.scheme.weight_qmax)
+            self._weights[cache_key] = (
+                self._dequantize(tensor.name, quantized, weight_qparams, list(value.shape)), weight_qparams,
+            )
+        dequantized, weight_qparams = self._weights[cache_key]
+        switch = self.switches.of(candidate.key)
+        node.inputs[spec.index] = self._where(switch, dequantized, tensor, tensor.name, list(value.shape))
+        if self.scheme.int32_bias and candidate.bias_index is not None:
+            input_params = params[node.inputs[candidate.activation_inputs[0]].name]
+            self._bias(candidate, switch, input_params.scale, weight_qparams.scale, value)
+
+    def _bias(
+        self, candidate: QuantizedNode, switch: gs.Variable, input_scale: np.ndarray, weight_scale: np.ndarray,
+        weight: np.ndarray,
+    ) -> None:
+        assert candidate.bias_index is not None
+        node = candidate.node
+        tensor = node.inputs[candidate.bias_index]
+        value = constant_value(tensor)
+        assert value is not None
+        channels = int(weight_scale.size) if weight_scale.ndim else _output_channels(node, weight)
+        if value.size != channels or channels == 0:
+            return  # the rewrite keeps a bias broadcast over rows float
+        value = value.astype(np.float64).reshape(-1)
+        if is_op(node, "Gemm"):
+            # The rewrite folds beta into the bias and sets beta to 1; the float branch gets
+            # the same folded bias, so both read `C` with beta 1.
+            value = value * float(node.attrs.get("beta", 1.0))
+            node.attrs["beta"] = 1.0
+        quantized, bias_qparams = bias_params(value, input_scale, weight_scale)
+        folded = gs.Constant(self.name(f"{tensor.name}_folded"), values=value.astype(np.float32))
+        dequantized = self._dequantize(tensor.name, quantized, bias_qparams, [channels])
+        node.inputs[candidate.bias_index] = self._where(switch, dequantized, folded, tensor.name, [channels])
+
+    def activation(self, item: QuantizedTensor, params: QParams) -> None:
+        """Quantize-dequantize an activation and switch each reader between the two values."""
+        tensor = item.tensor
+        base = tensor.name
+        shape = tensor.shape
+        source: gs.Tensor = tensor
+        producer_switch = self._producer_switch(item)
+        if producer_switch is not None and tensor.inputs:
+            # As the rewrite does: the producer writes a new tensor and the tensor of the
+            # original name (graph outputs included) is the switched value, so every reader
+            # sees the dequantized value when the producing layer is quantized.
+            source = gs.Variable(self.name(f"{base}_float"), dtype=np.float32, shape=shape)
+            replace_in(tensor.inputs[0].outputs, tensor, source)
+        scale = gs.Constant(self.name(f"{base}_scale"), values=params.scale)
+        zero = gs.Constant(self.name(f"{base}_zero_point"), values=params.zero_point)
+        quantized = gs.Variable(self.name(f"{base}_quantized"), dtype=params.zero_point.dtype, shape=shape)
+        dequantized = gs.Variable(self.name(f"{base}_dequantized"), dtype=np.float32, shape=shape)
+        self._append("QuantizeLinear", base, [source, scale, zero], quantized)
+        self._append("DequantizeLinear", base, [quantized, scale, zero], dequantized)
+        shared = tensor
+        if source is not tensor:
+            assert producer_switch is not None
+            self._append("Where", base, [producer_switch, dequantized, source], tensor)
+        for consumer in item.consumers:
+            # A quantized consumer reads the dequantized value when its own layer is on, and
+            # otherwise what every other reader sees.
+            switch = self.switches.of(self._key[id(consumer)])
+            replace_in(consumer.inputs, shared, self._where(switch, dequantized, shared, base, shape))
+
+    def _producer_switch(self, item: QuantizedTensor) -> gs.Variable | None:
+        """The switch under which every reader of `item` reads it quantized, or None when only
+        its quantized consumers do (the tensor is no quantized node's output)."""
+        if not item.all_consumers:
+            return None
+        producer = self._producer.get(id(item.tensor))
+        if producer is None:
+            raise NotEmulated(f"{item.tensor.name} is quantized for all readers but no layer of the plan writes it")
+        switch = self.switches.of(producer.key)
+        if is_op(producer.node, "Gemm", "MatMul"):
+            # Quantized only when a quantized node reads it (QGemm can write float otherwise).
+            readers = [self._key[id(consumer)] for consumer in item.consumers]
+            if not readers:
+                raise NotEmulated(f"{item.tensor.name}: a float Gemm/MatMul output quantized for no reader")
+            switch = self.switches.both(switch, self.switches.any_of(readers))
+        return switch
+
+
+def _output_channels(node: gs.Node, weight: np.ndarray) -> int:
+    layout = weight_layout(node, weight.ndim)
+    assert layout is not None, f"{node.op} is not a weighted op"
+    return layout.output_channels(weight.shape)
