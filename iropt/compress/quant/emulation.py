@@ -116,6 +116,17 @@ class _Switches:
         return out
 
 
+@dataclass(frozen=True)
+class _FakeQuantized:
+    """What a switched Q/DQ of one activation reads."""
+
+    source: gs.Tensor
+    scale: gs.Constant
+    zero: gs.Constant
+    dtype: type[np.integer]
+    shape: object
+
+
 class _Builder:
     def __init__(self, graph: gs.Graph, scheme: Scheme, plan: Plan, switches: _Switches) -> None:
         self.graph = graph
@@ -204,19 +215,44 @@ class _Builder:
             replace_in(tensor.inputs[0].outputs, tensor, source)
         scale = gs.Constant(self.name(f"{base}_scale"), values=params.scale)
         zero = gs.Constant(self.name(f"{base}_zero_point"), values=params.zero_point)
-        quantized = gs.Variable(self.name(f"{base}_quantized"), dtype=params.zero_point.dtype, shape=shape)
-        dequantized = gs.Variable(self.name(f"{base}_dequantized"), dtype=np.float32, shape=shape)
-        self._append("QuantizeLinear", base, [source, scale, zero], quantized)
-        self._append("DequantizeLinear", base, [quantized, scale, zero], dequantized)
-        shared = tensor
+        fake_quantized = _FakeQuantized(source, scale, zero, params.zero_point.dtype, shape)
         if source is not tensor:
             assert producer_switch is not None
-            self._append("Where", base, [producer_switch, dequantized, source], tensor)
+            self._switched(producer_switch, fake_quantized, source, base, out=tensor)
         for consumer in item.consumers:
             # A quantized consumer reads the dequantized value when its own layer is on, and
             # otherwise what every other reader sees.
             switch = self.switches.of(self._key[id(consumer)])
-            replace_in(consumer.inputs, shared, self._where(switch, dequantized, shared, base, shape))
+            replace_in(consumer.inputs, tensor, self._switched(switch, fake_quantized, tensor, base))
+
+    def _switched(
+        self, switch: gs.Variable, on: _FakeQuantized, off: gs.Tensor, base: str, out: gs.Variable | None = None,
+    ) -> gs.Variable:
+        """`If(switch)`: QuantizeLinear -> DequantizeLinear of the float value, else `off`.
+
+        An If, not a Where over both values: the branch not taken costs nothing (a Where with a
+        scalar condition also runs slower in ONNX Runtime than the Q/DQ it selects)."""
+        shape = on.shape
+        quantized = gs.Variable(self.name(f"{base}_quantized"), dtype=on.dtype, shape=shape)
+        dequantized = gs.Variable(self.name(f"{base}_dequantized"), dtype=np.float32, shape=shape)
+        then_branch = gs.Graph(
+            nodes=[
+                gs.Node("QuantizeLinear", self.name(f"{base}_QuantizeLinear"),
+                        inputs=[on.source, on.scale, on.zero], outputs=[quantized]),
+                gs.Node("DequantizeLinear", self.name(f"{base}_DequantizeLinear"),
+                        inputs=[quantized, on.scale, on.zero], outputs=[dequantized]),
+            ],
+            outputs=[dequantized], name=self.name(f"{base}_fake_quantized"),
+        )
+        kept = gs.Variable(self.name(f"{base}_kept"), dtype=np.float32, shape=shape)
+        else_branch = gs.Graph(
+            nodes=[gs.Node("Identity", self.name(f"{base}_Identity"), inputs=[off], outputs=[kept])],
+            outputs=[kept], name=self.name(f"{base}_float"),
+        )
+        out = out if out is not None else gs.Variable(self.name(f"{base}_switched"), dtype=np.float32, shape=shape)
+        attrs = {"then_branch": then_branch, "else_branch": else_branch}
+        self.graph.nodes.append(gs.Node("If", self.name(f"{base}_If"), attrs, inputs=[switch], outputs=[out]))
+        return out
 
     def _producer_switch(self, item: QuantizedTensor) -> gs.Variable | None:
         """The switch under which every reader of `item` reads it quantized, or None when only
