@@ -117,10 +117,20 @@ def added_noise_db(
     """Per layer `(key, input names, output name)`: the noise it adds, as an SNR in dB (lower is
     worse), from two runs over the same feeds with every named tensor among the outputs."""
 
+    ratios: dict[str, float] = {}
+
     def nsr(name: str) -> float:
-        noise = sum(float(np.sum((q[name].astype(np.float64) - r[name]) ** 2)) for r, q in zip(reference, quantized, strict=True))
-        signal = sum(float(np.sum(r[name].astype(np.float64) ** 2)) for r in reference)
-        return noise / signal if signal > 0 else 0.0
+        # Each tensor once (a layer's input is its producer's output); sums of squares as dot
+        # products of the flat float32 arrays, accumulated over feeds in float64.
+        if name not in ratios:
+            noise = signal = 0.0
+            for r, q in zip(reference, quantized, strict=True):
+                want = np.ascontiguousarray(r[name], dtype=np.float32).ravel()
+                diff = np.ascontiguousarray(q[name], dtype=np.float32).ravel() - want
+                noise += float(np.dot(diff, diff))
+                signal += float(np.dot(want, want))
+            ratios[name] = noise / signal if signal > 0 else 0.0
+        return ratios[name]
 
     scores = {}
     for key, inputs, output in layers:
