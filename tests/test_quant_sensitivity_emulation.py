@@ -155,8 +155,9 @@ def test_emulated_search_keeps_only_the_harmful_layer_and_runs_one_real_model(tm
     info = result.info
     assert info["emulated"] is True and info["kept_float"] == ["fc2 (Gemm)"]
     assert _fc_is_float(model, "fc2") and not _fc_is_float(model, "fc1") and not _fc_is_float(model, "fc3")
-    # One emulation session, then one session for the real run of the model chosen.
-    assert info["sessions"] == 2 and info["real_runs"] == 1 and info["emulation_runs"] >= 2
+    # At most two sessions of the emulation (observing every layer's tensors for the added
+    # noise, and not for trials), then one for the real run of the model chosen.
+    assert info["real_runs"] == 1 and 2 <= info["sessions"] <= 3 and info["emulation_runs"] >= 2
     real = cosine(want, run(model, feeds)["y"])
     assert real >= 0.995 and info["score"] == pytest.approx(real, abs=1e-6)
     assert info["emulated_score"] == pytest.approx(info["score"], abs=1e-4)

@@ -123,7 +123,7 @@ class _FakeQuantized:
     source: gs.Tensor
     scale: gs.Constant
     zero: gs.Constant
-    dtype: type[np.integer]
+    dtype: np.dtype
     shape: object
 
 

@@ -12,7 +12,7 @@ import functools
 import hashlib
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -28,23 +28,38 @@ Feeds = Mapping[str, np.ndarray]
 
 
 class EmulatedTrials:
-    """Runs the emulation with any set of layers quantized, on `feeds`, scored against `reference`.
+    """Runs the emulation with any set of layers quantized, on `feeds`.
 
-    `runs` counts the whole-model runs over the feeds made here (in this process or as tasks).
+    Two sessions of the emulation at most, each made when first needed: one that also returns
+    the `observed` tensors (for the added-noise run), one that returns the model's outputs
+    only (for trials: fetching every observed tensor would slow each of them down).
+    `runs` counts the whole-model runs over the feeds (in this process or as tasks).
     """
 
-    def __init__(self, emulation: Emulation, runner_factory: RunnerFactory, feeds: Sequence[Feeds], metric: Metric) -> None:
+    def __init__(
+        self, emulation: Emulation, runner_factory: RunnerFactory, feeds: Sequence[Feeds], metric: Metric,
+        observed: Sequence[str] = (),
+    ) -> None:
         self.emulation = emulation
         self.runner_factory = runner_factory
-        self.runner = runner_factory(emulation.model)
         self.feeds = list(feeds)
         self.metric: Metric = metric
+        self.observed = list(observed)
         self.runs = 0
+        self.sessions = 0
+        self._runners: dict[bool, Runner] = {}
 
-    def outputs(self, quantized: Collection[str]) -> list[dict[str, np.ndarray]]:
-        """Every output of the emulation (observed tensors included) per feed."""
+    def _runner(self, observing: bool) -> Runner:
+        if observing not in self._runners:
+            model = with_outputs(self.emulation.model, self.observed) if observing else self.emulation.model
+            self._runners[observing] = self.runner_factory(model)
+            self.sessions += 1
+        return self._runners[observing]
+
+    def outputs(self, quantized: Collection[str], *, observe: bool = False) -> list[dict[str, np.ndarray]]:
+        """The emulation's outputs per feed (with the observed tensors when `observe`)."""
         self.runs += 1
-        return run_switched(self.runner, self.feeds, self.emulation.switches(quantized))
+        return run_switched(self._runner(observe), self.feeds, self.emulation.switches(quantized))
 
     def score(self, quantized: Collection[str], reference: Outputs) -> float:
         return _score(reference, self.outputs(quantized), self.metric)
@@ -92,8 +107,7 @@ class SensitivityRuns:
         self.outputs = list(outputs)
         self.metric: Metric = metric
         self.observed = list(observed)
-        self.sessions = 0
-        self.real_runs = 0
+        self.real_runs = 0  # each on a session of its own
         self.reference: list[dict[str, np.ndarray]] = []
         self.trials = self._emulate(emulator, log)
         self.emulator = emulator if self.trials is not None else None
@@ -106,13 +120,15 @@ class SensitivityRuns:
         except NotEmulated as why:
             log.info("quantize: sensitivity trials rewrite a copy of the model each (no emulation: %s)", why)
             return None
-        observed = replace(emulation, model=with_outputs(emulation.model, self.observed))
-        self.sessions += 1
-        return EmulatedTrials(observed, self.runner_factory, self.feeds, self.metric)
+        return EmulatedTrials(emulation, self.runner_factory, self.feeds, self.metric, self.observed)
 
     @property
     def emulation_runs(self) -> int:
         return self.trials.runs if self.trials is not None else 0
+
+    @property
+    def sessions(self) -> int:
+        return self.real_runs + (self.trials.sessions if self.trials is not None else 0)
 
     def float_runs(self, model: Model, known: Sequence[Feeds] | None) -> list[dict[str, np.ndarray]]:
         """The float model's outputs and observed tensors per feed: from `known` (runs made
@@ -135,7 +151,8 @@ class SensitivityRuns:
     def _all_or_nothing(self, model: Model, build: Build | None, *, quantize: bool) -> list[dict[str, np.ndarray]]:
         if self.trials is not None:
             keys = self.trials.emulation.keys if quantize else ()
-            return [{**feed, **run} for feed, run in zip(self.feeds, self.trials.outputs(keys), strict=True)]
+            runs = self.trials.outputs(keys, observe=True)
+            return [{**feed, **run} for feed, run in zip(self.feeds, runs, strict=True)]
         candidate = model.copy()
         if build is not None and quantize:
             build(candidate, None, frozenset())
@@ -163,7 +180,6 @@ class SensitivityRuns:
 
     def _run(self, model: Model) -> list[dict[str, np.ndarray]]:
         runner = self.runner_factory(model)
-        self.sessions += 1
         self.real_runs += 1
         return [runner.run(feed) for feed in self.feeds]
 
