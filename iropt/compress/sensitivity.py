@@ -170,17 +170,18 @@ def grow_until_met(
     suggest: Callable[[int], int] | None = None,
 ) -> int:
     """The fewest `count` in (failing, total] with `meets(count)`, assuming more is never worse:
-    try `start`; while it fails, grow (to `suggest(count)` when given, within count+1 .. 2*count,
-    else doubling); then, from the first count that meets, look one below (a good start is
-    usually right) and bisect down to the last that fails. Returns `total` when nothing meets.
+    try `start`; while it fails, double the count (or jump to `suggest(count)` when that is
+    more: a prediction lets the search skip counts that cannot meet); then, from the first
+    count that meets, look one below (a good start is usually right) and bisect down to the
+    last that fails. Returns `total` when nothing meets.
     """
     count = min(max(start, failing + 1), total)
     while not meets(count):
         failing = count
         if count >= total:
             return total
-        doubled = min(2 * count, total)
-        count = doubled if suggest is None else min(max(suggest(count), count + 1), doubled)
+        grown = 2 * count if suggest is None else max(2 * count, suggest(count))
+        count = min(grown, total)
     passing = count
     if passing - 1 > failing:
         if not meets(passing - 1):
@@ -208,50 +209,53 @@ def analyze_fast(
     metric: Metric = "cosine",
     evaluate_many: EvaluateMany | None = None,
 ) -> SensitivityResult:
-    """Rank `layers` by `noise_db` (from `added_noise_db`), measure the `refine` worst alone to
-    order them, and keep the fewest worst-ranked in float that let the model meet `target_min`.
+    """Rank `layers` by `noise_db` (from `added_noise_db`) and keep the fewest worst-ranked in
+    float that let the model meet `target_min`.
 
-    `quantized_score`: the metric of the fully quantized model when the caller has it already
-    (from the run that measured the noise). `evaluate_many` evaluates independent trials at
-    once (in parallel where it can); `evaluate` is used one by one otherwise. The noise also
-    predicts how many layers the target needs (`fewest_below`): the search starts there, and
-    the refinement is skipped when the prediction keeps all `refine` worst in float anyway
-    (their order among themselves then changes nothing).
+    The search (`grow_until_met`) starts at the count the noise predicts (`fewest_below`) and
+    corrects the prediction by each count it measures. When it ends with fewer layers in float
+    than `refine`, the `refine` worst by noise are measured alone (at once with
+    `evaluate_many`, in parallel where it can), reordered by that, and the search is repeated
+    on the new order from the count found; with more, their order among themselves changes
+    nothing and they are not measured. `quantized_score`: the metric of the fully quantized
+    model when the caller has it already (from the run that measured the noise).
     """
     by_noise = sorted((LayerScore(key, label, noise_db[key]) for key, label in layers), key=lambda item: item.score)
-    tried: dict[int, float] = {} if quantized_score is None else {0: quantized_score}
+    tried: dict[frozenset[str], float] = {} if quantized_score is None else {frozenset(): quantized_score}
     alone: dict[str, float] = {}
-    ranking = list(by_noise)
 
-    def with_float(count: int) -> float:
-        if count not in tried:
-            tried[count] = evaluate(None, frozenset(item.key for item in ranking[:count]))
-        return tried[count]
+    def measured(ranking: list[LayerScore], count: int) -> float:
+        floats = frozenset(item.key for item in ranking[:count])
+        if floats not in tried:
+            tried[floats] = evaluate(None, floats)
+        return tried[floats]
 
-    def result(count: int) -> SensitivityResult:
-        met = tried[count] >= target_min
-        return SensitivityResult(ranking, ranking[:count], tried[count], met, alone, len(alone) + len(tried))
+    def result(ranking: list[LayerScore], count: int) -> SensitivityResult:
+        value = measured(ranking, count)
+        return SensitivityResult(ranking, ranking[:count], value, value >= target_min, alone, len(alone) + len(tried))
 
-    if with_float(0) >= target_min:
-        return result(0)
-    target_error = error_of(target_min, metric)
-
-    def predicted(scale: float = 1.0) -> int:
+    def search(ranking: list[LayerScore], start: int) -> int:
         nsr = [10.0 ** (-item.score / 10.0) for item in ranking]
-        return fewest_below(nsr, error_of(tried[0], metric), target_error, scale)
+        quantized_error, target_error = error_of(measured(ranking, 0), metric), error_of(target_min, metric)
 
-    if refine > 0 and predicted() < min(refine, len(ranking)):
-        top = by_noise[:refine]
-        trials = [(frozenset({item.key}), frozenset[str]()) for item in top]
-        scores = evaluate_many(trials) if evaluate_many is not None else [evaluate(*trial) for trial in trials]
-        alone = {item.key: value for item, value in zip(top, scores, strict=True)}
-        ranking = sorted(top, key=lambda item: alone[item.key]) + by_noise[refine:]
+        def suggest(count: int) -> int:
+            # The prediction, scaled by how far it was off at the count just measured.
+            guess = quantized_error * sum(nsr[count:]) / max(sum(nsr), 1e-300)
+            scale = error_of(measured(ranking, count), metric) / max(guess, 1e-300)
+            return fewest_below(nsr, quantized_error, target_error, scale)
 
-    def suggest(count: int) -> int:
-        # Corrected by how far the prediction was off at the count just measured.
-        nsr = [10.0 ** (-item.score / 10.0) for item in ranking]
-        guess = error_of(tried[0], metric) * sum(nsr[count:]) / max(sum(nsr), 1e-300)
-        return fewest_below(nsr, error_of(tried[0], metric), target_error, error_of(tried[count], metric) / max(guess, 1e-300))
+        if start < 0:
+            start = fewest_below(nsr, quantized_error, target_error)
+        return grow_until_met(lambda n: measured(ranking, n) >= target_min, len(ranking), start, suggest=suggest)
 
-    count = grow_until_met(lambda n: with_float(n) >= target_min, len(ranking), predicted(), suggest=suggest)
-    return result(count)
+    if measured(by_noise, 0) >= target_min:
+        return result(by_noise, 0)
+    count = search(by_noise, -1)
+    if count >= min(refine, len(by_noise)):
+        return result(by_noise, count)
+    top = by_noise[:refine]
+    trials = [(frozenset({item.key}), frozenset[str]()) for item in top]
+    scores = evaluate_many(trials) if evaluate_many is not None else [evaluate(*trial) for trial in trials]
+    alone.update((item.key, value) for item, value in zip(top, scores, strict=True))
+    ranking = sorted(top, key=lambda item: alone[item.key]) + by_noise[refine:]
+    return result(ranking, search(ranking, count))
