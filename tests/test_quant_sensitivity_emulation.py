@@ -193,20 +193,24 @@ def test_a_target_met_when_quantized_keeps_nothing_float(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("needed", [1, 2, 3, 5, 8, 13, 20])
 @pytest.mark.parametrize("start", [0, 1, 4, 7, 20])
-def test_grow_until_met_finds_the_fewest(needed: int, start: int) -> None:
+@pytest.mark.parametrize("curve", ["linear", "steep", "step"])
+def test_grow_until_met_finds_the_fewest(needed: int, start: int, curve: str) -> None:
+    """Whatever the shape of the metric over the count (as long as more is never worse)."""
     calls: list[int] = []
 
-    def meets(count: int) -> bool:
+    def value(count: int) -> float:
         calls.append(count)
-        return count >= needed
+        shape = {"linear": count / 20, "steep": 1 - (1 - count / 20) ** 4, "step": float(count >= needed)}[curve]
+        met = count >= needed
+        return 1.0 + shape if met else shape * 0.5
 
-    assert grow_until_met(meets, 20, start) == needed
-    assert len(calls) <= 2 * 5 + 2  # doubling and bisection over 20, plus the look one below
-    assert len(set(calls)) == len(calls) or len(calls) <= 3
+    assert grow_until_met(value, 1.0, 20, start) == needed
+    assert len(calls) == len(set(calls))  # no count is measured twice
+    assert len(calls) <= 2 * (2 * 5) + 1  # doubling, then at most two steps per halving
 
 
 def test_grow_until_met_when_nothing_meets() -> None:
-    assert grow_until_met(lambda count: False, 6, 1) == 6
+    assert grow_until_met(lambda count: 0.0, 1.0, 6, 1) == 6
 
 
 def test_fewest_below_shares_the_error_by_noise() -> None:

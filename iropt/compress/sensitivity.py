@@ -166,30 +166,45 @@ def fewest_below(noise: Sequence[float], quantized_error: float, target_error: f
 
 
 def grow_until_met(
-    meets: Callable[[int], bool], total: int, start: int, failing: int = 0,
+    value: Callable[[int], float], target: float, total: int, start: int, failing: int = 0,
     suggest: Callable[[int], int] | None = None,
 ) -> int:
-    """The fewest `count` in (failing, total] with `meets(count)`, assuming more is never worse:
-    try `start`; while it fails, double the count (or jump to `suggest(count)` when that is
-    more: a prediction lets the search skip counts that cannot meet); then, from the first
-    count that meets, look one below (a good start is usually right) and bisect down to the
-    last that fails. Returns `total` when nothing meets.
+    """The fewest `count` in (failing, total] with `value(count) >= target`, assuming more is
+    never worse. Tries `start`; while it fails, doubles the count (or jumps to `suggest(count)`
+    when that is more: a prediction lets the search skip counts that cannot meet). When `start`
+    itself meets, looks one below first (a good prediction is usually right). Then narrows the
+    bracket, alternating a step interpolated from the two values at its ends with a bisection
+    (the interpolation is usually close; the bisection bounds the steps to twice a bisection's).
+    Returns `total` when nothing meets.
     """
+    values: dict[int, float] = {}
+
+    def measured(count: int) -> float:
+        if count not in values:
+            values[count] = value(count)
+        return values[count]
+
     count = min(max(start, failing + 1), total)
-    while not meets(count):
+    while measured(count) < target:
         failing = count
         if count >= total:
             return total
         grown = 2 * count if suggest is None else max(2 * count, suggest(count))
         count = min(grown, total)
     passing = count
-    if passing - 1 > failing:
-        if not meets(passing - 1):
+    if passing == start and passing - 1 > failing:
+        if measured(passing - 1) < target:
             return passing
         passing -= 1
+    interpolate = failing in values
     while passing - failing > 1:
         middle = (failing + passing) // 2
-        if meets(middle):
+        if interpolate:
+            low, high = measured(failing), values[passing]
+            share = (target - low) / (high - low) if high > low else 0.5
+            middle = min(max(failing + math.ceil(share * (passing - failing)), failing + 1), passing - 1)
+        interpolate = not interpolate and failing in values
+        if measured(middle) >= target:
             passing = middle
         else:
             failing = middle
@@ -246,7 +261,7 @@ def analyze_fast(
 
         if start < 0:
             start = fewest_below(nsr, quantized_error, target_error)
-        return grow_until_met(lambda n: measured(ranking, n) >= target_min, len(ranking), start, suggest=suggest)
+        return grow_until_met(lambda n: measured(ranking, n), target_min, len(ranking), start, suggest=suggest)
 
     if measured(by_noise, 0) >= target_min:
         return result(by_noise, 0)
