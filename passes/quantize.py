@@ -9,9 +9,12 @@ Static mode (the default) calibrates activation ranges on real inputs and insert
    over the calibration feeds in batches of at most `batch_size`, keeping a running min/max and a
    fixed-size histogram per tensor; then choose each range with `method` (minmax, percentile,
    entropy, mse). Tensors that share a scale (MaxPool in/out...) get the union of their ranges.
-3. Optionally, sensitivity analysis (`iropt.compress.sensitivity`): measure each quantized layer
-   alone against the float outputs, keep the most harmful ones in float until `target_metric`
-   reaches `target_min`. The ranking is logged and returned in the result's `info`.
+3. Optionally, sensitivity analysis (`iropt.compress.sensitivity`): rank the quantized layers by
+   their harm against the float outputs (calibration's runs, kept), keep the most harmful ones
+   in float until `target_metric` reaches `target_min`. Trials run on one emulation model whose
+   Q/DQ pairs sit behind run-time switches (`iropt.compress.quant.emulation`, one session, a run
+   per trial; `iropt.compress.quant.trials`), and the model chosen is rewritten and run once for
+   its real metric. The ranking, the runs and the time are logged and returned in `info`.
 4. Rewrite (`iropt.compress.quant.rewrite`) for the format: `ort` = uint8 asymmetric activations,
    int8 per-channel weights, int32 bias (what ORT's QDQ fusion turns into QLinearConv/QGemm;
    weights keep to 7 bits where the target's uint8 x int8 kernels may saturate, `weight_range`);
@@ -132,8 +135,9 @@ class Quantize(Pass):
     (fnmatch patterns on node names) and `exclude_op_types`; `sensitivity` with `target_metric`
     cosine|top1|snr, `target_min` and `sensitivity_samples` keeps the most harmful layers in float,
     ranked `sensitivity_ranking` fast (each layer's added noise from one run of the quantized
-    model; the `sensitivity_refine` worst measured alone; a doubling-then-bisection search for
-    the fewest float layers) or exhaustive (every layer measured alone, one at a time back to float);
+    model; a search for the fewest float layers that starts where the noise predicts; the
+    `sensitivity_refine` worst measured alone when fewer stay float) or exhaustive (every layer
+    measured alone, one at a time back to float); trials are runs of one emulation model;
     `skip_slow_layers` (format ort) keeps in float the layers ORT runs slower in int8 (ConvTranspose,
     Conv with < 8 input channels and a small output, Conv followed by HardSwish and similar);
     `weight_range` auto|full|reduced: int8 weights over [-127, 127] (full) or [-63, 63] (reduced,

@@ -9,9 +9,16 @@ Two rankings:
 - `fast`: one run of the float model and one of the fully quantized model, each with every
   layer's input and output exposed, give each layer the noise it *adds*: the noise-to-signal
   ratio of its output minus the largest of its inputs' (its inputs' own quantization counts as
-  its own). Only the `refine` worst by that measure are measured alone, to order the top of the
-  ranking exactly. Then the number of worst layers kept in float grows 1, 2, 4, ... until the
-  model meets the target, and a bisection finds the fewest that do: O(log n) model runs.
+  its own). The layers ranked by it, a search finds the fewest worst to keep in float
+  (`grow_until_met`): it starts at the count the noise predicts (`fewest_below`: the quantized
+  model's error shared among the layers by their noise), grows by doubling or further where the
+  prediction, corrected by each measurement, says fewer cannot meet, and narrows the bracket by
+  interpolation and bisection: O(log n) model runs. When few layers end up in float (fewer than
+  `refine`), the `refine` worst by noise are measured alone, reordered, and the search repeated.
+
+The model runs themselves are the caller's (`Evaluate`): the quantize pass runs them on one
+emulation model with run-time switches (`iropt.compress.quant.emulation`), or on a rewritten
+copy per trial where it cannot emulate.
 
 Errors of several layers do not simply add up, so the whole model is measured at every step
 rather than predicted from the ranking.
