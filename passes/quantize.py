@@ -45,7 +45,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -280,9 +280,9 @@ class Quantize(Pass):
                 for c in plan.nodes
             ]
 
-            def emulate() -> Emulation:
+            def emulate(observed: Collection[str] | None) -> Emulation:
                 target = model.copy()
-                return build_emulation(target, plan_of(target.graph, None, frozenset()), params, scheme)
+                return build_emulation(target, plan_of(target.graph, None, frozenset()), params, scheme, observed)
 
             def quantized(only: frozenset[str] | None, floats: frozenset[str]) -> frozenset[str]:
                 return frozenset(c.key for c in plan_of(model.graph, only, floats).nodes)

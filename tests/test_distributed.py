@@ -208,7 +208,7 @@ def test_sensitivity_trials_run_as_ray_tasks_and_score_as_in_process(ray_driver:
     model, feeds = _golden("resnet")
     setup = _Setup(model, feeds, "ort")
     reference = [reference_runner(model).run(feeds)]
-    trials = EmulatedTrials(setup.emulation(), reference_runner, [feeds], "cosine")
+    trials = EmulatedTrials(setup.emulation, reference_runner, [feeds], "cosine")
     chosen = [set(setup.keys), set(setup.keys[:2]), {setup.keys[-1]}, set()]
     remote = trials.scores(chosen, reference)
     assert trials.sessions == 0 and trials.runs == len(chosen)  # no session opened in this process

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +48,9 @@ class _Setup:
         return plan_quantization(model.graph, self.scheme, op_types=DEFAULT_OP_TYPES,
                                  excluded=lambda node, key: False, dtypes=self.dtypes, only=only)
 
-    def emulation(self) -> Emulation:
+    def emulation(self, observed: Collection[str] | None = None) -> Emulation:
         target = self.model.copy()
-        return build_emulation(target, self.plan_of(target), self.params, self.scheme)
+        return build_emulation(target, self.plan_of(target), self.params, self.scheme, observed)
 
     def rewritten(self, only: frozenset[str] | None = None) -> dict[str, np.ndarray]:
         target = self.model.copy()
@@ -68,11 +69,13 @@ def _emulated(emulation: Emulation, feeds: dict[str, np.ndarray], quantized: set
     return run(emulation.model, {**feeds, SWITCHES: emulation.switches(quantized)})
 
 
+# observed None: every quantized tensor keeps its name; (): only what the outputs need.
+@pytest.mark.parametrize("observed", [None, ()])
 @pytest.mark.parametrize(("name", "fmt"), [("resnet", "ort"), ("unet", "ort"), ("resnet", "tensorrt")])
-def test_switches_off_is_the_float_model_and_on_is_the_rewrite(name: str, fmt: str) -> None:
+def test_switches_off_is_the_float_model_and_on_is_the_rewrite(name: str, fmt: str, observed: tuple | None) -> None:
     model, feeds = _golden(name)
     setup = _Setup(model, feeds, fmt)
-    emulation = setup.emulation()
+    emulation = setup.emulation(observed)
     assert emulation.keys == tuple(setup.keys) and len(emulation.keys) > 3
     want = run(model, feeds)
     off = _emulated(emulation, feeds, set())
@@ -84,10 +87,11 @@ def test_switches_off_is_the_float_model_and_on_is_the_rewrite(name: str, fmt: s
         assert cosine(want[output], on[output]) < 1 - 1e-7  # quantization does change the outputs
 
 
-def test_one_switch_is_that_layer_alone() -> None:
+@pytest.mark.parametrize("observed", [None, ()])
+def test_one_switch_is_that_layer_alone(observed: tuple | None) -> None:
     model, feeds = _golden("resnet")
     setup = _Setup(model, feeds, "ort")
-    emulation = setup.emulation()
+    emulation = setup.emulation(observed)
     want = run(model, feeds)
     for key in setup.keys[:: max(1, len(setup.keys) // 4)]:
         alone = setup.plan_of(model, frozenset({key}))
@@ -98,10 +102,11 @@ def test_one_switch_is_that_layer_alone() -> None:
             np.testing.assert_allclose(got[output], real[output], rtol=1e-5, atol=1e-5)
 
 
-def test_a_sub_plan_with_layers_in_float_matches_its_rewrite() -> None:
+@pytest.mark.parametrize("observed", [None, ()])
+def test_a_sub_plan_with_layers_in_float_matches_its_rewrite(observed: tuple | None) -> None:
     model, feeds = _golden("unet")
     setup = _Setup(model, feeds, "ort")
-    emulation = setup.emulation()
+    emulation = setup.emulation(observed)
     floats = set(setup.keys[1::3])
     target = model.copy()
     plan = plan_quantization(target.graph, setup.scheme, op_types=DEFAULT_OP_TYPES,
@@ -112,6 +117,19 @@ def test_a_sub_plan_with_layers_in_float_matches_its_rewrite() -> None:
     got = _emulated(emulation, feeds, {c.key for c in plan.nodes})
     for output in real:
         np.testing.assert_allclose(got[output], real[output], rtol=1e-5, atol=1e-5)
+
+
+def test_tensors_nobody_observes_are_not_materialized() -> None:
+    """A quantized node's output read only by quantized nodes needs no switched copy of its own
+    when it is not observed: each reader switches on its layer or the producer's."""
+    model, feeds = _golden("unet")
+    setup = _Setup(model, feeds, "ort")
+
+    def switched(observed: Collection[str] | None) -> int:
+        return sum(node.op == "If" for node in setup.emulation(observed).model.graph.nodes)
+
+    assert switched(()) < switched(None)
+    assert switched(()) < switched(list(setup.plan_of(model).tensors)) == switched(None)
 
 
 def test_a_model_with_a_tensor_named_like_the_switches_is_not_emulated() -> None:

@@ -63,8 +63,15 @@ class Emulation:
         return np.array([key in quantized for key in self.keys], dtype=np.bool_)
 
 
-def build_emulation(model: Model, plan: Plan, params: Mapping[str, QParams], scheme: Scheme) -> Emulation:
+def build_emulation(
+    model: Model, plan: Plan, params: Mapping[str, QParams], scheme: Scheme, observed: Collection[str] | None = None,
+) -> Emulation:
     """Rewrite `model` in place into the emulation of `plan` (made on this model's graph).
+
+    `observed`: the tensors that must keep their names with the value the rewrite gives them
+    (to be added as outputs); None: all of them. A quantized node's output that no one else
+    needs is then not materialized: its quantized readers each switch on their own or its
+    producer's layer, which saves a copy per tensor and run.
 
     Raises NotEmulated when the graph already has an input named like the switches.
     """
@@ -72,7 +79,7 @@ def build_emulation(model: Model, plan: Plan, params: Mapping[str, QParams], sch
     if any(tensor.name == SWITCHES for tensor in graph.inputs) or SWITCHES in graph.tensors():
         raise NotEmulated(f"the model already has a tensor named {SWITCHES}")
     switches = gs.Variable(SWITCHES, dtype=np.bool_, shape=[len(plan.nodes)])
-    builder = _Builder(graph, scheme, plan, _Switches(graph, switches, [c.key for c in plan.nodes]))
+    builder = _Builder(graph, scheme, plan, _Switches(graph, switches, [c.key for c in plan.nodes]), observed)
     # Weights first: a bias's scale reads its node's input tensor, which activations re-point.
     for candidate in plan.nodes:
         builder.weight_and_bias(candidate, params)
@@ -110,6 +117,9 @@ class _Switches:
     def both(self, first: gs.Variable, second: gs.Variable) -> gs.Variable:
         return self._node("And", [first, second])
 
+    def either(self, first: gs.Variable, second: gs.Variable) -> gs.Variable:
+        return self._node("Or", [first, second])
+
     def _node(self, op: str, inputs: list[gs.Tensor]) -> gs.Variable:
         out = gs.Variable(self.name(f"{SWITCHES}_{op.lower()}"), dtype=np.bool_, shape=[])
         self.graph.nodes.append(gs.Node(op, self.name(f"{SWITCHES}_{op}"), inputs=inputs, outputs=[out]))
@@ -128,8 +138,11 @@ class _FakeQuantized:
 
 
 class _Builder:
-    def __init__(self, graph: gs.Graph, scheme: Scheme, plan: Plan, switches: _Switches) -> None:
+    def __init__(
+        self, graph: gs.Graph, scheme: Scheme, plan: Plan, switches: _Switches, observed: Collection[str] | None,
+    ) -> None:
         self.graph = graph
+        self.observed = observed
         self.scheme = scheme
         # Looked up before the rewiring starts: re-pointing a producer changes `output`.
         self._key = {id(c.node): c.key for c in plan.nodes}
@@ -216,6 +229,12 @@ class _Builder:
         scale = gs.Constant(self.name(f"{base}_scale"), values=params.scale)
         zero = gs.Constant(self.name(f"{base}_zero_point"), values=params.zero_point)
         fake_quantized = _FakeQuantized(source, scale, zero, params.zero_point.dtype, shape)
+        if source is not tensor and not self._needed(item):
+            assert producer_switch is not None
+            for consumer in item.consumers:
+                switch = self.switches.either(producer_switch, self.switches.of(self._key[id(consumer)]))
+                replace_in(consumer.inputs, tensor, self._switched(switch, fake_quantized, source, base))
+            return
         if source is not tensor:
             assert producer_switch is not None
             self._switched(producer_switch, fake_quantized, source, base, out=tensor)
@@ -224,6 +243,15 @@ class _Builder:
             # otherwise what every other reader sees.
             switch = self.switches.of(self._key[id(consumer)])
             replace_in(consumer.inputs, tensor, self._switched(switch, fake_quantized, tensor, base))
+
+    def _needed(self, item: QuantizedTensor) -> bool:
+        """Whether the tensor must exist under its name: observed, a graph output, or read by
+        a node that is not one of its quantized consumers."""
+        tensor = item.tensor
+        if self.observed is None or tensor.name in self.observed or any(t is tensor for t in self.graph.outputs):
+            return True
+        quantized = {id(consumer) for consumer in item.consumers}
+        return any(id(reader) not in quantized for reader in tensor.outputs)
 
     def _switched(
         self, switch: gs.Variable, on: _FakeQuantized, off: gs.Tensor, base: str, out: gs.Variable | None = None,

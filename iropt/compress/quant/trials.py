@@ -27,20 +27,27 @@ from iropt.verify.runner import Runner, RunnerFactory
 Feeds = Mapping[str, np.ndarray]
 
 
+# emulate(observed): a new emulation model whose `observed` tensors keep their names (None: all).
+Emulate = Callable[[Collection[str] | None], Emulation]
+
+
 class EmulatedTrials:
     """Runs the emulation with any set of layers quantized, on `feeds`.
 
-    Two sessions of the emulation at most, each made when first needed: one that also returns
-    the `observed` tensors (for the added-noise run), one that returns the model's outputs
-    only (for trials: fetching every observed tensor would slow each of them down).
-    `runs` counts the whole-model runs over the feeds (in this process or as tasks).
+    Two emulation models, each with its session: the one for trials returns the model's outputs
+    only and materializes no tensor it does not need (fetching or copying every layer's tensor
+    would slow each trial down); the one that also returns the `observed` tensors (for the
+    added-noise run) is built when first needed. Both compute the same values. `runs` counts the
+    whole-model runs over the feeds (in this process or as tasks). Raises NotEmulated when the
+    model cannot be emulated.
     """
 
     def __init__(
-        self, emulation: Emulation, runner_factory: RunnerFactory, feeds: Sequence[Feeds], metric: Metric,
+        self, emulate: Emulate, runner_factory: RunnerFactory, feeds: Sequence[Feeds], metric: Metric,
         observed: Sequence[str] = (),
     ) -> None:
-        self.emulation = emulation
+        self.emulate = emulate
+        self.emulation = emulate(())
         self.runner_factory = runner_factory
         self.feeds = list(feeds)
         self.metric: Metric = metric
@@ -51,7 +58,7 @@ class EmulatedTrials:
 
     def _runner(self, observing: bool) -> Runner:
         if observing not in self._runners:
-            model = with_outputs(self.emulation.model, self.observed) if observing else self.emulation.model
+            model = with_outputs(self.emulate(self.observed).model, self.observed) if observing else self.emulation.model
             self._runners[observing] = self.runner_factory(model)
             self.sessions += 1
         return self._runners[observing]
@@ -78,11 +85,11 @@ class EmulatedTrials:
 
 @dataclass(frozen=True)
 class Emulator:
-    """How the quantize pass offers emulation: `emulate()` builds the emulation model (or raises
-    NotEmulated); `quantized(only, floats)` names the layers a rewrite with `only` those layers
+    """How the quantize pass offers emulation: `emulate(observed)` builds an emulation model (or
+    raises NotEmulated); `quantized(only, floats)` names the layers a rewrite with `only` those layers
     (None: all) minus `floats` would quantize, which is the switch vector of that trial."""
 
-    emulate: Callable[[], Emulation]
+    emulate: Emulate
     quantized: Callable[[frozenset[str] | None, frozenset[str]], frozenset[str]]
 
 
@@ -116,11 +123,10 @@ class SensitivityRuns:
         if emulator is None:
             return None
         try:
-            emulation = emulator.emulate()
+            return EmulatedTrials(emulator.emulate, self.runner_factory, self.feeds, self.metric, self.observed)
         except NotEmulated as why:
             log.info("quantize: sensitivity trials rewrite a copy of the model each (no emulation: %s)", why)
             return None
-        return EmulatedTrials(emulation, self.runner_factory, self.feeds, self.metric, self.observed)
 
     @property
     def emulation_runs(self) -> int:
