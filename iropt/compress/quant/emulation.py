@@ -7,10 +7,11 @@ session: it is the fully quantized QDQ model with each Q/DQ pair behind a run-ti
 bool graph input `quantization_switches` has one entry per layer of the plan (in plan order),
 and every place the rewrite would read a dequantized value reads
 
-    Where(switch, DequantizeLinear(QuantizeLinear(x)), x)
+    If(switch) then DequantizeLinear(QuantizeLinear(x)) else x
 
-instead, so a layer runs float or fake-quantized depending on the vector fed with the inputs.
-Weights and biases get the same treatment (`Where(switch, DequantizeLinear(int8 w), w)`).
+instead, so a layer runs float or fake-quantized depending on the vector fed with the inputs
+(an If rather than a Where over both values: the branch not taken is not computed). Weights
+and biases, small and constant, are switched with `Where(switch, DequantizeLinear(int8 w), w)`.
 
 The switches reproduce what `insert_qdq` writes for any sub-plan of the full plan (the nodes
 of `plan_quantization` with more layers excluded, or with `only` some): a tensor the rewrite
@@ -19,10 +20,10 @@ quantized consumer also reads the dequantized value when its own switch is on. A
 output is quantized for all consumers only when a quantized consumer reads it, as in the plan.
 Scales are those of the full calibration, which the rewrite of a sub-plan uses as well.
 
-Run with ONNX Runtime's graph optimizations off (the reference runner), the emulation computes
-exactly what the rewritten model computes as written: float arithmetic on dequantized values
-(ORT's int8 kernels, which fusion would pick, round differently, as they do for the real model
-under the same runner).
+Run with ONNX Runtime's graph optimizations off (the reference runner, which the analysis uses
+for the rewritten model too), the emulation computes what the rewritten model computes as
+written: float arithmetic on dequantized values. (With them on, ORT would fuse the rewritten
+model's Q/DQ into int8 kernels, which round differently, and could not fuse them behind a switch.)
 """
 
 from __future__ import annotations
@@ -98,14 +99,14 @@ class _Switches:
         self.vector = vector
         self.index = {key: position for position, key in enumerate(keys)}
         self.name: FreshNames = names_for(graph)
-        self._made: dict[tuple[str, ...], gs.Variable] = {}
+        self._made: dict[str, gs.Variable] = {}
 
     def of(self, key: str) -> gs.Variable:
         """Layer `key`'s switch."""
-        if (key,) not in self._made:
+        if key not in self._made:
             index = gs.Constant(self.name(f"{SWITCHES}_index"), values=np.array(self.index[key], dtype=np.int64))
-            self._made[(key,)] = self._node("Gather", [self.vector, index])
-        return self._made[(key,)]
+            self._made[key] = self._node("Gather", [self.vector, index])
+        return self._made[key]
 
     def any_of(self, keys: Sequence[str]) -> gs.Variable:
         """On when any of the layers `keys` is on."""
