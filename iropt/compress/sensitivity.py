@@ -180,8 +180,8 @@ def grow_until_met(
     never worse. Tries `start`; while it fails, doubles the count (or jumps to `suggest(count)`
     when that is more: a prediction lets the search skip counts that cannot meet). When `start`
     itself meets, looks one below first (a good prediction is usually right). Then narrows the
-    bracket, alternating a step interpolated from the two values at its ends with a bisection
-    (the interpolation is usually close; the bisection bounds the steps to twice a bisection's).
+    bracket by steps interpolated from the values at its ends, while they at least halve it,
+    and by a bisection step after one that did not (so at most twice a bisection's steps).
     Returns `total` when nothing meets.
     """
     values: dict[int, float] = {}
@@ -203,6 +203,7 @@ def grow_until_met(
         if measured(passing - 1) < target:
             return passing
         passing -= 1
+    width = passing - failing
     interpolate = failing in values
     while passing - failing > 1:
         middle = (failing + passing) // 2
@@ -210,11 +211,13 @@ def grow_until_met(
             low, high = measured(failing), values[passing]
             share = (target - low) / (high - low) if high > low else 0.5
             middle = min(max(failing + math.ceil(share * (passing - failing)), failing + 1), passing - 1)
-        interpolate = not interpolate and failing in values
         if measured(middle) >= target:
             passing = middle
         else:
             failing = middle
+        # Interpolation while it at least halves the bracket, else one bisection step.
+        interpolate = failing in values and (not interpolate or 2 * (passing - failing) <= width)
+        width = passing - failing
     return passing
 
 
@@ -261,10 +264,15 @@ def analyze_fast(
         quantized_error, target_error = error_of(measured(ranking, 0), metric), error_of(target_min, metric)
 
         def suggest(count: int) -> int:
-            # The prediction, scaled by how far it was off at the count just measured.
+            # The noise's prediction scaled by how far it was off at the count just measured,
+            # or the straight line through the quantized model's error and that count's,
+            # whichever goes further (each undershoots on its own kind of model).
+            error = error_of(measured(ranking, count), metric)
             guess = quantized_error * sum(nsr[count:]) / max(sum(nsr), 1e-300)
-            scale = error_of(measured(ranking, count), metric) / max(guess, 1e-300)
-            return fewest_below(nsr, quantized_error, target_error, scale)
+            scaled = fewest_below(nsr, quantized_error, target_error, error / max(guess, 1e-300))
+            drop = quantized_error - error
+            linear = math.ceil(count * (quantized_error - target_error) / drop) if drop > 0 else len(nsr)
+            return max(scaled, min(linear, len(nsr)))
 
         if start < 0:
             start = fewest_below(nsr, quantized_error, target_error)
