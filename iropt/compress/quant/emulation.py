@@ -11,7 +11,7 @@ and every place the rewrite would read a dequantized value reads
 
 instead, so a layer runs float or fake-quantized depending on the vector fed with the inputs
 (an If rather than a Where over both values: the branch not taken is not computed). Weights
-and biases, small and constant, are switched with `Where(switch, DequantizeLinear(int8 w), w)`.
+and biases get `If(switch) then DequantizeLinear(int8 w) else w`.
 
 The switches reproduce what `insert_qdq` writes for any sub-plan of the full plan (the nodes
 of `plan_quantization` with more layers excluded, or with `only` some): a tensor the rewrite
@@ -151,25 +151,23 @@ class _Builder:
         self.switches = switches
         self.name = switches.name
         # A weight shared by several nodes is quantized once per axis, as the rewrite does.
-        self._weights: dict[tuple[int, int | None], tuple[gs.Variable, QParams]] = {}
+        self._weights: dict[tuple[int, int | None], tuple[list[gs.Constant], QParams]] = {}
 
-    def _append(self, op: str, base: str, inputs: list[gs.Tensor], out: gs.Variable, attrs: dict | None = None) -> None:
-        self.graph.nodes.append(gs.Node(op, self.name(f"{base}_{op}"), attrs or {}, inputs=inputs, outputs=[out]))
+    def _stored(self, base: str, values: np.ndarray, params: QParams) -> list[gs.Constant]:
+        """The inputs of a DequantizeLinear of stored quantized `values`."""
+        return [
+            gs.Constant(self.name(f"{base}_quantized"), values=values),
+            gs.Constant(self.name(f"{base}_scale"), values=params.scale),
+            gs.Constant(self.name(f"{base}_zero_point"), values=params.zero_point),
+        ]
 
-    def _dequantize(self, base: str, values: np.ndarray, params: QParams, shape: list[int]) -> gs.Variable:
-        stored = gs.Constant(self.name(f"{base}_quantized"), values=values)
-        scale = gs.Constant(self.name(f"{base}_scale"), values=params.scale)
-        zero = gs.Constant(self.name(f"{base}_zero_point"), values=params.zero_point)
+    def _dequantized(self, switch: gs.Variable, stored: list[gs.Constant], params: QParams, off: gs.Tensor,
+                     base: str, shape: list[int]) -> gs.Variable:
+        """`If(switch)`: DequantizeLinear of the stored values, else the float `off`."""
         out = gs.Variable(self.name(f"{base}_dequantized"), dtype=np.float32, shape=shape)
         attrs = {"axis": params.axis} if params.axis is not None else {}
-        self._append("DequantizeLinear", base, [stored, scale, zero], out, attrs)
-        return out
-
-    def _where(self, switch: gs.Variable, on: gs.Tensor, off: gs.Tensor, base: str, shape: object) -> gs.Variable:
-        out = gs.Variable(self.name(f"{base}_switched"), dtype=np.float32, shape=shape)
-        self._append("Where", base, [switch, on, off], out)
-        return out
-
+        dequantize = gs.Node("DequantizeLinear", self.name(f"{base}_DequantizeLinear"), attrs, inputs=stored, outputs=[out])
+        return self._if(switch, [dequantize], out, off, base)
     def weight_and_bias(self, candidate: QuantizedNode, params: Mapping[str, QParams]) -> None:
         """Switch the node's weight (and int32 bias, for formats that have one) per layer."""
         if candidate.weight is None:
@@ -181,12 +179,10 @@ class _Builder:
         cache_key = (id(tensor), spec.axis)
         if cache_key not in self._weights:
             quantized, weight_qparams = weight_params(value, spec.axis, self.scheme.weight_qmax)
-            self._weights[cache_key] = (
-                self._dequantize(tensor.name, quantized, weight_qparams, list(value.shape)), weight_qparams,
-            )
-        dequantized, weight_qparams = self._weights[cache_key]
+            self._weights[cache_key] = (self._stored(tensor.name, quantized, weight_qparams), weight_qparams)
+        stored, weight_qparams = self._weights[cache_key]
         switch = self.switches.of(candidate.key)
-        node.inputs[spec.index] = self._where(switch, dequantized, tensor, tensor.name, list(value.shape))
+        node.inputs[spec.index] = self._dequantized(switch, stored, weight_qparams, tensor, tensor.name, list(value.shape))
         if self.scheme.int32_bias and candidate.bias_index is not None:
             input_params = params[node.inputs[candidate.activation_inputs[0]].name]
             self._bias(candidate, switch, input_params.scale, weight_qparams.scale, value)
@@ -211,8 +207,8 @@ class _Builder:
             node.attrs["beta"] = 1.0
         quantized, bias_qparams = bias_params(value, input_scale, weight_scale)
         folded = gs.Constant(self.name(f"{tensor.name}_folded"), values=value.astype(np.float32))
-        dequantized = self._dequantize(tensor.name, quantized, bias_qparams, [channels])
-        node.inputs[candidate.bias_index] = self._where(switch, dequantized, folded, tensor.name, [channels])
+        stored = self._stored(tensor.name, quantized, bias_qparams)
+        node.inputs[candidate.bias_index] = self._dequantized(switch, stored, bias_qparams, folded, tensor.name, [channels])
 
     def activation(self, item: QuantizedTensor, params: QParams) -> None:
         """Quantize-dequantize an activation and switch each reader between the two values."""
@@ -257,28 +253,34 @@ class _Builder:
     def _switched(
         self, switch: gs.Variable, on: _FakeQuantized, off: gs.Tensor, base: str, out: gs.Variable | None = None,
     ) -> gs.Variable:
-        """`If(switch)`: QuantizeLinear -> DequantizeLinear of the float value, else `off`.
-
-        An If, not a Where over both values: the branch not taken costs nothing (a Where with a
-        scalar condition also runs slower in ONNX Runtime than the Q/DQ it selects)."""
+        """`If(switch)`: QuantizeLinear -> DequantizeLinear of the float value, else `off`."""
         shape = on.shape
         quantized = gs.Variable(self.name(f"{base}_quantized"), dtype=on.dtype, shape=shape)
         dequantized = gs.Variable(self.name(f"{base}_dequantized"), dtype=np.float32, shape=shape)
-        then_branch = gs.Graph(
-            nodes=[
-                gs.Node("QuantizeLinear", self.name(f"{base}_QuantizeLinear"),
-                        inputs=[on.source, on.scale, on.zero], outputs=[quantized]),
-                gs.Node("DequantizeLinear", self.name(f"{base}_DequantizeLinear"),
-                        inputs=[quantized, on.scale, on.zero], outputs=[dequantized]),
-            ],
-            outputs=[dequantized], name=self.name(f"{base}_fake_quantized"),
-        )
-        kept = gs.Variable(self.name(f"{base}_kept"), dtype=np.float32, shape=shape)
+        nodes = [
+            gs.Node("QuantizeLinear", self.name(f"{base}_QuantizeLinear"),
+                    inputs=[on.source, on.scale, on.zero], outputs=[quantized]),
+            gs.Node("DequantizeLinear", self.name(f"{base}_DequantizeLinear"),
+                    inputs=[quantized, on.scale, on.zero], outputs=[dequantized]),
+        ]
+        return self._if(switch, nodes, dequantized, off, base, out)
+
+    def _if(
+        self, switch: gs.Variable, nodes: list[gs.Node], value: gs.Variable, off: gs.Tensor, base: str,
+        out: gs.Variable | None = None,
+    ) -> gs.Variable:
+        """`If(switch)` computes `value` with `nodes`, else passes `off` on.
+
+        An If, not a Where over both values: the branch not taken is not computed, and ONNX
+        Runtime's Where with a scalar condition is slower than the Q/DQ it would select (on a
+        ResNet-50, Where over the weights alone cost more than all its int8 Q/DQ)."""
+        kept = gs.Variable(self.name(f"{base}_kept"), dtype=np.float32, shape=value.shape)
+        then_branch = gs.Graph(nodes=nodes, outputs=[value], name=self.name(f"{base}_quantized_branch"))
         else_branch = gs.Graph(
             nodes=[gs.Node("Identity", self.name(f"{base}_Identity"), inputs=[off], outputs=[kept])],
-            outputs=[kept], name=self.name(f"{base}_float"),
+            outputs=[kept], name=self.name(f"{base}_float_branch"),
         )
-        out = out if out is not None else gs.Variable(self.name(f"{base}_switched"), dtype=np.float32, shape=shape)
+        out = out if out is not None else gs.Variable(self.name(f"{base}_switched"), dtype=np.float32, shape=value.shape)
         attrs = {"then_branch": then_branch, "else_branch": else_branch}
         self.graph.nodes.append(gs.Node("If", self.name(f"{base}_If"), attrs, inputs=[switch], outputs=[out]))
         return out
