@@ -474,7 +474,8 @@ class Quantize(Pass):
         named = [(layer.key, layer.label) for layer in layers]
         evaluate = functools.partial(runs.evaluate, model, build)
         if self.sensitivity_ranking == "exhaustive":
-            result = analyze(named, evaluate, self.target_min, ctx.progress)
+            result = analyze(named, evaluate, self.target_min, ctx.progress,
+                             runs.evaluate_many if runs.parallel else None)
         else:
             quantized_runs = runs.quantized_runs(model, build)
             noise = added_noise_db(float_runs, quantized_runs, [(layer.key, layer.inputs, layer.output) for layer in layers])

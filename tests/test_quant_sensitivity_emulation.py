@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from iropt.compress.quant.emulation import SWITCHES, Emulation, NotEmulated, bui
 from iropt.compress.quant.params import SCHEMES
 from iropt.compress.quant.placement import DEFAULT_OP_TYPES, Plan, plan_quantization, tensor_types
 from iropt.compress.quant.rewrite import insert_qdq
-from iropt.compress.sensitivity import fewest_below, grow_until_met
+from iropt.compress.sensitivity import analyze, fewest_below, grow_until_met
 from iropt.io.load import load_model
 from iropt.ir.model import Model
 from iropt.ir.toposort import sorted_nodes
@@ -238,6 +238,27 @@ def test_fewest_below_shares_the_error_by_noise() -> None:
     assert fewest_below(noise, quantized_error=0.01, target_error=0.002) == 3
     assert fewest_below(noise, quantized_error=0.01, target_error=0.0) == 4
     assert fewest_below(noise, quantized_error=0.01, target_error=0.005, scale=2.0) == 2
+
+
+def test_exhaustive_ranking_measures_the_layers_alone_at_once_when_it_can() -> None:
+    harm = {"a": 0.01, "b": 0.2, "c": 0.05}
+
+    def evaluate(only: frozenset[str] | None, floats: frozenset[str]) -> float:
+        quantized = set(harm) if only is None else set(only)
+        return 1.0 - sum(harm[key] for key in quantized - floats)
+
+    batches: list[int] = []
+
+    def evaluate_many(pairs: Sequence[tuple[frozenset[str] | None, frozenset[str]]]) -> list[float]:
+        batches.append(len(pairs))
+        return [evaluate(*pair) for pair in pairs]
+
+    layers = [(key, key.upper()) for key in harm]
+    at_once = analyze(layers, evaluate, 0.93, evaluate_many=evaluate_many)
+    one_by_one = analyze(layers, evaluate, 0.93)
+    assert batches == [3]
+    assert at_once == one_by_one
+    assert [item.key for item in at_once.kept_float] == ["b"] and at_once.met
 
 
 def test_ray_is_not_imported_to_ask_whether_it_runs() -> None:

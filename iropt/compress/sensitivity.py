@@ -94,16 +94,22 @@ def analyze(
     evaluate: Evaluate,
     target_min: float,
     progress: ProgressFn | None = None,
+    evaluate_many: EvaluateMany | None = None,
 ) -> SensitivityResult:
     """Rank `layers` (key, label) and choose the fewest worst-ranked to keep in float.
 
-    Stops as soon as the model meets `target_min`; with every layer in float it is the float
-    model, which always does.
+    The layers alone are measured at once with `evaluate_many` when given (in parallel), else
+    one by one with `progress`. Stops as soon as the model meets `target_min`; with every
+    layer in float it is the float model, which always does.
     """
-    items: Iterable[tuple[str, str]] = layers
-    if progress is not None:
-        items = progress(iter(layers), "sensitivity", total=len(layers))
-    scores = [LayerScore(key, label, evaluate(frozenset({key}), frozenset())) for key, label in items]
+    if evaluate_many is not None:
+        alone = evaluate_many([(frozenset({key}), frozenset()) for key, _ in layers])
+        scores = [LayerScore(key, label, value) for (key, label), value in zip(layers, alone, strict=True)]
+    else:
+        items: Iterable[tuple[str, str]] = layers
+        if progress is not None:
+            items = progress(iter(layers), "sensitivity", total=len(layers))
+        scores = [LayerScore(key, label, evaluate(frozenset({key}), frozenset())) for key, label in items]
     # Worst first; ties keep graph order, so the result is deterministic.
     ranking = sorted(scores, key=lambda item: item.score)
     kept: list[LayerScore] = []

@@ -129,6 +129,11 @@ class SensitivityRuns:
             return None
 
     @property
+    def parallel(self) -> bool:
+        """Whether independent trials run as parallel tasks (emulated, with Ray running)."""
+        return self.trials is not None and ray_if_running() is not None
+
+    @property
     def emulation_runs(self) -> int:
         return self.trials.runs if self.trials is not None else 0
 
