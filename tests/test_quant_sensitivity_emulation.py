@@ -198,6 +198,20 @@ def test_emulated_and_rebuilt_searches_agree(tmp_path: Path) -> None:
     assert fallback.info["score"] == pytest.approx(result.info["score"], abs=1e-6)
 
 
+def test_layer_tensors_calibration_did_not_see_come_from_the_emulation_with_every_switch_off(tmp_path: Path) -> None:
+    """TensorRT's plan quantizes inputs only: a residual Add's output is no calibrated tensor,
+    so the float values of the layers' tensors come from one run of the emulation, all off."""
+    model, feeds = _golden("resnet")
+    spec = write_feeds(tmp_path, feeds)
+    want = run(model, feeds)
+    result, _ = quantize(model, spec, format="tensorrt", sensitivity=True, target_min=0.99999)
+    info = result.info
+    assert info["emulated"] is True and info["real_runs"] == 1
+    assert info["score"] >= 0.99999 and len(info["kept_float"]) >= 1
+    got = run(model, feeds)
+    assert min(cosine(want[name], got[name]) for name in want) == pytest.approx(info["score"], abs=1e-6)
+
+
 def test_a_target_met_when_quantized_keeps_nothing_float(tmp_path: Path) -> None:
     spec, _ = _calibration(tmp_path)
     model, _ = mlp_model(np.random.default_rng(2))
