@@ -9,9 +9,12 @@ Static mode (the default) calibrates activation ranges on real inputs and insert
    over the calibration feeds in batches of at most `batch_size`, keeping a running min/max and a
    fixed-size histogram per tensor; then choose each range with `method` (minmax, percentile,
    entropy, mse). Tensors that share a scale (MaxPool in/out...) get the union of their ranges.
-3. Optionally, sensitivity analysis (`iropt.compress.sensitivity`): measure each quantized layer
-   alone against the float outputs, keep the most harmful ones in float until `target_metric`
-   reaches `target_min`. The ranking is logged and returned in the result's `info`.
+3. Optionally, sensitivity analysis (`iropt.compress.sensitivity`): rank the quantized layers by
+   their harm against the float outputs (calibration's runs, kept), keep the most harmful ones
+   in float until `target_metric` reaches `target_min`. Trials run on one emulation model whose
+   Q/DQ pairs sit behind run-time switches (`iropt.compress.quant.emulation`, one session, a run
+   per trial; `iropt.compress.quant.trials`), and the model chosen is rewritten and run once for
+   its real metric. The ranking, the runs and the time are logged and returned in `info`.
 4. Rewrite (`iropt.compress.quant.rewrite`) for the format: `ort` = uint8 asymmetric activations,
    int8 per-channel weights, int32 bias (what ORT's QDQ fusion turns into QLinearConv/QGemm;
    weights keep to 7 bits where the target's uint8 x int8 kernels may saturate, `weight_range`);
@@ -46,7 +49,9 @@ Limitations: nodes inside subgraphs (If/Loop bodies) stay float; a MatMul of two
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterator, Mapping
+import functools
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -57,16 +62,17 @@ from iropt.compress.calibration import (
     CalibrationMethod,
     TensorStats,
     collect_gram,
+    collect_statistics,
     collect_statistics_parallel,
     compute_range,
     limit_rows,
     rows_of,
     split_batches,
-    with_outputs,
 )
 from iropt.compress.quant.blockwise import BLOCK_SIZES, BlockQuantized, quantize_gptq_by_input, quantize_rtn
 from iropt.compress.quant.dynamic import DYNAMIC_OP_TYPES, dynamic_candidates, quantize_dynamic
 from iropt.compress.quant.embedding import EmbeddingFormat, embedding_candidates, quantize_embeddings
+from iropt.compress.quant.emulation import Emulation, build_emulation
 from iropt.compress.quant.existing import is_quantized
 from iropt.compress.quant.measured import place_by_measurement
 from iropt.compress.quant.params import (
@@ -90,6 +96,7 @@ from iropt.compress.quant.placement import (
 )
 from iropt.compress.quant.rewrite import RewriteStats, insert_qdq
 from iropt.compress.quant.timing_cache import TimingCache
+from iropt.compress.quant.trials import Emulator, SensitivityRuns
 from iropt.compress.quant.weight_only import (
     BLOCKED_DQ_MIN_OPSET,
     WEIGHT_ONLY_OP_TYPES,
@@ -106,7 +113,6 @@ from iropt.compress.sensitivity import (
     added_noise_db,
     analyze,
     analyze_fast,
-    score,
 )
 from iropt.errors import OptionError, UserError
 from iropt.infra.options import Range
@@ -118,7 +124,6 @@ from iropt.ir.opset import upgrade_opset
 from iropt.ir.toposort import sorted_nodes
 from iropt.util.threads import single_threaded_blas
 from iropt.verify.feeds import iter_feeds
-from iropt.verify.runner import Runner
 
 STATIC_MIN_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights)
 DYNAMIC_MIN_OPSET = 11  # DynamicQuantizeLinear
@@ -142,8 +147,9 @@ class Quantize(Pass):
     (fnmatch patterns on node names) and `exclude_op_types`; `sensitivity` with `target_metric`
     cosine|top1|snr, `target_min` and `sensitivity_samples` keeps the most harmful layers in float,
     ranked `sensitivity_ranking` fast (each layer's added noise from one run of the quantized
-    model; the `sensitivity_refine` worst measured alone; a doubling-then-bisection search for
-    the fewest float layers) or exhaustive (every layer measured alone, one at a time back to float);
+    model; a search for the fewest float layers that starts where the noise predicts; the
+    `sensitivity_refine` worst measured alone when fewer stay float) or exhaustive (every layer
+    measured alone, one at a time back to float); trials are runs of one emulation model;
     `placement` (format ort) measured|rules|all: keep in float the layers that run slower in int8
     as measured on this machine (end-to-end never slower than float), as fixed rules predict
     (ConvTranspose, Conv with < 8 input channels and a small output, Conv followed by HardSwish
@@ -289,16 +295,18 @@ class Quantize(Pass):
             return PassResult(changed=False, stats={"quantized_nodes": 0})
         _warn_unfused_batchnorm(plan, ctx)
         kept: list[Feeds] = []
+        kept_outputs: list[Feeds] = []
         first: list[Feeds] = []
-        stats, samples = self._calibrate(model, ctx, plan, kept, first)
+        stats, samples = self._calibrate(model, ctx, plan, kept, kept_outputs, first)
         params = group_params(plan, stats, scheme, self.method, self.percentile)
 
-        def build(target: Model, only: frozenset[str] | None, floats: frozenset[str]) -> None:
-            sub = plan_quantization(
-                target.graph, scheme, op_types=op_types, excluded=self._excluded(floats | slow),
-                dtypes=dtypes, only=only,
+        def plan_of(graph: gs.Graph, only: frozenset[str] | None, floats: frozenset[str]) -> Plan:
+            return plan_quantization(
+                graph, scheme, op_types=op_types, excluded=self._excluded(floats | slow), dtypes=dtypes, only=only,
             )
-            _rewrite_static(target, sub, params, scheme)
+
+        def build(target: Model, only: frozenset[str] | None, floats: frozenset[str]) -> None:
+            _rewrite_static(target, plan_of(target.graph, only, floats), params, scheme)
 
         measured: dict[str, dict[str, str]] = {}
         measured_info: dict[str, Any] = {}
@@ -324,10 +332,18 @@ class Quantize(Pass):
         if self.sensitivity and plan.nodes:
             layers = [
                 Layer(c.key, f"{c.label} ({c.node.op})", [c.node.inputs[i].name for i in c.activation_inputs],
-                      c.node.outputs[0].name)
+                      c.output.name)
                 for c in plan.nodes
             ]
-            floats, info = self._sensitivity(model, ctx, layers, build, kept)
+
+            def emulate(observed: Collection[str] | None) -> Emulation:
+                target = model.copy()
+                return build_emulation(target, plan_of(target.graph, None, frozenset()), params, scheme, observed)
+
+            def quantized(only: frozenset[str] | None, floats: frozenset[str]) -> frozenset[str]:
+                return frozenset(c.key for c in plan_of(model.graph, only, floats).nodes)
+
+            floats, info = self._sensitivity(model, ctx, layers, build, kept, kept_outputs, Emulator(emulate, quantized))
             plan = plan_quantization(
                 model.graph, scheme, op_types=op_types, excluded=self._excluded(floats | slow),
                 dtypes=dtypes,
@@ -373,25 +389,36 @@ class Quantize(Pass):
         return slow
 
     def _calibrate(
-        self, model: Model, ctx: PassContext, plan: Plan, kept: list[Feeds], first: list[Feeds] | None = None
+        self, model: Model, ctx: PassContext, plan: Plan, kept: list[Feeds], kept_outputs: list[Feeds],
+        first: list[Feeds] | None = None,
     ) -> tuple[dict[str, TensorStats], int]:
-        """Statistics of the plan's tensors; fills `kept` with the first feeds for sensitivity
+        """Statistics of the plan's tensors; fills `kept` with the first feeds for sensitivity and
+        `kept_outputs` with what the float model gave on them (its outputs and the plan's tensors),
         and `first` with the first batch (the shapes measured placement profiles in)."""
         rows = [0]
 
-        def keep(batch: dict[str, np.ndarray]) -> None:
+        def keep(batch: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
             rows[0] += rows_of(batch)
             if first is not None and not first:
                 first.append({name: np.array(value, copy=True) for name, value in batch.items()})
             if self.sensitivity and sum(rows_of(b) for b in kept) < self.sensitivity_samples:
                 kept.append({name: np.array(value, copy=True) for name, value in batch.items()})
+                kept_outputs.append(outputs)
 
         feeds = limit_rows(self._feeds(model, ctx), self.max_samples)
+        if self.sensitivity:
+            # Sensitivity reuses the float outputs of these runs, so they run in this process.
+            stats = collect_statistics(
+                model, list(plan.tensors), feeds, ctx.runner_factory,
+                batch_size=self.batch_size, bins=self.bins, histograms=self.method != "minmax",
+                progress=ctx.progress, on_outputs=keep,
+            )
+            return stats, rows[0]
         # Shards of the data set as parallel tasks, merged, when Ray is running; else serial.
         stats = collect_statistics_parallel(
             model, list(plan.tensors), feeds, ctx.runner_factory,
             batch_size=self.batch_size, bins=self.bins, histograms=self.method != "minmax",
-            progress=ctx.progress, on_batch=keep,
+            progress=ctx.progress, on_batch=lambda batch: keep(batch, {}),
         )
         return stats, rows[0]
 
@@ -512,27 +539,6 @@ class Quantize(Pass):
 
         return excluded
 
-    def _added_noise(
-        self,
-        model: Model,
-        ctx: PassContext,
-        layers: list[Layer],
-        build: Callable[[Model, frozenset[str] | None, frozenset[str]], object],
-        feeds: list[Feeds],
-        reference: list[dict[str, np.ndarray]],
-    ) -> tuple[dict[str, float], list[dict[str, np.ndarray]]]:
-        """Each layer's added noise (dB) from one run of the fully quantized model with every
-        layer's tensors among its outputs (and one of the float model, the same way); also the
-        quantized model's own outputs, whose metric the search starts from."""
-        names = sorted({name for layer in layers for name in [*layer.inputs, layer.output]})
-        quantized = model.copy()
-        build(quantized, None, frozenset())
-        float_runs = _run_all(ctx.runner_factory(with_outputs(model, names)), feeds)
-        quantized_runs = _run_all(ctx.runner_factory(with_outputs(quantized, names)), feeds)
-        noise = added_noise_db(float_runs, quantized_runs, [(layer.key, layer.inputs, layer.output) for layer in layers])
-        outputs = [{name: run[name] for name in ref} for ref, run in zip(reference, quantized_runs, strict=True)]
-        return noise, outputs
-
     def _sensitivity(
         self,
         model: Model,
@@ -540,38 +546,60 @@ class Quantize(Pass):
         layers: list[Layer],
         build: Callable[[Model, frozenset[str] | None, frozenset[str]], object],
         feeds: list[Feeds],
+        float_outputs: list[Feeds] | None = None,
+        emulator: Emulator | None = None,
     ) -> tuple[frozenset[str], dict[str, Any]]:
         """Rank `layers` on `feeds` and choose which to keep in float; logs the ranking.
 
+        `float_outputs`: what the float model gave on `feeds` already (calibration's runs), so
+        it is not run again. With an `emulator`, every trial is a run of one emulation model
+        (`iropt.compress.quant.emulation`) and the model finally chosen is rewritten and run
+        once to report its real metric; without one (or when the model cannot be emulated),
+        each trial rewrites a copy of the model.
+
         Returns the keys kept in float and the report's view of the analysis: the ranking (most
-        harmful first, each layer's metric when quantized alone), the layers kept in float and
-        the metric of the model chosen."""
+        harmful first, each layer's metric when quantized alone), the layers kept in float, the
+        metric of the model chosen, and what the analysis ran."""
         if not feeds:
             raise UserError("quantize: sensitivity analysis needs calibration inputs, and none were read")
-        reference = _run_all(ctx.runner_factory(model.copy()), feeds)
+        started = time.perf_counter()
         metric: Metric = self.target_metric
-
-        def evaluate(only: frozenset[str] | None, floats: frozenset[str]) -> float:
-            candidate = model.copy()
-            build(candidate, only, floats)
-            return score(reference, _run_all(ctx.runner_factory(candidate), feeds), metric)
-
+        observed = sorted({name for layer in layers for name in [*layer.inputs, layer.output]})
+        runs = SensitivityRuns(ctx.runner_factory, feeds, [t.name for t in model.graph.outputs], metric,
+                               emulator, observed, ctx.log)
+        float_runs = runs.float_runs(model, float_outputs)
         named = [(layer.key, layer.label) for layer in layers]
+        evaluate = functools.partial(runs.evaluate, model, build)
         if self.sensitivity_ranking == "exhaustive":
-            result = analyze(named, evaluate, self.target_min, ctx.progress)
+            result = analyze(named, evaluate, self.target_min, ctx.progress,
+                             runs.evaluate_many if runs.parallel else None)
         else:
-            noise, quantized = self._added_noise(model, ctx, layers, build, feeds, reference)
+            quantized_runs = runs.quantized_runs(model, build)
+            noise = added_noise_db(float_runs, quantized_runs, [(layer.key, layer.inputs, layer.output) for layer in layers])
             result = analyze_fast(named, noise, evaluate, self.target_min, self.sensitivity_refine,
-                                  score(reference, quantized, metric))
+                                  runs.score(quantized_runs), metric,
+                                  runs.evaluate_many if runs.trials is not None else None)
+        info: dict[str, Any] = {"score": result.score}
+        if runs.trials is not None:
+            # The emulation computes what the rewrite does; one real run says so for the result.
+            real = runs.rewritten(model, build, None, frozenset(item.key for item in result.kept_float))
+            info = {"score": real, "emulated_score": result.score}
+            if result.met and real < self.target_min:
+                ctx.log.warning("quantize: the chosen model's %s is %.6f rewritten, %.6f emulated (target %s)",
+                                metric, real, result.score, self.target_min)
         _log_ranking(ctx, result, metric, self.target_min)
-        info = {
+        info |= {
             "sensitivity_metric": metric,
             "sensitivity_ranking": self.sensitivity_ranking,
             "ranking": [{"layer": item.label, "score": item.score} | (
                 {"alone": result.alone[item.key]} if item.key in result.alone else {}) for item in result.ranking],
             "kept_float": [item.label for item in result.kept_float],
-            "score": result.score,
             "model_runs": result.evaluations or len(layers) + len(result.kept_float) + 1,
+            "emulated": runs.trials is not None,
+            "sessions": runs.sessions,
+            "emulation_runs": runs.emulation_runs,
+            "real_runs": runs.real_runs,
+            "sensitivity_seconds": round(time.perf_counter() - started, 3),
         }
         return frozenset(item.key for item in result.kept_float), info
 
@@ -653,7 +681,3 @@ def _log_ranking(ctx: PassContext, result: SensitivityResult, metric: str, targe
         "quantize: kept in float: %s; %s of the quantized model %.6f (target %s)",
         kept, metric, result.score, target,
     )
-
-
-def _run_all(runner: Runner, feeds: list[Feeds]) -> list[dict[str, np.ndarray]]:
-    return [runner.run(feed) for feed in feeds]

@@ -243,6 +243,25 @@ def test_quantize_under_ray_calibrates_in_shards_to_the_model_a_serial_run_makes
     ]
 
 
+def test_sensitivity_trials_run_as_ray_tasks_and_score_as_in_process(ray_driver: Any) -> None:
+    """Independent trials on the emulation model go to the cluster (each worker builds the
+    session once) and come back in order with the scores the in-process session gives."""
+    from test_quant_sensitivity_emulation import _golden, _Setup
+
+    from iropt.compress.quant.trials import EmulatedTrials
+
+    model, feeds = _golden("resnet")
+    setup = _Setup(model, feeds, "ort")
+    reference = [reference_runner(model).run(feeds)]
+    trials = EmulatedTrials(setup.emulation, reference_runner, [feeds], "cosine")
+    chosen = [set(setup.keys), set(setup.keys[:2]), {setup.keys[-1]}, set()]
+    remote = trials.scores(chosen, reference)
+    assert trials.sessions == 0 and trials.runs == len(chosen)  # no session opened in this process
+    local = [trials.score(quantized, reference) for quantized in chosen]
+    assert remote == pytest.approx(local, rel=1e-9, abs=1e-9)
+    assert local[-1] == pytest.approx(1.0) and min(local) < 1.0
+
+
 SPACE = """
 [schedules]
 exact = "default"

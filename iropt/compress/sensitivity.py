@@ -9,9 +9,16 @@ Two rankings:
 - `fast`: one run of the float model and one of the fully quantized model, each with every
   layer's input and output exposed, give each layer the noise it *adds*: the noise-to-signal
   ratio of its output minus the largest of its inputs' (its inputs' own quantization counts as
-  its own). Only the `refine` worst by that measure are measured alone, to order the top of the
-  ranking exactly. Then the number of worst layers kept in float grows 1, 2, 4, ... until the
-  model meets the target, and a bisection finds the fewest that do: O(log n) model runs.
+  its own). The layers ranked by it, a search finds the fewest worst to keep in float
+  (`grow_until_met`): it starts at the count the noise predicts (`fewest_below`: the quantized
+  model's error shared among the layers by their noise), grows by doubling or further where the
+  prediction, corrected by each measurement, says fewer cannot meet, and narrows the bracket by
+  interpolation and bisection: O(log n) model runs. When few layers end up in float (fewer than
+  `refine`), the `refine` worst by noise are measured alone, reordered, and the search repeated.
+
+The model runs themselves are the caller's (`Evaluate`): the quantize pass runs them on one
+emulation model with run-time switches (`iropt.compress.quant.emulation`), or on a rewritten
+copy per trial where it cannot emulate.
 
 Errors of several layers do not simply add up, so the whole model is measured at every step
 rather than predicted from the ranking.
@@ -87,16 +94,22 @@ def analyze(
     evaluate: Evaluate,
     target_min: float,
     progress: ProgressFn | None = None,
+    evaluate_many: EvaluateMany | None = None,
 ) -> SensitivityResult:
     """Rank `layers` (key, label) and choose the fewest worst-ranked to keep in float.
 
-    Stops as soon as the model meets `target_min`; with every layer in float it is the float
-    model, which always does.
+    The layers alone are measured at once with `evaluate_many` when given (in parallel), else
+    one by one with `progress`. Stops as soon as the model meets `target_min`; with every
+    layer in float it is the float model, which always does.
     """
-    items: Iterable[tuple[str, str]] = layers
-    if progress is not None:
-        items = progress(iter(layers), "sensitivity", total=len(layers))
-    scores = [LayerScore(key, label, evaluate(frozenset({key}), frozenset())) for key, label in items]
+    if evaluate_many is not None:
+        alone = evaluate_many([(frozenset({key}), frozenset()) for key, _ in layers])
+        scores = [LayerScore(key, label, value) for (key, label), value in zip(layers, alone, strict=True)]
+    else:
+        items: Iterable[tuple[str, str]] = layers
+        if progress is not None:
+            items = progress(iter(layers), "sensitivity", total=len(layers))
+        scores = [LayerScore(key, label, evaluate(frozenset({key}), frozenset())) for key, label in items]
     # Worst first; ties keep graph order, so the result is deterministic.
     ranking = sorted(scores, key=lambda item: item.score)
     kept: list[LayerScore] = []
@@ -117,16 +130,104 @@ def added_noise_db(
     """Per layer `(key, input names, output name)`: the noise it adds, as an SNR in dB (lower is
     worse), from two runs over the same feeds with every named tensor among the outputs."""
 
+    ratios: dict[str, float] = {}
+
     def nsr(name: str) -> float:
-        noise = sum(float(np.sum((q[name].astype(np.float64) - r[name]) ** 2)) for r, q in zip(reference, quantized, strict=True))
-        signal = sum(float(np.sum(r[name].astype(np.float64) ** 2)) for r in reference)
-        return noise / signal if signal > 0 else 0.0
+        # Each tensor once (a layer's input is its producer's output); sums of squares as dot
+        # products of the flat float32 arrays, accumulated over feeds in float64.
+        if name not in ratios:
+            noise = signal = 0.0
+            for r, q in zip(reference, quantized, strict=True):
+                want = np.ascontiguousarray(r[name], dtype=np.float32).ravel()
+                diff = np.ascontiguousarray(q[name], dtype=np.float32).ravel() - want
+                noise += float(np.dot(diff, diff))
+                signal += float(np.dot(want, want))
+            ratios[name] = noise / signal if signal > 0 else 0.0
+        return ratios[name]
 
     scores = {}
     for key, inputs, output in layers:
         added = nsr(output) - max((nsr(name) for name in inputs), default=0.0)
         scores[key] = -10.0 * math.log10(max(added, 1e-12))
     return scores
+
+
+def error_of(value: float, metric: Metric) -> float:
+    """A metric value as an error that adds up roughly over independent noise sources: 1 - cosine
+    (about half the noise-to-signal ratio), the noise-to-signal ratio for snr, 1 - top1."""
+    if metric == "snr":
+        return 10.0 ** (-value / 10.0)
+    return max(1.0 - value, 0.0)
+
+
+def fewest_below(noise: Sequence[float], quantized_error: float, target_error: float, scale: float = 1.0) -> int:
+    """Predicted fewest leading layers of `noise` (added noise-to-signal ratios, in ranking order)
+    to keep in float so that the model's error falls to `target_error`.
+
+    The prediction: the model's error is its fully quantized error shared among the layers in
+    proportion to their added noise, times `scale` (a correction measured on an earlier trial).
+    """
+    total = sum(noise)
+    if total <= 0 or quantized_error <= 0:
+        return 0
+    remaining = total
+    for count, item in enumerate(noise):
+        if scale * quantized_error * remaining / total <= target_error:
+            return count
+        remaining -= item
+    return len(noise)
+
+
+def grow_until_met(
+    value: Callable[[int], float], target: float, total: int, start: int, failing: int = 0,
+    suggest: Callable[[int], int] | None = None,
+) -> int:
+    """The fewest `count` in (failing, total] with `value(count) >= target`, assuming more is
+    never worse. Tries `start`; while it fails, doubles the count (or jumps to `suggest(count)`
+    when that is more: a prediction lets the search skip counts that cannot meet). When `start`
+    itself meets, looks one below first (a good prediction is usually right). Then narrows the
+    bracket by steps interpolated from the values at its ends, while they at least halve it,
+    and by a bisection step after one that did not (so at most twice a bisection's steps).
+    Returns `total` when nothing meets.
+    """
+    values: dict[int, float] = {}
+
+    def measured(count: int) -> float:
+        if count not in values:
+            values[count] = value(count)
+        return values[count]
+
+    count = min(max(start, failing + 1), total)
+    while measured(count) < target:
+        failing = count
+        if count >= total:
+            return total
+        grown = 2 * count if suggest is None else max(2 * count, suggest(count))
+        count = min(grown, total)
+    passing = count
+    if passing == start and passing - 1 > failing:
+        if measured(passing - 1) < target:
+            return passing
+        passing -= 1
+    width = passing - failing
+    interpolate = failing in values
+    while passing - failing > 1:
+        middle = (failing + passing) // 2
+        if interpolate:
+            low, high = measured(failing), values[passing]
+            share = (target - low) / (high - low) if high > low else 0.5
+            middle = min(max(failing + math.ceil(share * (passing - failing)), failing + 1), passing - 1)
+        if measured(middle) >= target:
+            passing = middle
+        else:
+            failing = middle
+        # Interpolation while it at least halves the bracket, else one bisection step.
+        interpolate = failing in values and (not interpolate or 2 * (passing - failing) <= width)
+        width = passing - failing
+    return passing
+
+
+EvaluateMany = Callable[[Sequence[tuple[frozenset[str] | None, frozenset[str]]]], list[float]]
 
 
 def analyze_fast(
@@ -136,37 +237,61 @@ def analyze_fast(
     target_min: float,
     refine: int = 4,
     quantized_score: float | None = None,
+    metric: Metric = "cosine",
+    evaluate_many: EvaluateMany | None = None,
 ) -> SensitivityResult:
-    """Rank `layers` by `noise_db` (from `added_noise_db`), measure the `refine` worst alone to
-    order them, and keep the fewest worst-ranked in float that let the model meet `target_min`.
+    """Rank `layers` by `noise_db` (from `added_noise_db`) and keep the fewest worst-ranked in
+    float that let the model meet `target_min`.
 
-    `quantized_score`: the metric of the fully quantized model when the caller has it already
-    (from the run that measured the noise)."""
+    The search (`grow_until_met`) starts at the count the noise predicts (`fewest_below`) and
+    corrects the prediction by each count it measures. When it ends with fewer layers in float
+    than `refine`, the `refine` worst by noise are measured alone (at once with
+    `evaluate_many`, in parallel where it can), reordered by that, and the search is repeated
+    on the new order from the count found; with more, their order among themselves changes
+    nothing and they are not measured. `quantized_score`: the metric of the fully quantized
+    model when the caller has it already (from the run that measured the noise).
+    """
     by_noise = sorted((LayerScore(key, label, noise_db[key]) for key, label in layers), key=lambda item: item.score)
-    alone = {item.key: evaluate(frozenset({item.key}), frozenset()) for item in by_noise[:refine]}
-    ranking = sorted(by_noise[:refine], key=lambda item: alone[item.key]) + by_noise[refine:]
-    tried: dict[int, float] = {} if quantized_score is None else {0: quantized_score}
+    tried: dict[frozenset[str], float] = {} if quantized_score is None else {frozenset(): quantized_score}
+    alone: dict[str, float] = {}
 
-    def result(count: int) -> SensitivityResult:
-        met = tried[count] >= target_min
-        return SensitivityResult(ranking, ranking[:count], tried[count], met, alone, len(alone) + len(tried))
+    def measured(ranking: list[LayerScore], count: int) -> float:
+        floats = frozenset(item.key for item in ranking[:count])
+        if floats not in tried:
+            tried[floats] = evaluate(None, floats)
+        return tried[floats]
 
-    def with_float(count: int) -> float:
-        if count not in tried:
-            tried[count] = evaluate(None, frozenset(item.key for item in ranking[:count]))
-        return tried[count]
+    def result(ranking: list[LayerScore], count: int) -> SensitivityResult:
+        value = measured(ranking, count)
+        return SensitivityResult(ranking, ranking[:count], value, value >= target_min, alone, len(alone) + len(tried))
 
-    if with_float(0) >= target_min:
-        return result(0)
-    failing, passing = 0, 1
-    while passing < len(ranking) and with_float(passing) < target_min:
-        failing, passing = passing, min(2 * passing, len(ranking))
-    if with_float(passing) < target_min:
-        return result(passing)
-    while passing - failing > 1:
-        middle = (failing + passing) // 2
-        if with_float(middle) >= target_min:
-            passing = middle
-        else:
-            failing = middle
-    return result(passing)
+    def search(ranking: list[LayerScore], start: int) -> int:
+        nsr = [10.0 ** (-item.score / 10.0) for item in ranking]
+        quantized_error, target_error = error_of(measured(ranking, 0), metric), error_of(target_min, metric)
+
+        def suggest(count: int) -> int:
+            # The noise's prediction scaled by how far it was off at the count just measured,
+            # or the straight line through the quantized model's error and that count's,
+            # whichever goes further (each undershoots on its own kind of model).
+            error = error_of(measured(ranking, count), metric)
+            guess = quantized_error * sum(nsr[count:]) / max(sum(nsr), 1e-300)
+            scaled = fewest_below(nsr, quantized_error, target_error, error / max(guess, 1e-300))
+            drop = quantized_error - error
+            linear = math.ceil(count * (quantized_error - target_error) / drop) if drop > 0 else len(nsr)
+            return max(scaled, min(linear, len(nsr)))
+
+        if start < 0:
+            start = fewest_below(nsr, quantized_error, target_error)
+        return grow_until_met(lambda n: measured(ranking, n), target_min, len(ranking), start, suggest=suggest)
+
+    if measured(by_noise, 0) >= target_min:
+        return result(by_noise, 0)
+    count = search(by_noise, -1)
+    if count >= min(refine, len(by_noise)):
+        return result(by_noise, count)
+    top = by_noise[:refine]
+    trials = [(frozenset({item.key}), frozenset[str]()) for item in top]
+    scores = evaluate_many(trials) if evaluate_many is not None else [evaluate(*trial) for trial in trials]
+    alone.update((item.key, value) for item, value in zip(top, scores, strict=True))
+    ranking = sorted(top, key=lambda item: alone[item.key]) + by_noise[refine:]
+    return result(ranking, search(ranking, count))

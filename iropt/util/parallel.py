@@ -8,6 +8,7 @@ costs seconds, more than most single runs would gain.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -16,10 +17,13 @@ R = TypeVar("R")
 
 
 def ray_if_running() -> Any:
-    """The `ray` module when it is installed and initialized in this process, else None."""
-    try:
-        import ray
-    except ImportError:
+    """The `ray` module when this process has imported it and initialized it, else None.
+
+    Never imports Ray itself: a process that has not imported Ray cannot be connected to it,
+    and importing it costs about a second.
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not hasattr(ray, "is_initialized"):
         return None
     return ray if ray.is_initialized() else None
 
