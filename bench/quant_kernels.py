@@ -4,7 +4,7 @@ bench/quant.py measures whole golden models; this bench measures the layers they
 one at a time, so that a model's int8 speed-up can be read as the mix of its layers' speed-ups.
 
 Each layer is a model of its own: the layer (bias, then Relu) on a batch-8 input. The int8 model
-is iropt's `quantize` of it, target ort, with `skip_slow_layers=false` so that every layer is
+is iropt's `quantize` of it, target ort, with `placement="all"` so that every layer is
 quantized, even those `quantize` keeps in float by default because they are slower in int8.
 Calibration: 16 rows of N(0, 1). Per layer and thread count (median of REPEATS rounds):
 - kernel: ORT profiler time of the layer's own kernel, float (`Conv`/`ConvTranspose`, ORT's
@@ -110,14 +110,14 @@ def layer_model(layer: Layer, rng: np.random.Generator) -> onnx.ModelProto:
 
 
 def quantize_all(model: Path, calibration: Path, out: Path) -> None:
-    """iropt's quantize for ORT with every layer quantized (`skip_slow_layers=false`)."""
+    """iropt's quantize for ORT with every layer quantized (`placement="all"`)."""
     from iropt.app.optimize import RunOptions, optimize
 
     logging.disable(logging.WARNING)
     schedule = out.with_suffix(".opt")
     schedule.write_text(
         'target ort(providers=["CPUExecutionProvider"])\n'
-        f"quantize(calibration={json.dumps(str(calibration))}, skip_slow_layers=false)\n"
+        f"quantize(calibration={json.dumps(str(calibration))}, placement=\"all\")\n"
     )
     optimize(RunOptions(schedule=str(schedule), model=model, output=out, verify=False, emit=False))
 
@@ -155,7 +155,7 @@ def render(results: dict[Layer, dict[int, dict[str, float]]]) -> str:
         f"One layer (+ bias, Relu) at batch {BATCH}, ORT CPU. kernel: the layer's own kernel time "
         "(ORT profiler), float against int8; model: the one-layer model's median latency, which "
         "for int8 also pays for Q/DQ and layout changes at its edges. int8 as iropt's "
-        "`quantize(skip_slow_layers=false)` writes it.",
+        '`quantize(placement="all")` writes it.',
         "",
     ]
     for threads in THREADS:

@@ -137,7 +137,7 @@ def static_model(name: str, weight_range: str) -> bytes:
     calibration = GOLDEN / f"{name}.calib.npz"
     if not calibration.exists():
         calibration = GOLDEN / f"{name}.inputs.npz"
-    options = {"calibration": str(calibration), "skip_slow_layers": False, "weight_range": weight_range}
+    options = {"calibration": str(calibration), "placement": "all", "weight_range": weight_range}
     if weight_range == "float":
         return model.to_onnx().SerializeToString()
     create_pass("quantize", options).run(model, ctx)

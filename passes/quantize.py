@@ -23,11 +23,17 @@ Static mode (the default) calibrates activation ranges on real inputs and insert
 Dynamic mode (`iropt.compress.quant.dynamic`) needs no calibration: MatMul/Gemm get int8 weights and
 DynamicQuantizeLinear + MatMulInteger, which ORT fuses into DynamicQuantizeMatMul.
 
-With format `ort` and `skip_slow_layers` (default), layers that ORT's CPU kernels run slower in
-int8 than in float stay float (`iropt.compress.quant.placement.ort_slow_reason`): ConvTranspose, a Conv
-with fewer than 8 input channels and a small output (the first layer of a small image model), a
-Conv followed by HardSwish or a similar activation that ORT fuses into float convs only. A pool
-after a float layer stays float too.
+With format `ort`, `placement` chooses which layers stay float for speed. `measured` (the
+default, `iropt.compress.quant.measured`): each layer's int8 and float kernels are profiled on
+this machine in the calibration batch's shapes, with the Q/DQ and layout conversions each choice
+adds; the layers that do not pay stay float, and the chosen mix is timed against the float model
+end to end, moving more layers back to float until it is no slower (all of them, if need be).
+Timings are cached per machine and layer shape. `rules`: fixed rules guess the slow layers
+(`iropt.compress.quant.placement.ort_slow_reason`): ConvTranspose, a Conv with fewer than 8
+input channels and a small output (the first layer of a small image model), a Conv followed by
+HardSwish or a similar activation that ORT fuses into float convs only. `all`: every layer is
+quantized. A pool after a float layer stays float too. Sensitivity analysis then works on the
+layers placement left in int8.
 
 Schedule it after `fuse_bn_conv` (a BatchNormalization between a Conv and its activation blocks
 ORT's QLinearConv fusion) and `fuse_matmul_add` (ORT fuses a quantized Gemm with its int32 bias
@@ -68,6 +74,7 @@ from iropt.compress.quant.dynamic import DYNAMIC_OP_TYPES, dynamic_candidates, q
 from iropt.compress.quant.embedding import EmbeddingFormat, embedding_candidates, quantize_embeddings
 from iropt.compress.quant.emulation import Emulation, build_emulation
 from iropt.compress.quant.existing import is_quantized
+from iropt.compress.quant.measured import place_by_measurement
 from iropt.compress.quant.params import (
     REDUCED_WEIGHT_QMAX,
     SCHEMES,
@@ -88,6 +95,7 @@ from iropt.compress.quant.placement import (
     tensor_types,
 )
 from iropt.compress.quant.rewrite import RewriteStats, insert_qdq
+from iropt.compress.quant.timing_cache import TimingCache
 from iropt.compress.quant.trials import Emulator, SensitivityRuns
 from iropt.compress.quant.weight_only import (
     BLOCKED_DQ_MIN_OPSET,
@@ -142,8 +150,10 @@ class Quantize(Pass):
     model; a search for the fewest float layers that starts where the noise predicts; the
     `sensitivity_refine` worst measured alone when fewer stay float) or exhaustive (every layer
     measured alone, one at a time back to float); trials are runs of one emulation model;
-    `skip_slow_layers` (format ort) keeps in float the layers ORT runs slower in int8 (ConvTranspose,
-    Conv with < 8 input channels and a small output, Conv followed by HardSwish and similar);
+    `placement` (format ort) measured|rules|all: keep in float the layers that run slower in int8
+    as measured on this machine (end-to-end never slower than float), as fixed rules predict
+    (ConvTranspose, Conv with < 8 input channels and a small output, Conv followed by HardSwish
+    and similar), or none; `skip_slow_layers` is its older spelling (false = all, true = rules);
     `weight_range` auto|full|reduced: int8 weights over [-127, 127] (full) or [-63, 63] (reduced,
     7 bits); auto reduces them for uint8 activations where the target's int8 kernels may
     saturate (ONNX Runtime on x86 CPUs without VNNI), so the model is accurate on any CPU.
@@ -176,7 +186,8 @@ class Quantize(Pass):
     sensitivity_samples: Annotated[int, Range(min=1, max=1 << 16)] = 64
     sensitivity_ranking: Literal["fast", "exhaustive"] = "fast"
     sensitivity_refine: Annotated[int, Range(min=0)] = 4
-    skip_slow_layers: bool = True
+    placement: Literal["measured", "rules", "all"] = "measured"
+    skip_slow_layers: bool | None = None  # deprecated: placement="rules" (true) or "all" (false)
     weight_range: Literal["auto", "full", "reduced"] = "auto"
     bits: Literal[8, 4] = 8
     block_size: Annotated[int, Range(min=1)] = 32
@@ -213,6 +224,8 @@ class Quantize(Pass):
             raise OptionError(f"quantize: accuracy_level must be 0..4 (MatMulNBits' levels), got {self.accuracy_level}")
         if self.embedding_bits not in (None, 8, 4):
             raise OptionError(f"quantize: embedding_bits must be 8 or 4, got {self.embedding_bits}")
+        if self.skip_slow_layers is not None and self.placement != "measured":
+            raise OptionError("quantize: give placement or its older spelling skip_slow_layers, not both")
         if self.bits == 4 and self.mode == "dynamic":
             raise OptionError("quantize: bits=4 is weight-only (activations stay float); leave mode at its default")
 
@@ -246,6 +259,15 @@ class Quantize(Pass):
             return self.format
         return ctx.capabilities.quant_format
 
+    def resolve_placement(self, scheme: Scheme) -> Literal["measured", "rules", "all"]:
+        """`placement` for format ort (or what the deprecated `skip_slow_layers` says); `all` for
+        TensorRT, which chooses its own kernels."""
+        if scheme.name != "ort":
+            return "all"
+        if self.skip_slow_layers is not None:
+            return "rules" if self.skip_slow_layers else "all"
+        return self.placement
+
     def weight_qmax(self, ctx: PassContext, activation_dtype: type[np.integer]) -> int:
         """The int8 weight bound: 7 bits where uint8 x int8 products may saturate on the target."""
         if self.weight_range == "auto":
@@ -260,7 +282,8 @@ class Quantize(Pass):
         scheme = scheme.with_weight_qmax(self.weight_qmax(ctx, scheme.activation_dtype))
         dtypes = tensor_types(model)
         op_types = list(self.op_types) if self.op_types is not None else list(DEFAULT_OP_TYPES)
-        slow_reasons = self._slow_nodes(model, scheme, op_types, ctx)
+        placement = self.resolve_placement(scheme)
+        slow_reasons = self._slow_nodes(model, op_types, ctx) if placement == "rules" else {}
         slow = frozenset(slow_reasons)
         # Named before the rewrite: afterwards the quantized layers read Q/DQ and count as excluded.
         excluded_labels = self._excluded_labels(model, op_types)
@@ -273,7 +296,8 @@ class Quantize(Pass):
         _warn_unfused_batchnorm(plan, ctx)
         kept: list[Feeds] = []
         kept_outputs: list[Feeds] = []
-        stats, samples = self._calibrate(model, ctx, plan, kept, kept_outputs)
+        first: list[Feeds] = []
+        stats, samples = self._calibrate(model, ctx, plan, kept, kept_outputs, first)
         params = group_params(plan, stats, scheme, self.method, self.percentile)
 
         def plan_of(graph: gs.Graph, only: frozenset[str] | None, floats: frozenset[str]) -> Plan:
@@ -284,9 +308,28 @@ class Quantize(Pass):
         def build(target: Model, only: frozenset[str] | None, floats: frozenset[str]) -> None:
             _rewrite_static(target, plan_of(target.graph, only, floats), params, scheme)
 
+        measured: dict[str, dict[str, str]] = {}
+        measured_info: dict[str, Any] = {}
+        if placement == "measured" and first:
+            excluded_keys = frozenset(
+                node_key(i) for i, n in enumerate(model.graph.nodes) if self._excluded()(n, node_key(i))
+            )
+            outcome = place_by_measurement(
+                model, plan, lambda target, floats: build(target, None, floats | excluded_keys),
+                first[0], ctx, cache=TimingCache(),
+            )
+            if outcome is None:
+                placement, slow_reasons = "rules", self._slow_nodes(model, op_types, ctx)
+            else:
+                measured, measured_info = outcome
+            if measured or slow_reasons:
+                slow = frozenset(measured or slow_reasons)
+                plan = plan_quantization(
+                    model.graph, scheme, op_types=op_types, excluded=self._excluded(slow), dtypes=dtypes
+                )
         floats: frozenset[str] = frozenset()
         info: dict[str, Any] = {}
-        if self.sensitivity:
+        if self.sensitivity and plan.nodes:
             layers = [
                 Layer(c.key, f"{c.label} ({c.node.op})", [c.node.inputs[i].name for i in c.activation_inputs],
                       c.output.name)
@@ -312,11 +355,14 @@ class Quantize(Pass):
             quantized_weights=rewrite.quantized_weights,
             quantized_biases=rewrite.quantized_biases,
             kept_float=len(floats),
-            skipped_slow=len(slow),
+            skipped_slow=len(slow_reasons),
             calibration_samples=samples,
         )
         # The report names every layer left in float and why, not only the -v log.
         result.info = {**info, "skipped_slow": list(slow_reasons.values()), "excluded": excluded_labels}
+        if placement == "measured":
+            result.stats["kept_float_measured"] = len(measured)
+            result.info |= {"kept_float_measured": list(measured.values()), "measured": measured_info}
         return result
 
     def _excluded_labels(self, model: Model, op_types: list[str]) -> list[str]:
@@ -327,11 +373,9 @@ class Quantize(Pass):
             if node.op in op_types and excluded(node, node_key(index))
         ]
 
-    def _slow_nodes(self, model: Model, scheme: Scheme, op_types: list[str], ctx: PassContext) -> dict[str, dict[str, str]]:
-        """The nodes ORT would run slower quantized (format ort, `skip_slow_layers`), by key,
+    def _slow_nodes(self, model: Model, op_types: list[str], ctx: PassContext) -> dict[str, dict[str, str]]:
+        """The nodes fixed rules predict ORT runs slower quantized (placement `rules`), by key,
         each as {"layer": label, "reason": why}."""
-        if scheme.name != "ort" or not self.skip_slow_layers:
-            return {}
         excluded = self._excluded()
         slow = {}
         for index, node in enumerate(model.graph.nodes):
@@ -345,14 +389,18 @@ class Quantize(Pass):
         return slow
 
     def _calibrate(
-        self, model: Model, ctx: PassContext, plan: Plan, kept: list[Feeds], kept_outputs: list[Feeds]
+        self, model: Model, ctx: PassContext, plan: Plan, kept: list[Feeds], kept_outputs: list[Feeds],
+        first: list[Feeds] | None = None,
     ) -> tuple[dict[str, TensorStats], int]:
         """Statistics of the plan's tensors; fills `kept` with the first feeds for sensitivity and
-        `kept_outputs` with what the float model gave on them (its outputs and the plan's tensors)."""
+        `kept_outputs` with what the float model gave on them (its outputs and the plan's tensors),
+        and `first` with the first batch (the shapes measured placement profiles in)."""
         rows = [0]
 
         def keep(batch: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
             rows[0] += rows_of(batch)
+            if first is not None and not first:
+                first.append({name: np.array(value, copy=True) for name, value in batch.items()})
             if self.sensitivity and sum(rows_of(b) for b in kept) < self.sensitivity_samples:
                 kept.append({name: np.array(value, copy=True) for name, value in batch.items()})
                 kept_outputs.append(outputs)

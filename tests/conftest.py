@@ -9,8 +9,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 from hypothesis import HealthCheck, settings
+
+# Caches (measured quantization timings) go to a folder of this test session, never the user's.
+os.environ["IROPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="iropt-test-cache-")
 
 _COMMON = {
     "deadline": None,  # ONNX Runtime sessions make timing noisy; no test asserts on time

@@ -57,7 +57,12 @@ def quantize(
     log: logging.Logger | None = None,
     **options: Any,
 ) -> tuple[PassResult, Quantize]:
-    """Run the registered `quantize` pass on `model` in place; the pass comes back for its results."""
+    """Run the registered `quantize` pass on `model` in place; the pass comes back for its results.
+
+    Placement follows fixed rules unless asked otherwise: measured placement times the model,
+    which these tests need neither the time for nor the machine-dependent outcome of."""
+    if "placement" not in options and "skip_slow_layers" not in options:
+        options = {**options, "placement": "rules"}
     pass_ = create_pass("quantize", options)
     assert isinstance(pass_, Quantize)
     ctx = PassContext(

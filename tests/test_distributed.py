@@ -229,7 +229,7 @@ def test_quantize_under_ray_calibrates_in_shards_to_the_model_a_serial_run_makes
     # sees the very values a serial run sees.
     np.savez(tmp_path / "calibration.npz", x=(rng.integers(-64, 64, size=(64, 4)) / 64).astype(np.float32))
     schedule = tmp_path / "int8.opt"
-    schedule.write_text("quantize(batch_size=4)\n")
+    schedule.write_text("quantize(batch_size=4, placement=\"rules\")\n")
     args = [str(schedule), str(model), "--calibration", str(tmp_path / "calibration.npz"), "--no-verify", "-q"]
     assert main(["run", *args, "-o", str(tmp_path / "ray.onnx")]) == 0
     # The same run in a process of its own, not connected to Ray: serial calibration.

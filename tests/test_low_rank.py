@@ -321,7 +321,7 @@ def test_low_rank_then_quantize_in_one_schedule(tmp_path: Path) -> None:
     x = correlated(rng, 64, 64)
     calibration = write_feeds(tmp_path, {"x": x})
     schedule = tmp_path / "lr_int8.opt"
-    schedule.write_text("low_rank(rank=16, min_params=0)\nquantize\n")
+    schedule.write_text('low_rank(rank=16, min_params=0)\nquantize(placement="rules")\n')
     reference = model.copy()
     report = PassManager().run(model, load_schedule(str(schedule)), PassContext(calibration=calibration, log=LOG))
     assert [r.name for r in report.records] == ["low_rank", "quantize"]

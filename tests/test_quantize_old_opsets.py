@@ -48,14 +48,18 @@ def test_shipped_int8_schedules_upgrade_old_opsets(
     assert main(args) == 0
     written = onnx.load(str(out))
     assert written.opset_import[0].version == 13
-    assert "QuantizeLinear" in {n.op_type for n in written.graph.node}
-    assert _quantize_record(report)["stats"]["upgraded_from_opset"] == opset
+    stats = _quantize_record(report)["stats"]
+    # For ORT, measured placement keeps the layers float that do not run faster in int8 on this
+    # machine (possibly all of them); TensorRT gets every layer quantized.
+    quantized = stats["quantized_nodes"] > 0 if "kept_float_measured" in stats else True
+    assert ("QuantizeLinear" in {n.op_type for n in written.graph.node}) == quantized
+    assert stats["upgraded_from_opset"] == opset
     assert any(f"from opset {opset} to 13" in r.getMessage() for r in caplog.records)
 
 
 def test_quantize_names_its_float_layers_in_the_report(tmp_path: Path) -> None:
     schedule = tmp_path / "q.opt"
-    schedule.write_text('quantize(exclude_op_types=["Gemm"])\n')
+    schedule.write_text('quantize(exclude_op_types=["Gemm"], placement="rules")\n')
     report = tmp_path / "r.json"
     args = ["-q", "run", str(schedule), str(GOLDEN / "digits_cnn.onnx"), "-o", str(tmp_path / "q.onnx"),
             "--calibration", str(CALIBRATION), "--report", str(report)]

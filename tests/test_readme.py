@@ -8,6 +8,7 @@ recurse); instead the test checks that it is exactly what CI runs, so CI execute
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from iropt.infra.registry import PASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+GOLDEN_DIGITS = ROOT / "golden_models" / "digits_cnn.onnx"
 TEST_COMMAND = "make test"
 
 
@@ -48,7 +50,8 @@ def _run_block(block: str) -> None:
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", block],
         cwd=ROOT, capture_output=True, text=True, check=False,
-        env={"PATH": f"{env_bin}:/usr/local/bin:/usr/bin:/bin", "HOME": str(Path.home())},
+        env={"PATH": f"{env_bin}:/usr/local/bin:/usr/bin:/bin", "HOME": str(Path.home()),
+             "IROPT_CACHE_DIR": os.environ.get("IROPT_CACHE_DIR", str(Path.home() / ".cache" / "iropt"))},
     )
     assert result.returncode == 0, f"README block failed:\n{block}\n{result.stdout}\n{result.stderr}"
 
@@ -63,7 +66,8 @@ def test_readme_shell_blocks_run() -> None:
             _run_block(block)
     out = ROOT / "out"
     assert "BatchNormalization" not in _op_types(out / "conv_bn.opt.onnx")
-    assert "QuantizeLinear" in _op_types(out / "digits_int8.onnx")
+    # int8 where it runs faster on this machine: measured placement may keep every layer float.
+    assert _op_types(out / "digits_int8.onnx") <= {"QuantizeLinear", "DequantizeLinear", *_op_types(GOLDEN_DIGITS)}
     assert "BatchNormalization" not in _op_types(out / "small.onnx")
     assert "BatchNormalization" in _op_types(out / "small_bn.onnx")
 

@@ -20,6 +20,7 @@ from iropt.ir.model import Model
 from iropt.util.progress import ProgressFn, no_progress
 
 if TYPE_CHECKING:
+    from iropt.verify.profiling import ModelProfiler
     from iropt.verify.runner import Runner, RunnerFactory
 
 T = TypeVar("T")
@@ -93,6 +94,12 @@ def _default_runner_factory(model: Model) -> Runner:
     return reference_runner(model)
 
 
+def _default_model_profiler() -> ModelProfiler:
+    from iropt.verify.profiling import OrtProfiler
+
+    return OrtProfiler()
+
+
 @dataclass
 class PassContext:
     """What a pass may consult besides the model.
@@ -102,6 +109,8 @@ class PassContext:
     - `input_shapes`: concrete shapes for dynamic inputs (`--shape name:1x3x224x224`).
     - `runner_factory`: how to run a model (calibration, sensitivity analysis) without a pass
       importing a runtime itself.
+    - `model_profiler`: times models on the target runtime (per-node profiles, latencies) for
+      passes that choose by measured speed, again without importing a runtime.
     - `progress`: wraps an iterable in a progress bar: `progress(items, "calibrating", total=n)`.
     - `work_dir`: a folder a pass may write scratch files to, or None.
     """
@@ -110,6 +119,7 @@ class PassContext:
     calibration: str | None = None
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     runner_factory: RunnerFactory = _default_runner_factory
+    model_profiler: ModelProfiler = field(default_factory=_default_model_profiler)
     progress: ProgressFn = no_progress
     work_dir: Path | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("iropt"))

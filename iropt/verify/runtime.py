@@ -17,7 +17,7 @@ import functools
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -180,6 +180,18 @@ def make_session(
         if save_ort_format:
             options.add_session_config_entry("session.save_model_format", "ORT")
     create = functools.partial(_create_checked, options=options, providers=providers, strict=strict_providers)
+    return _created_from(
+        model, create, before_spill=lambda: _externalize_optimized(options, optimized_model_path, save_ort_format)
+    )
+
+
+def _created_from(
+    model: ModelLike,
+    create: Callable[[str | bytes], ort.InferenceSession],
+    before_spill: Callable[[], None] | None = None,
+) -> ort.InferenceSession:
+    """`create` called with what ORT loads `model` from: its path, its bytes, or a temporary file
+    (after `before_spill`) when it is too big for one protobuf message."""
     if isinstance(model, (str, os.PathLike)):
         return create(str(model))
     if isinstance(model, Model):
@@ -190,7 +202,8 @@ def make_session(
                 return create(streamed.to_bytes())
     elif tensor_bytes(model) <= IN_MEMORY_LIMIT:
         return create(model.SerializeToString())
-    _externalize_optimized(options, optimized_model_path, save_ort_format)
+    if before_spill is not None:
+        before_spill()
     # Too big for one protobuf message: written with its data beside it for ORT to read. ORT
     # reads (or maps) the data while the session is created; on Linux a mapped file stays
     # valid after its name is removed.
@@ -292,3 +305,105 @@ def reference_runner(model: ModelLike) -> Runner:
     return OrtRunner(make_session(
         model, providers=["CPUExecutionProvider"], optimization_level="disable", prepack_weights=False
     ))
+
+
+def profile_models(
+    models: Sequence[ModelLike],
+    feed: Mapping[str, np.ndarray],
+    *,
+    runs: int,
+    threads: int = 0,
+    optimization_level: OptimizationLevel = "all",
+) -> list[tuple[list[dict[str, Any]], onnx.ModelProto]]:
+    """Run each model `runs` times with ONNX Runtime's profiler on, the models interleaved run by
+    run so that machine noise hits them alike; per model, the profiler's events (Chrome trace
+    JSON, in the order ORT wrote them) and the graph ORT ran after its optimizations, whose node
+    names the events carry."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="iropt-profile-") as tmp:
+        sessions, runners = [], []
+        for index, model in enumerate(models):
+            session = _profiling_session(model, Path(tmp) / f"m{index}", threads, optimization_level)
+            sessions.append(session)
+            runners.append(OrtRunner(session))
+        for _ in range(runs):
+            for runner in runners:
+                runner.run(feed)
+        results = []
+        for index, session in enumerate(sessions):
+            events = json.loads(Path(session.end_profiling()).read_text())
+            optimized = onnx.load(str(Path(tmp) / f"m{index}.optimized.onnx"), load_external_data=False)
+            results.append((events, optimized))
+        return results
+
+
+def _profiling_session(
+    model: ModelLike, prefix: Path, threads: int, optimization_level: OptimizationLevel
+) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _LEVELS[optimization_level]
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = _LOG_FATAL_ONLY  # the optimized model's hardware-specific warning
+    _no_spinning(options, threads)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(prefix)
+    options.optimized_model_filepath = str(prefix) + ".optimized.onnx"
+    # Weights beside the optimized model: its graph is what is read back, not its values.
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_file_name", prefix.name + ".optimized.data"
+    )
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "64")
+    return _created_from(model, functools.partial(_create, options=options, providers=[CPU]))
+
+
+def _no_spinning(options: ort.SessionOptions, threads: int) -> None:
+    """Worker threads sleep between ops instead of spinning: on a machine shared with other work a
+    spinning pool stalls whenever one of its threads is descheduled, and timings swing by 10x."""
+    if threads != 1:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+
+def _timing_session(model: ModelLike, threads: int, optimization_level: OptimizationLevel) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _LEVELS[optimization_level]
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = _LOG_ERRORS_ONLY
+    _no_spinning(options, threads)
+    return _created_from(model, functools.partial(_create, options=options, providers=[CPU]))
+
+
+def interleaved_latency_ms(
+    models: Sequence[ModelLike],
+    feed: Mapping[str, np.ndarray],
+    *,
+    threads: int = 0,
+    optimization_level: OptimizationLevel = "all",
+    budget_s: float = 0.5,
+    min_rounds: int = 10,
+    max_rounds: int = 200,
+) -> list[float]:
+    """The median latency (ms) of each model on `feed`, the models run in turn round by round
+    (the first two rounds warm up and are not counted); stops after `budget_s` seconds of
+    rounds once `min_rounds` are done."""
+    import statistics
+    import time
+
+    runners = [OrtRunner(_timing_session(model, threads, optimization_level)) for model in models]
+    for runner in runners:
+        for _ in range(2):
+            runner.run(feed)
+    samples: list[list[float]] = [[] for _ in runners]
+    started = time.perf_counter()
+    for round_index in range(max_rounds):
+        order = runners if round_index % 2 == 0 else runners[::-1]  # neither always runs first
+        for runner in order:
+            begin = time.perf_counter()
+            runner.run(feed)
+            samples[runners.index(runner)].append((time.perf_counter() - begin) * 1000.0)
+        if round_index + 1 >= min_rounds and time.perf_counter() - started >= budget_s:
+            break
+    return [statistics.median(values) for values in samples]
