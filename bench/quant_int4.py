@@ -27,6 +27,7 @@ whose names contain one of the words (a quick run without ORT's slow HQQ and GPT
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import tempfile
@@ -123,7 +124,9 @@ def ort_nbits(path: Path, algorithm: str, block: int, calib: dict[str, np.ndarra
         config = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=block)
     quantizer = nbits.MatMulNBitsQuantizer(onnx.load(str(path)), block_size=block, is_symmetric=symmetric,
                                            algo_config=config)
-    quantizer.process()
+    # ORT's GPTQ prints a progress bar on stdout, which holds this bench's results table.
+    with contextlib.redirect_stdout(sys.stderr):
+        quantizer.process()
     return quantizer.model.model
 
 
