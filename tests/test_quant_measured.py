@@ -138,8 +138,9 @@ def test_a_mix_slower_end_to_end_loses_its_least_paying_layers_then_falls_back_t
 
     kept, checks, all_float = settle(timings, slower)
     # Least gain first: layer 3 (0.03 ms), then 2 (0.06) and 1 (0.15) together, leaving none int8.
-    assert asked == [frozenset({"0"}), frozenset({"0", "3"})]
-    assert all_float and set(kept) == {"0", "1", "2", "3"} and len(checks) == 2
+    # The whole model in int8 is tried once after the first mix fails.
+    assert asked == [frozenset({"0"}), frozenset(), frozenset({"0", "3"})]
+    assert all_float and set(kept) == {"0", "1", "2", "3"} and len(checks) == 3
 
     def faster_once_two_are_float(floats: frozenset[str]) -> Check:
         return Check(len(floats), int8_ms=0.9 if len(floats) >= 2 else 1.1, float_ms=1.0)
@@ -147,6 +148,18 @@ def test_a_mix_slower_end_to_end_loses_its_least_paying_layers_then_falls_back_t
     kept, _, all_float = settle(timings, faster_once_two_are_float)
     assert set(kept) == {"0", "3"} and not all_float
     assert "moved back to float" in kept["3"]
+
+
+def test_the_whole_model_in_int8_is_kept_when_it_pays_and_the_mix_does_not() -> None:
+    # Layer 0 is slower alone, but the mix with it in float pays its borders' Q/DQ and loses.
+    timings = _timings((0.32, 0.30), (0.10, 0.30), (0.10, 0.26))
+
+    def whole_pays(floats: frozenset[str]) -> Check:
+        return Check(len(floats), int8_ms=0.8 if not floats else 1.05, float_ms=1.0)
+
+    kept, checks, all_float = settle(timings, whole_pays)
+    assert kept == {} and not all_float
+    assert [c.float_layers for c in checks] == [1, 0]
 
 
 def test_the_end_to_end_check_needs_a_margin_over_noise() -> None:

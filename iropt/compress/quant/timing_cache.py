@@ -25,7 +25,7 @@ from typing import Any
 
 from iropt.util.machine import machine_id, machine_signature
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a model's verdict may be the whole model in int8
 _log = logging.getLogger("iropt.quantize")
 
 
