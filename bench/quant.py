@@ -391,6 +391,8 @@ def quantize_time_table(results: Sequence[ModelResult]) -> str:
 def memory_table(results: Sequence[ModelResult]) -> str:
     rows = []
     for r in results:
+        if not r.memory:  # zoo models: their calibration cost is not measured
+            continue
         for tool in ("iropt", "ort_best"):
             cells = [r.name, LABELS[tool]]
             by_rows = r.memory.get(tool, {})
