@@ -107,12 +107,16 @@ from iropt.compress.quant.weight_only import (
     weight_only_candidates,
 )
 from iropt.compress.sensitivity import (
+    Evaluate,
     LayerScore,
     Metric,
     SensitivityResult,
     added_noise_db,
     analyze,
     analyze_fast,
+    continue_search,
+    search_rows,
+    tightened,
 )
 from iropt.errors import OptionError, UserError
 from iropt.infra.options import Range
@@ -574,19 +578,30 @@ class Quantize(Pass):
             result = analyze(named, evaluate, self.target_min, ctx.progress,
                              runs.evaluate_many if runs.parallel else None)
         else:
+            # The search runs on part of the rows, aiming a little above the target; the real run
+            # of the model it chooses, on every row, is the check (see `_confirm`).
+            rows = runs.rows
+            search_runs = runs.narrow(float_runs, search_rows(rows, SEARCH_ROWS_SHARE))
+            search_target = self.target_min
+            if search_runs is not None:
+                search_target = tightened(self.target_min, metric, SEARCH_ERROR_MARGIN)
+                float_runs = search_runs
+            timer = time.perf_counter()
             quantized_runs = runs.quantized_runs(model, build)
             noise = added_noise_db(float_runs, quantized_runs, [(layer.key, layer.inputs, layer.output) for layer in layers])
-            result = analyze_fast(named, noise, evaluate, self.target_min, self.sensitivity_refine,
+            ctx.log.info("quantize: sensitivity: added noise measured on %d of %d rows in %.2f s",
+                         runs.rows, rows, time.perf_counter() - timer)
+            timer, before = time.perf_counter(), runs.emulation_runs
+            result = analyze_fast(named, noise, evaluate, search_target, self.sensitivity_refine,
                                   runs.score(quantized_runs), metric,
-                                  runs.evaluate_many if runs.trials is not None else None)
+                                  runs.evaluate_many if runs.trials is not None else None, SEARCH_TOLERANCE)
+            ctx.log.info("quantize: sensitivity: %d trials on %d rows in %.2f s: %d layers float, %s %.6f (aim %.6f)",
+                         runs.emulation_runs - before, runs.rows, time.perf_counter() - timer,
+                         len(result.kept_float), metric, result.score, search_target)
+            runs.widen()
         info: dict[str, Any] = {"score": result.score}
         if runs.trials is not None:
-            # The emulation computes what the rewrite does; one real run says so for the result.
-            real = runs.rewritten(model, build, None, frozenset(item.key for item in result.kept_float))
-            info = {"score": real, "emulated_score": result.score}
-            if result.met and real < self.target_min:
-                ctx.log.warning("quantize: the chosen model's %s is %.6f rewritten, %.6f emulated (target %s)",
-                                metric, real, result.score, self.target_min)
+            result, info = self._confirm(ctx, model, build, runs, result, evaluate)
         _log_ranking(ctx, result, metric, self.target_min)
         info |= {
             "sensitivity_metric": metric,
@@ -602,6 +617,37 @@ class Quantize(Pass):
             "sensitivity_seconds": round(time.perf_counter() - started, 3),
         }
         return frozenset(item.key for item in result.kept_float), info
+
+
+    def _confirm(
+        self, ctx: PassContext, model: Model, build: Callable[[Model, frozenset[str] | None, frozenset[str]], object],
+        runs: SensitivityRuns, result: SensitivityResult, evaluate: Evaluate,
+    ) -> tuple[SensitivityResult, dict[str, Any]]:
+        """One real run of the chosen model on every row: the emulation computes what the rewrite
+        does, and a search on part of the rows may fall short on the others. When it misses the
+        target there, the search goes on from that count on every row (emulated), and the model
+        it then chooses is run once more."""
+        timer = time.perf_counter()
+        real = runs.rewritten(model, build, None, frozenset(item.key for item in result.kept_float))
+        ctx.log.info("quantize: sensitivity: real run on %d rows in %.2f s: %s %.6f",
+                     runs.rows, time.perf_counter() - timer, self.target_metric, real)
+        if real < self.target_min and len(result.kept_float) < len(result.ranking):
+            result = continue_search(result, evaluate, self.target_min)
+            real = runs.rewritten(model, build, None, frozenset(item.key for item in result.kept_float))
+            ctx.log.info("quantize: sensitivity: continued on every row to %d layers float: %s %.6f",
+                         len(result.kept_float), self.target_metric, real)
+        if result.met and real < self.target_min:
+            ctx.log.warning("quantize: the chosen model's %s is %.6f rewritten, %.6f emulated (target %s)",
+                            self.target_metric, real, result.score, self.target_min)
+        return result, {"score": real, "emulated_score": result.score}
+
+
+# The fast search's trials run on this share of the sensitivity rows (at least a few)...
+SEARCH_ROWS_SHARE = 0.25
+# ... aiming at this share of the target's error, so that every row usually meets the target.
+SEARCH_ERROR_MARGIN = 0.8
+# The search accepts the met end of a bracket of counts this narrow (a share of the layers).
+SEARCH_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
