@@ -174,10 +174,16 @@ def search_rows(rows: int, share: float = 0.25, least: int = 4) -> int:
     return min(rows, max(math.ceil(share * rows), least))
 
 
+def accepted_width(total: int, tolerance: float) -> int:
+    """The widest bracket of counts the search accepts: `tolerance` of the `total` layers, at
+    least one layer (exact)."""
+    return max(1, math.floor(tolerance * total))
+
+
 def narrow_enough(failing: int, passing: int, total: int, tolerance: float) -> bool:
     """Whether a bracket (`failing` does not meet, `passing` does) is narrow enough to accept its
-    met end: within `tolerance` of the `total` layers, at least one layer."""
-    return passing - failing <= max(1, math.floor(tolerance * total))
+    met end (`accepted_width`)."""
+    return passing - failing <= accepted_width(total, tolerance)
 
 
 def fewest_below(noise: Sequence[float], quantized_error: float, target_error: float, scale: float = 1.0) -> int:
@@ -205,11 +211,15 @@ def grow_until_met(
     """The fewest `count` in (failing, total] with `value(count) >= target`, assuming more is
     never worse. Tries `start`; while it fails, doubles the count (or jumps to `suggest(count)`
     when that is more: a prediction lets the search skip counts that cannot meet). When `start`
-    itself meets, looks one below first (a good prediction is usually right). Then narrows the
-    bracket by steps interpolated from the values at its ends, while they at least halve it,
-    and by a bisection step after one that did not (so at most twice a bisection's steps),
-    until it is `narrow_enough` for `tolerance` (0: exact). Returns `total` when nothing meets.
+    itself meets, looks one accepted width (`accepted_width`: one layer when `tolerance` is 0)
+    below first (a good prediction is usually right). Then narrows the bracket by steps
+    interpolated from the values at its ends, while they at least halve it, and by a bisection
+    step after one that did not (so at most twice a bisection's steps), until it is
+    `narrow_enough`. An interpolated step stays at least an accepted width below the met end:
+    closer, it could gain less than the search gives away anyway. Returns `total` when nothing
+    meets.
     """
+    step = accepted_width(total, tolerance)
     values: dict[int, float] = {}
 
     def measured(count: int) -> float:
@@ -226,9 +236,9 @@ def grow_until_met(
         count = min(grown, total)
     passing = count
     if passing == start and not narrow_enough(failing, passing, total, tolerance):
-        if measured(passing - 1) < target:
+        if measured(passing - step) < target:
             return passing
-        passing -= 1
+        passing -= step
     width = passing - failing
     interpolate = failing in values
     while not narrow_enough(failing, passing, total, tolerance):
@@ -236,7 +246,7 @@ def grow_until_met(
         if interpolate:
             low, high = measured(failing), values[passing]
             share = (target - low) / (high - low) if high > low else 0.5
-            middle = min(max(failing + math.ceil(share * (passing - failing)), failing + 1), passing - 1)
+            middle = min(max(failing + math.ceil(share * (passing - failing)), failing + 1), passing - step)
         if measured(middle) >= target:
             passing = middle
         else:
