@@ -647,7 +647,7 @@ SEARCH_ROWS_SHARE = 0.25
 # ... aiming at this share of the target's error, so that every row usually meets the target.
 SEARCH_ERROR_MARGIN = 0.8
 # The search accepts the met end of a bracket of counts this narrow (a share of the layers).
-SEARCH_TOLERANCE = 0.05
+SEARCH_TOLERANCE = 0.08
 
 
 @dataclass(frozen=True)
