@@ -568,6 +568,7 @@ class Quantize(Pass):
             raise UserError("quantize: sensitivity analysis needs calibration inputs, and none were read")
         started = time.perf_counter()
         metric: Metric = self.target_metric
+        searched_rows = 0
         observed = sorted({name for layer in layers for name in [*layer.inputs, layer.output]})
         runs = SensitivityRuns(ctx.runner_factory, feeds, [t.name for t in model.graph.outputs], metric,
                                emulator, observed, ctx.log)
@@ -598,6 +599,7 @@ class Quantize(Pass):
             ctx.log.info("quantize: sensitivity: %d trials on %d rows in %.2f s: %d layers float, %s %.6f (aim %.6f)",
                          runs.emulation_runs - before, runs.rows, time.perf_counter() - timer,
                          len(result.kept_float), metric, result.score, search_target)
+            searched_rows = runs.rows
             runs.widen()
         info: dict[str, Any] = {"score": result.score}
         if runs.trials is not None:
@@ -615,6 +617,8 @@ class Quantize(Pass):
             "emulation_runs": runs.emulation_runs,
             "real_runs": runs.real_runs,
             "sensitivity_seconds": round(time.perf_counter() - started, 3),
+            # Rows the fast search's trials ran on (0: exhaustive); the score is on every row.
+            "search_rows": searched_rows,
         }
         return frozenset(item.key for item in result.kept_float), info
 
