@@ -14,7 +14,11 @@ Static mode (the default) calibrates activation ranges on real inputs and insert
    in float until `target_metric` reaches `target_min`. Trials run on one emulation model whose
    Q/DQ pairs sit behind run-time switches (`iropt.compress.quant.emulation`, one session, a run
    per trial; `iropt.compress.quant.trials`), and the model chosen is rewritten and run once for
-   its real metric. The ranking, the runs and the time are logged and returned in `info`.
+   its real metric. The fast ranking's noise run and trials use a quarter of the rows (at least
+   four) against a target with a fifth of its error taken off, and accept a count within 8% of
+   the layers of the fewest; the real run on every row is the check, and where it misses the
+   target the search goes on over every row from there. The ranking, the runs and the time of
+   each phase are logged and returned in `info`.
 4. Rewrite (`iropt.compress.quant.rewrite`) for the format: `ort` = uint8 asymmetric activations,
    int8 per-channel weights, int32 bias (what ORT's QDQ fusion turns into QLinearConv/QGemm;
    weights keep to 7 bits where the target's uint8 x int8 kernels may saturate, `weight_range`);

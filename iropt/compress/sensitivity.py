@@ -13,8 +13,12 @@ Two rankings:
   (`grow_until_met`): it starts at the count the noise predicts (`fewest_below`: the quantized
   model's error shared among the layers by their noise), grows by doubling or further where the
   prediction, corrected by each measurement, says fewer cannot meet, and narrows the bracket by
-  interpolation and bisection: O(log n) model runs. When few layers end up in float (fewer than
-  `refine`), the `refine` worst by noise are measured alone, reordered, and the search repeated.
+  interpolation and bisection: O(log n) model runs, stopping once the bracket is within a
+  tolerance (`narrow_enough`) and keeping its met end. When few layers end up in float (fewer
+  than `refine`), the `refine` worst by noise are measured alone, reordered, and the search
+  repeated. A caller that searches on part of its rows aims at a `tightened` target and, where
+  all the rows then miss the real one, goes on from that count over all of them
+  (`continue_search`).
 
 The model runs themselves are the caller's (`Evaluate`): the quantize pass runs them on one
 emulation model with run-time switches (`iropt.compress.quant.emulation`), or on a rewritten
