@@ -361,3 +361,22 @@ def test_first_rows_slices_the_feeds_and_their_runs_together() -> None:
     # A tensor whose leading dimension is not the feed's rows: they cannot be told apart.
     runs[0]["total"] = np.zeros(5, np.float32)
     assert first_rows(feeds, runs, 2) is None
+
+
+def test_a_count_that_misses_the_target_on_every_row_is_grown_there(tmp_path: Path) -> None:
+    """The search's rows (the first quarter) are all zeros: fc1 is silent on them (negative
+    biases) and TensorRT's format keeps biases float, so fc2's rounded weights cost nothing there
+    and the search keeps fc2 quantized. The real run on every row misses the target, and the
+    search goes on over every row, in its order, until fc2 is float too."""
+    model = _fragile_mlp()
+    model.graph.tensors()["b1"].values[1:] = -0.5
+    want_model = model.copy()
+    rng = np.random.default_rng(1)
+    x = np.concatenate([np.zeros((12, 16), np.float32), 3 * rng.standard_normal((36, 16)).astype(np.float32)])
+    spec = write_feeds(tmp_path, {"x": x})
+    result, _ = quantize(model, spec, format="tensorrt", sensitivity=True, target_min=0.995)
+    info = result.info
+    assert info["search_rows"] == 12 and info["real_runs"] == 2
+    assert "fc2 (Gemm)" in info["kept_float"] and _fc_is_float(model, "fc2")
+    real = cosine(run(want_model, {"x": x})["y"], run(model, {"x": x})["y"])
+    assert real >= 0.995 and info["score"] == pytest.approx(real, abs=1e-6)
