@@ -8,6 +8,7 @@ is made harmful on purpose, and with the emulation unavailable (the rebuild fall
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections.abc import Collection, Sequence
@@ -380,3 +381,17 @@ def test_a_count_that_misses_the_target_on_every_row_is_grown_there(tmp_path: Pa
     assert "fc2 (Gemm)" in info["kept_float"] and _fc_is_float(model, "fc2")
     real = cosine(run(want_model, {"x": x})["y"], run(model, {"x": x})["y"])
     assert real >= 0.995 and info["score"] == pytest.approx(real, abs=1e-6)
+
+
+def test_few_rows_are_searched_on_whole_against_the_target_itself(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With no more rows than the search's least, it runs on all of them, aiming at the target."""
+    x = np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32)
+    spec = write_feeds(tmp_path, {"x": x})
+    model = _fragile_mlp()
+    with caplog.at_level(logging.INFO, logger="iropt.test_quantize"):
+        result, _ = quantize(model, spec, sensitivity=True, target_min=0.995)
+    assert "on 4 rows" in caplog.text and "(aim 0.995000)" in caplog.text
+    assert result.info["search_rows"] == 4 and result.info["real_runs"] == 1
+    assert result.info["score"] >= 0.995 and _fc_is_float(model, "fc2")

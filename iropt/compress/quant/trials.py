@@ -161,8 +161,9 @@ class SensitivityRuns:
     def narrow(self, float_runs: Sequence[Mapping[str, np.ndarray]], rows: int) -> list[dict[str, np.ndarray]] | None:
         """Run the emulated trials on the first `rows` rows from now on, until `widen`; returns
         those rows of `float_runs` (the float model's runs over every feed), or None (and changes
-        nothing) when there is no emulation or the rows cannot be told apart in every tensor."""
-        if self.trials is None or self._all is not None:
+        nothing) when there is no emulation, `rows` is all of them, or the rows cannot be told
+        apart in every tensor."""
+        if self.trials is None or self._all is not None or rows >= self.rows:
             return None
         sliced = first_rows(self.feeds, float_runs, rows)
         if sliced is None:
