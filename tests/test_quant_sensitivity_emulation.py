@@ -8,6 +8,7 @@ is made harmful on purpose, and with the emulation unavailable (the rebuild fall
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections.abc import Collection, Sequence
@@ -23,7 +24,18 @@ from iropt.compress.quant.emulation import SWITCHES, Emulation, NotEmulated, bui
 from iropt.compress.quant.params import SCHEMES
 from iropt.compress.quant.placement import DEFAULT_OP_TYPES, Plan, plan_quantization, tensor_types
 from iropt.compress.quant.rewrite import insert_qdq
-from iropt.compress.sensitivity import analyze, fewest_below, grow_until_met
+from iropt.compress.quant.trials import first_rows
+from iropt.compress.sensitivity import (
+    LayerScore,
+    SensitivityResult,
+    accepted_width,
+    analyze,
+    continue_search,
+    fewest_below,
+    grow_until_met,
+    search_rows,
+    tightened,
+)
 from iropt.io.load import load_model
 from iropt.ir.model import Model
 from iropt.ir.toposort import sorted_nodes
@@ -180,6 +192,8 @@ def test_emulated_search_keeps_only_the_harmful_layer_and_runs_one_real_model(tm
     assert real >= 0.995 and info["score"] == pytest.approx(real, abs=1e-6)
     assert info["emulated_score"] == pytest.approx(info["score"], abs=1e-4)
     assert info["sensitivity_seconds"] >= 0
+    # The fast search's trials run on a quarter of the 48 rows; the real run on all of them.
+    assert info["search_rows"] == (12 if ranking == "fast" else 0)
 
 
 def test_emulated_and_rebuilt_searches_agree(tmp_path: Path) -> None:
@@ -282,3 +296,102 @@ def test_ray_is_not_imported_to_ask_whether_it_runs() -> None:
         "assert 'ray' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("needed", [1, 2, 3, 5, 8, 13, 20])
+@pytest.mark.parametrize("start", [0, 1, 4, 7, 20])
+@pytest.mark.parametrize("curve", ["linear", "steep", "step"])
+def test_grow_until_met_with_a_tolerance_stops_within_it(needed: int, start: int, curve: str) -> None:
+    """The count returned meets, and is at most the accepted width minus one above the fewest."""
+    calls: list[int] = []
+
+    def value(count: int) -> float:
+        calls.append(count)
+        shape = {"linear": count / 20, "steep": 1 - (1 - count / 20) ** 4, "step": float(count >= needed)}[curve]
+        return 1.0 + shape if count >= needed else shape * 0.5
+
+    found = grow_until_met(value, 1.0, 20, start, tolerance=0.2)
+    assert accepted_width(20, 0.2) == 4
+    assert needed <= found <= needed + 3
+    assert len(calls) == len(set(calls))
+    exact = len(calls)
+    calls.clear()
+    grow_until_met(value, 1.0, 20, start)
+    assert exact <= len(calls)  # a tolerance never costs more trials
+
+
+def test_accepted_width_is_at_least_one_layer() -> None:
+    assert accepted_width(52, 0.08) == 4 and accepted_width(12, 0.08) == 1 and accepted_width(52, 0.0) == 1
+
+
+def test_tightened_scales_the_error_of_the_target() -> None:
+    assert tightened(0.999, "cosine", 0.8) == pytest.approx(0.9992)
+    assert tightened(0.9, "top1", 0.5) == pytest.approx(0.95)
+    assert tightened(20.0, "snr", 0.1) == pytest.approx(30.0)  # a tenth of the noise: 10 dB more
+
+
+def test_search_rows_is_a_quarter_and_at_least_a_few() -> None:
+    assert [search_rows(rows) for rows in (1, 3, 4, 10, 16, 48, 64, 1000)] == [1, 3, 4, 4, 4, 12, 16, 250]
+
+
+def test_continue_search_grows_from_the_count_that_fell_short() -> None:
+    """A count chosen on part of the rows misses the target on all of them: the search goes on
+    above it, in the same order, to the fewest that meets."""
+    ranking = [LayerScore(f"k{i}", f"layer {i}", float(i)) for i in range(10)]
+    short = SensitivityResult(ranking, ranking[:2], 0.9, True, {}, 5)
+    asked: list[int] = []
+
+    def evaluate(only: frozenset[str] | None, floats: frozenset[str]) -> float:
+        assert only is None and floats == frozenset(item.key for item in ranking[: len(floats)])
+        asked.append(len(floats))
+        return 1.0 if len(floats) >= 6 else 0.5
+
+    result = continue_search(short, evaluate, 0.99)
+    assert [item.key for item in result.kept_float] == [f"k{i}" for i in range(6)]
+    assert result.met and result.score == 1.0 and result.ranking == ranking
+    assert min(asked) == 3 and result.evaluations == 5 + len(asked)
+
+
+def test_first_rows_slices_the_feeds_and_their_runs_together() -> None:
+    feeds = [{"x": np.arange(6, dtype=np.float32).reshape(3, 2)}, {"x": np.arange(4, dtype=np.float32).reshape(2, 2)}]
+    runs = [{"x": feed["x"], "y": feed["x"].sum(axis=1)} for feed in feeds]
+    taken = first_rows(feeds, runs, 4)
+    assert taken is not None and [feed["x"].shape[0] for feed, _ in taken] == [3, 1]
+    np.testing.assert_array_equal(taken[1][1]["y"], runs[1]["y"][:1])
+    assert len(first_rows(feeds, runs, 2) or []) == 1
+    # A tensor whose leading dimension is not the feed's rows: they cannot be told apart.
+    runs[0]["total"] = np.zeros(5, np.float32)
+    assert first_rows(feeds, runs, 2) is None
+
+
+def test_a_count_that_misses_the_target_on_every_row_is_grown_there(tmp_path: Path) -> None:
+    """The search's rows (the first quarter) are all zeros: fc1 is silent on them (negative
+    biases) and TensorRT's format keeps biases float, so fc2's rounded weights cost nothing there
+    and the search keeps fc2 quantized. The real run on every row misses the target, and the
+    search goes on over every row, in its order, until fc2 is float too."""
+    model = _fragile_mlp()
+    model.graph.tensors()["b1"].values[1:] = -0.5
+    want_model = model.copy()
+    rng = np.random.default_rng(1)
+    x = np.concatenate([np.zeros((12, 16), np.float32), 3 * rng.standard_normal((36, 16)).astype(np.float32)])
+    spec = write_feeds(tmp_path, {"x": x})
+    result, _ = quantize(model, spec, format="tensorrt", sensitivity=True, target_min=0.995)
+    info = result.info
+    assert info["search_rows"] == 12 and info["real_runs"] == 2
+    assert "fc2 (Gemm)" in info["kept_float"] and _fc_is_float(model, "fc2")
+    real = cosine(run(want_model, {"x": x})["y"], run(model, {"x": x})["y"])
+    assert real >= 0.995 and info["score"] == pytest.approx(real, abs=1e-6)
+
+
+def test_few_rows_are_searched_on_whole_against_the_target_itself(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With no more rows than the search's least, it runs on all of them, aiming at the target."""
+    x = np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32)
+    spec = write_feeds(tmp_path, {"x": x})
+    model = _fragile_mlp()
+    with caplog.at_level(logging.INFO, logger="iropt.test_quantize"):
+        result, _ = quantize(model, spec, sensitivity=True, target_min=0.995)
+    assert "on 4 rows" in caplog.text and "(aim 0.995000)" in caplog.text
+    assert result.info["search_rows"] == 4 and result.info["real_runs"] == 1
+    assert result.info["score"] >= 0.995 and _fc_is_float(model, "fc2")

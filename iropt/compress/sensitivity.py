@@ -13,8 +13,12 @@ Two rankings:
   (`grow_until_met`): it starts at the count the noise predicts (`fewest_below`: the quantized
   model's error shared among the layers by their noise), grows by doubling or further where the
   prediction, corrected by each measurement, says fewer cannot meet, and narrows the bracket by
-  interpolation and bisection: O(log n) model runs. When few layers end up in float (fewer than
-  `refine`), the `refine` worst by noise are measured alone, reordered, and the search repeated.
+  interpolation and bisection: O(log n) model runs, stopping once the bracket is within a
+  tolerance (`narrow_enough`) and keeping its met end. When few layers end up in float (fewer
+  than `refine`), the `refine` worst by noise are measured alone, reordered, and the search
+  repeated. A caller that searches on part of its rows aims at a `tightened` target and, where
+  all the rows then miss the real one, goes on from that count over all of them
+  (`continue_search`).
 
 The model runs themselves are the caller's (`Evaluate`): the quantize pass runs them on one
 emulation model with run-time switches (`iropt.compress.quant.emulation`), or on a rewritten
@@ -160,6 +164,32 @@ def error_of(value: float, metric: Metric) -> float:
     return max(1.0 - value, 0.0)
 
 
+def tightened(target: float, metric: Metric, factor: float) -> float:
+    """`target` with its error (`error_of`) scaled by `factor` < 1: the stricter target a search
+    on part of the rows aims at, so that the whole set of rows usually meets `target` too."""
+    if metric == "snr":
+        return target - 10.0 * math.log10(factor)
+    return 1.0 - factor * (1.0 - target)
+
+
+def search_rows(rows: int, share: float = 0.25, least: int = 4) -> int:
+    """How many of `rows` the fast search's trials run on: `share` of them, at least `least`
+    (or all, when there are no more)."""
+    return min(rows, max(math.ceil(share * rows), least))
+
+
+def accepted_width(total: int, tolerance: float) -> int:
+    """The widest bracket of counts the search accepts: `tolerance` of the `total` layers, at
+    least one layer (exact)."""
+    return max(1, math.floor(tolerance * total))
+
+
+def narrow_enough(failing: int, passing: int, total: int, tolerance: float) -> bool:
+    """Whether a bracket (`failing` does not meet, `passing` does) is narrow enough to accept its
+    met end (`accepted_width`)."""
+    return passing - failing <= accepted_width(total, tolerance)
+
+
 def fewest_below(noise: Sequence[float], quantized_error: float, target_error: float, scale: float = 1.0) -> int:
     """Predicted fewest leading layers of `noise` (added noise-to-signal ratios, in ranking order)
     to keep in float so that the model's error falls to `target_error`.
@@ -180,16 +210,20 @@ def fewest_below(noise: Sequence[float], quantized_error: float, target_error: f
 
 def grow_until_met(
     value: Callable[[int], float], target: float, total: int, start: int, failing: int = 0,
-    suggest: Callable[[int], int] | None = None,
+    suggest: Callable[[int], int] | None = None, tolerance: float = 0.0,
 ) -> int:
     """The fewest `count` in (failing, total] with `value(count) >= target`, assuming more is
     never worse. Tries `start`; while it fails, doubles the count (or jumps to `suggest(count)`
     when that is more: a prediction lets the search skip counts that cannot meet). When `start`
-    itself meets, looks one below first (a good prediction is usually right). Then narrows the
-    bracket by steps interpolated from the values at its ends, while they at least halve it,
-    and by a bisection step after one that did not (so at most twice a bisection's steps).
-    Returns `total` when nothing meets.
+    itself meets, looks one accepted width (`accepted_width`: one layer when `tolerance` is 0)
+    below first (a good prediction is usually right). Then narrows the bracket by steps
+    interpolated from the values at its ends, while they at least halve it, and by a bisection
+    step after one that did not (so at most twice a bisection's steps), until it is
+    `narrow_enough`. An interpolated step stays at least an accepted width below the met end:
+    closer, it could gain less than the search gives away anyway. Returns `total` when nothing
+    meets.
     """
+    step = accepted_width(total, tolerance)
     values: dict[int, float] = {}
 
     def measured(count: int) -> float:
@@ -205,18 +239,18 @@ def grow_until_met(
         grown = 2 * count if suggest is None else max(2 * count, suggest(count))
         count = min(grown, total)
     passing = count
-    if passing == start and passing - 1 > failing:
-        if measured(passing - 1) < target:
+    if passing == start and not narrow_enough(failing, passing, total, tolerance):
+        if measured(passing - step) < target:
             return passing
-        passing -= 1
+        passing -= step
     width = passing - failing
     interpolate = failing in values
-    while passing - failing > 1:
+    while not narrow_enough(failing, passing, total, tolerance):
         middle = (failing + passing) // 2
         if interpolate:
             low, high = measured(failing), values[passing]
             share = (target - low) / (high - low) if high > low else 0.5
-            middle = min(max(failing + math.ceil(share * (passing - failing)), failing + 1), passing - 1)
+            middle = min(max(failing + math.ceil(share * (passing - failing)), failing + 1), passing - step)
         if measured(middle) >= target:
             passing = middle
         else:
@@ -239,6 +273,7 @@ def analyze_fast(
     quantized_score: float | None = None,
     metric: Metric = "cosine",
     evaluate_many: EvaluateMany | None = None,
+    tolerance: float = 0.0,
 ) -> SensitivityResult:
     """Rank `layers` by `noise_db` (from `added_noise_db`) and keep the fewest worst-ranked in
     float that let the model meet `target_min`.
@@ -249,7 +284,8 @@ def analyze_fast(
     `evaluate_many`, in parallel where it can), reordered by that, and the search is repeated
     on the new order from the count found; with more, their order among themselves changes
     nothing and they are not measured. `quantized_score`: the metric of the fully quantized
-    model when the caller has it already (from the run that measured the noise).
+    model when the caller has it already (from the run that measured the noise). `tolerance`:
+    the search accepts the met end of a bracket within that share of the layers (`narrow_enough`).
     """
     by_noise = sorted((LayerScore(key, label, noise_db[key]) for key, label in layers), key=lambda item: item.score)
     tried: dict[frozenset[str], float] = {} if quantized_score is None else {frozenset(): quantized_score}
@@ -282,7 +318,8 @@ def analyze_fast(
 
         if start < 0:
             start = fewest_below(nsr, quantized_error, target_error)
-        return grow_until_met(lambda n: measured(ranking, n), target_min, len(ranking), start, suggest=suggest)
+        return grow_until_met(lambda n: measured(ranking, n), target_min, len(ranking), start, suggest=suggest,
+                              tolerance=tolerance)
 
     if measured(by_noise, 0) >= target_min:
         return result(by_noise, 0)
@@ -295,3 +332,22 @@ def analyze_fast(
     alone.update((item.key, value) for item, value in zip(top, scores, strict=True))
     ranking = sorted(top, key=lambda item: alone[item.key]) + by_noise[refine:]
     return result(ranking, search(ranking, count))
+
+
+def continue_search(result: SensitivityResult, evaluate: Evaluate, target_min: float) -> SensitivityResult:
+    """The fewest of `result.ranking` to keep in float beyond `result.kept_float`, which does not
+    meet `target_min` on the rows `evaluate` runs on (it met a search on part of them): grows the
+    count from there (`grow_until_met`, exact), in the same order."""
+    ranking = result.ranking
+    failing = len(result.kept_float)
+    values: dict[int, float] = {}
+
+    def measured(count: int) -> float:
+        if count not in values:
+            values[count] = evaluate(None, frozenset(item.key for item in ranking[:count]))
+        return values[count]
+
+    count = grow_until_met(measured, target_min, len(ranking), failing + 1, failing)
+    value = measured(count)
+    return SensitivityResult(ranking, ranking[:count], value, value >= target_min, result.alone,
+                             result.evaluations + len(values))

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
-from iropt.compress.calibration import with_outputs
+from iropt.compress.calibration import rows_of, with_outputs
 from iropt.compress.quant.emulation import SWITCHES, Emulation, NotEmulated
 from iropt.compress.sensitivity import Metric, Outputs, score
 from iropt.ir.model import Model
@@ -58,7 +59,7 @@ class EmulatedTrials:
 
     def _runner(self, observing: bool) -> Runner:
         if observing not in self._runners:
-            model = with_outputs(self.emulate(self.observed).model, self.observed) if observing else self.emulation.model
+            model = _observing(self.emulate(self.observed).model, self.observed) if observing else self.emulation.model
             self._runners[observing] = self.runner_factory(model)
             self.sessions += 1
         return self._runners[observing]
@@ -116,6 +117,8 @@ class SensitivityRuns:
         self.observed = list(observed)
         self.real_runs = 0  # each on a session of its own
         self.reference: list[dict[str, np.ndarray]] = []
+        # While the search runs on part of the rows (`narrow`): every row's feeds and reference.
+        self._all: tuple[list[Feeds], list[dict[str, np.ndarray]]] | None = None
         self.trials = self._emulate(emulator, log)
         self.emulator = emulator if self.trials is not None else None
 
@@ -155,6 +158,34 @@ class SensitivityRuns:
         self.reference = [{name: run[name] for name in self.outputs} for run in runs]
         return runs
 
+    def narrow(self, float_runs: Sequence[Mapping[str, np.ndarray]], rows: int) -> list[dict[str, np.ndarray]] | None:
+        """Run the emulated trials on the first `rows` rows from now on, until `widen`; returns
+        those rows of `float_runs` (the float model's runs over every feed), or None (and changes
+        nothing) when there is no emulation, `rows` is all of them, or the rows cannot be told
+        apart in every tensor."""
+        if self.trials is None or self._all is not None or rows >= self.rows:
+            return None
+        sliced = first_rows(self.feeds, float_runs, rows)
+        if sliced is None:
+            return None
+        self._all = (self.feeds, self.reference)
+        self.feeds = [dict(feed) for feed, _ in sliced]
+        self.trials.feeds = self.feeds
+        self.reference = [{name: run[name] for name in self.outputs} for _, run in sliced]
+        return [run for _, run in sliced]
+
+    def widen(self) -> None:
+        """Back to every row (after `narrow`)."""
+        if self._all is not None:
+            self.feeds, self.reference = self._all
+            self._all = None
+            if self.trials is not None:
+                self.trials.feeds = self.feeds
+
+    @property
+    def rows(self) -> int:
+        return sum(rows_of(feed) for feed in self.feeds)
+
     def quantized_runs(self, model: Model, build: Build) -> list[dict[str, np.ndarray]]:
         """The fully quantized model's outputs and observed tensors per feed."""
         return self._all_or_nothing(model, build, quantize=True)
@@ -193,6 +224,46 @@ class SensitivityRuns:
         runner = self.runner_factory(model)
         self.real_runs += 1
         return [runner.run(feed) for feed in self.feeds]
+
+
+def _observing(model: Model, tensors: Sequence[str]) -> Model:
+    """`model` (a fresh emulation, this caller's own) with `tensors` among its outputs, added in
+    place: a copy through the proto (`with_outputs`) costs a third of a trial on a detector. Falls
+    back to that copy for a tensor that is not a variable of the main graph."""
+    graph = model.graph
+    variables = graph.tensors()
+    if not all(isinstance(variables.get(name), gs.Variable) for name in tensors):
+        return with_outputs(model, tensors)
+    present = {tensor.name for tensor in graph.outputs}
+    for name in tensors:
+        if name not in present:
+            tensor = variables[name]
+            if tensor.dtype is None:
+                tensor.dtype = np.float32
+            graph.outputs.append(tensor)
+            present.add(name)
+    return model
+
+
+def first_rows(
+    feeds: Sequence[Feeds], runs: Sequence[Mapping[str, np.ndarray]], rows: int,
+) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] | None:
+    """The first `rows` rows of `feeds` with their `runs` (the feed's inputs and tensors of a run
+    over it), slicing the last feed taken; None when some input or tensor of a feed taken does
+    not have that feed's rows as its leading dimension (its rows could not be told apart)."""
+    taken: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+    left = rows
+    for feed, run in zip(feeds, runs, strict=True):
+        if left <= 0:
+            break
+        count = rows_of(feed)
+        arrays = [*feed.values(), *run.values()]
+        if count < 1 or any(np.ndim(a) == 0 or np.shape(a)[0] != count for a in arrays):
+            return None
+        keep = min(count, left)
+        taken.append(({k: v[:keep] for k, v in feed.items()}, {k: v[:keep] for k, v in run.items()}))
+        left -= keep
+    return taken
 
 
 def run_switched(runner: Runner, feeds: Sequence[Feeds], switches: np.ndarray) -> list[dict[str, np.ndarray]]:
