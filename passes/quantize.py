@@ -366,6 +366,8 @@ class Quantize(Pass):
             skipped_slow=len(slow_reasons),
             calibration_samples=samples,
         )
+        # Calibrating alone leaves the model as it was: it changed only if a layer was quantized.
+        result.changed = rewrite.quantized_nodes > 0
         # The report names every layer left in float and why, not only the -v log.
         result.info = {**info, "skipped_slow": list(slow_reasons.values()), "excluded": excluded_labels}
         if placement == "measured":

@@ -210,6 +210,18 @@ def test_measured_placement_keeps_conv_transpose_float(tmp_path: Path, caplog: p
     assert repeat.stats["kept_float_measured"] == result.stats["kept_float_measured"]
 
 
+def test_a_model_left_all_float_is_reported_unchanged(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    model = build(CONV_TRANSPOSE, {"w1": rand(rng, 8, 8, 3, 3), "b1": rand(rng, 8), "w2": rand(rng, 8, 4, 2, 2),
+                                   "b2": rand(rng, 4)})
+    calibration = write_feeds(tmp_path, {"x": rand(rng, 2, 8, 8, 8, scale=1.0)})
+    # Only float reaches cosine 1: sensitivity keeps every layer float.
+    result, _ = quantize(model, calibration, target="ort", placement="rules", sensitivity=True, target_min=1.0)
+    assert result.stats["quantized_nodes"] == 0 and result.stats["calibration_samples"] > 0
+    assert not result.changed
+    assert not any(node.op in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.nodes)
+
+
 def test_placement_option_is_validated() -> None:
     with pytest.raises(OptionError):
         create_pass("quantize", {"placement": "fastest"})
