@@ -187,10 +187,15 @@ agraph (float[2, 8, 8, 8] x) => (float[2, 4, 16, 16] y) {
 """
 
 
+def _conv_transpose_model(rng: np.random.Generator) -> Model:
+    """CONV_TRANSPOSE with random weights: a Conv ORT may run faster in int8, and a ConvTranspose it cannot."""
+    return build(CONV_TRANSPOSE, {"w1": rand(rng, 8, 8, 3, 3), "b1": rand(rng, 8), "w2": rand(rng, 8, 4, 2, 2),
+                                  "b2": rand(rng, 4)})
+
+
 def test_measured_placement_keeps_conv_transpose_float(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     rng = np.random.default_rng(1)
-    model = build(CONV_TRANSPOSE, {"w1": rand(rng, 8, 8, 3, 3), "b1": rand(rng, 8), "w2": rand(rng, 8, 4, 2, 2),
-                                   "b2": rand(rng, 4)})
+    model = _conv_transpose_model(rng)
     calibration = write_feeds(tmp_path, {"x": rand(rng, 2, 8, 8, 8, scale=1.0)})
     with caplog.at_level(logging.INFO):
         result, _ = quantize(model, calibration, target="ort", placement="measured", log=logging.getLogger("iropt.t"))
@@ -203,8 +208,7 @@ def test_measured_placement_keeps_conv_transpose_float(tmp_path: Path, caplog: p
     assert measured["layers_float_ms"] > 0 and measured["measuring_seconds"] > 0
     assert "measured placement took" in caplog.text
     # The same model again: the verdict comes from the timing cache.
-    again = build(CONV_TRANSPOSE, {"w1": rand(rng, 8, 8, 3, 3), "b1": rand(rng, 8), "w2": rand(rng, 8, 4, 2, 2),
-                                   "b2": rand(rng, 4)})
+    again = _conv_transpose_model(rng)
     repeat, _ = quantize(again, calibration, target="ort", placement="measured")
     assert repeat.info["measured"]["from_cache"]
     assert repeat.stats["kept_float_measured"] == result.stats["kept_float_measured"]
@@ -212,8 +216,7 @@ def test_measured_placement_keeps_conv_transpose_float(tmp_path: Path, caplog: p
 
 def test_a_model_left_all_float_is_reported_unchanged(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
-    model = build(CONV_TRANSPOSE, {"w1": rand(rng, 8, 8, 3, 3), "b1": rand(rng, 8), "w2": rand(rng, 8, 4, 2, 2),
-                                   "b2": rand(rng, 4)})
+    model = _conv_transpose_model(rng)
     calibration = write_feeds(tmp_path, {"x": rand(rng, 2, 8, 8, 8, scale=1.0)})
     # Only float reaches cosine 1: sensitivity keeps every layer float.
     result, _ = quantize(model, calibration, target="ort", placement="rules", sensitivity=True, target_min=1.0)
@@ -307,8 +310,7 @@ def test_a_cached_verdict_that_is_not_ours_is_ignored() -> None:
 
 def test_sensitivity_ranks_only_the_layers_measured_placement_left_int8(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
-    model = build(CONV_TRANSPOSE, {"w1": rand(rng, 8, 8, 3, 3), "b1": rand(rng, 8), "w2": rand(rng, 8, 4, 2, 2),
-                                   "b2": rand(rng, 4)})
+    model = _conv_transpose_model(rng)
     calibration = write_feeds(tmp_path, {"x": rand(rng, 2, 8, 8, 8, scale=1.0)})
     result, _ = quantize(model, calibration, target="ort", placement="measured", sensitivity=True, target_min=0.0)
     float_layers = {item["layer"] for item in result.info["kept_float_measured"]}
@@ -341,8 +343,7 @@ def test_placement_falls_back_to_rules_when_layers_cannot_be_timed(
 ) -> None:
     monkeypatch.setenv("IROPT_CACHE_DIR", str(tmp_path / "cache"))  # nothing known: it must measure
     rng = np.random.default_rng(4)
-    model = build(CONV_TRANSPOSE, {"w1": rand(rng, 8, 8, 3, 3), "b1": rand(rng, 8), "w2": rand(rng, 8, 4, 2, 2),
-                                   "b2": rand(rng, 4)})
+    model = _conv_transpose_model(rng)
     pass_ = create_pass("quantize", {"calibration": write_feeds(tmp_path, {"x": rand(rng, 2, 8, 8, 8)})})
     ctx = PassContext(model_profiler=_UnavailableProfiler(), log=logging.getLogger("iropt.t"))  # type: ignore[arg-type]
     with caplog.at_level(logging.WARNING):
