@@ -319,22 +319,16 @@ class Quantize(Pass):
         measured: dict[str, dict[str, str]] = {}
         measured_info: dict[str, Any] = {}
         if placement == "measured" and first:
-            excluded_keys = frozenset(
-                node_key(i) for i, n in enumerate(model.graph.nodes) if self._excluded()(n, node_key(i))
-            )
             outcome = place_by_measurement(
-                model, plan, lambda target, floats: build(target, None, floats | excluded_keys),
-                first[0], ctx, cache=TimingCache(),
+                model, plan, lambda target, floats: build(target, None, floats), first[0], ctx, cache=TimingCache(),
             )
             if outcome is None:
                 placement, slow_reasons = "rules", self._slow_nodes(model, op_types, ctx)
             else:
                 measured, measured_info = outcome
             if measured or slow_reasons:
-                slow = frozenset(measured or slow_reasons)
-                plan = plan_quantization(
-                    model.graph, scheme, op_types=op_types, excluded=self._excluded(slow), dtypes=dtypes
-                )
+                slow = frozenset(measured or slow_reasons)  # `plan_of` and `build` read it from here on
+                plan = plan_of(model.graph, None, frozenset())
         floats: frozenset[str] = frozenset()
         info: dict[str, Any] = {}
         if self.sensitivity and plan.nodes:
@@ -352,10 +346,7 @@ class Quantize(Pass):
                 return frozenset(c.key for c in plan_of(model.graph, only, floats).nodes)
 
             floats, info = self._sensitivity(model, ctx, layers, build, kept, kept_outputs, Emulator(emulate, quantized))
-            plan = plan_quantization(
-                model.graph, scheme, op_types=op_types, excluded=self._excluded(floats | slow),
-                dtypes=dtypes,
-            )
+            plan = plan_of(model.graph, None, floats)
         rewrite = _rewrite_static(model, plan, params, scheme)
         result = PassResult.from_stats(
             quantized_nodes=rewrite.quantized_nodes,
