@@ -168,11 +168,7 @@ def make_session(
         raise UserError(
             f"unknown optimization_level '{optimization_level}'; choose one of: {', '.join(_LEVELS)}"
         )
-    options = ort.SessionOptions()
-    options.graph_optimization_level = _LEVELS[optimization_level]
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = inter_op_threads
-    options.log_severity_level = _LOG_ERRORS_ONLY
+    options = _session_options(optimization_level, intra_op_threads, inter_op_threads)
     if not prepack_weights:
         options.add_session_config_entry("session.disable_prepacking", "1")
     if optimized_model_path is not None:
@@ -273,6 +269,18 @@ def _externalize_optimized(
         )
 
 
+def _session_options(
+    optimization_level: OptimizationLevel, intra_op_threads: int, inter_op_threads: int,
+    log_level: int = _LOG_ERRORS_ONLY,
+) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _LEVELS[optimization_level]
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    options.log_severity_level = log_level
+    return options
+
+
 def _create(
     model: str | bytes, options: ort.SessionOptions, providers: Sequence[str]
 ) -> ort.InferenceSession:
@@ -342,11 +350,8 @@ def profile_models(
 def _profiling_session(
     model: ModelLike, prefix: Path, threads: int, optimization_level: OptimizationLevel
 ) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = _LEVELS[optimization_level]
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = _LOG_FATAL_ONLY  # the optimized model's hardware-specific warning
+    # Fatal only: ORT warns that the optimized model it writes is specific to this hardware.
+    options = _session_options(optimization_level, threads, 1, log_level=_LOG_FATAL_ONLY)
     _no_spinning(options, threads)
     options.enable_profiling = True
     options.profile_file_prefix = str(prefix)
@@ -367,11 +372,7 @@ def _no_spinning(options: ort.SessionOptions, threads: int) -> None:
 
 
 def _timing_session(model: ModelLike, threads: int, optimization_level: OptimizationLevel) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = _LEVELS[optimization_level]
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = _LOG_ERRORS_ONLY
+    options = _session_options(optimization_level, threads, 1)
     _no_spinning(options, threads)
     return _created_from(model, functools.partial(_create, options=options, providers=[CPU]))
 
