@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -237,19 +237,25 @@ def test_a_target_met_when_quantized_keeps_nothing_float(tmp_path: Path) -> None
 # --- the search's arithmetic ----------------------------------------------------------------
 
 
+def _metric_over_count(curve: str, needed: int, calls: list[int]) -> Callable[[int], float]:
+    """A metric over the count of 20 layers kept float, never worse with more, shaped by `curve`,
+    that meets 1.0 from `needed` on; every count asked for is appended to `calls`."""
+
+    def value(count: int) -> float:
+        calls.append(count)
+        shape = {"linear": count / 20, "steep": 1 - (1 - count / 20) ** 4, "step": float(count >= needed)}[curve]
+        return 1.0 + shape if count >= needed else shape * 0.5
+
+    return value
+
+
 @pytest.mark.parametrize("needed", [1, 2, 3, 5, 8, 13, 20])
 @pytest.mark.parametrize("start", [0, 1, 4, 7, 20])
 @pytest.mark.parametrize("curve", ["linear", "steep", "step"])
 def test_grow_until_met_finds_the_fewest(needed: int, start: int, curve: str) -> None:
     """Whatever the shape of the metric over the count (as long as more is never worse)."""
     calls: list[int] = []
-
-    def value(count: int) -> float:
-        calls.append(count)
-        shape = {"linear": count / 20, "steep": 1 - (1 - count / 20) ** 4, "step": float(count >= needed)}[curve]
-        met = count >= needed
-        return 1.0 + shape if met else shape * 0.5
-
+    value = _metric_over_count(curve, needed, calls)
     assert grow_until_met(value, 1.0, 20, start) == needed
     assert len(calls) == len(set(calls))  # no count is measured twice
     assert len(calls) <= 2 * (2 * 5) + 1  # doubling, then at most two steps per halving
@@ -304,12 +310,7 @@ def test_ray_is_not_imported_to_ask_whether_it_runs() -> None:
 def test_grow_until_met_with_a_tolerance_stops_within_it(needed: int, start: int, curve: str) -> None:
     """The count returned meets, and is at most the accepted width minus one above the fewest."""
     calls: list[int] = []
-
-    def value(count: int) -> float:
-        calls.append(count)
-        shape = {"linear": count / 20, "steep": 1 - (1 - count / 20) ** 4, "step": float(count >= needed)}[curve]
-        return 1.0 + shape if count >= needed else shape * 0.5
-
+    value = _metric_over_count(curve, needed, calls)
     found = grow_until_met(value, 1.0, 20, start, tolerance=0.2)
     assert accepted_width(20, 0.2) == 4
     assert needed <= found <= needed + 3

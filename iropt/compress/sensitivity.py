@@ -106,14 +106,8 @@ def analyze(
     one by one with `progress`. Stops as soon as the model meets `target_min`; with every
     layer in float it is the float model, which always does.
     """
-    if evaluate_many is not None:
-        alone = evaluate_many([(frozenset({key}), frozenset()) for key, _ in layers])
-        scores = [LayerScore(key, label, value) for (key, label), value in zip(layers, alone, strict=True)]
-    else:
-        items: Iterable[tuple[str, str]] = layers
-        if progress is not None:
-            items = progress(iter(layers), "sensitivity", total=len(layers))
-        scores = [LayerScore(key, label, evaluate(frozenset({key}), frozenset())) for key, label in items]
+    alone = _measure_alone([key for key, _ in layers], evaluate, evaluate_many, progress)
+    scores = [LayerScore(key, label, value) for (key, label), value in zip(layers, alone, strict=True)]
     # Worst first; ties keep graph order, so the result is deterministic.
     ranking = sorted(scores, key=lambda item: item.score)
     kept: list[LayerScore] = []
@@ -264,6 +258,20 @@ def grow_until_met(
 EvaluateMany = Callable[[Sequence[tuple[frozenset[str] | None, frozenset[str]]]], list[float]]
 
 
+def _measure_alone(
+    keys: Sequence[str], evaluate: Evaluate, evaluate_many: EvaluateMany | None, progress: ProgressFn | None = None,
+) -> list[float]:
+    """The metric with each layer of `keys` alone quantized: at once with `evaluate_many` when
+    given (in parallel where it can), else one by one (reported to `progress`)."""
+    trials = [(frozenset({key}), frozenset[str]()) for key in keys]
+    if evaluate_many is not None:
+        return evaluate_many(trials)
+    items: Iterable[tuple[frozenset[str], frozenset[str]]] = trials
+    if progress is not None:
+        items = progress(iter(trials), "sensitivity", total=len(trials))
+    return [evaluate(*trial) for trial in items]
+
+
 def analyze_fast(
     layers: Sequence[tuple[str, str]],
     noise_db: dict[str, float],
@@ -327,8 +335,7 @@ def analyze_fast(
     if count >= min(refine, len(by_noise)):
         return result(by_noise, count)
     top = by_noise[:refine]
-    trials = [(frozenset({item.key}), frozenset[str]()) for item in top]
-    scores = evaluate_many(trials) if evaluate_many is not None else [evaluate(*trial) for trial in trials]
+    scores = _measure_alone([item.key for item in top], evaluate, evaluate_many)
     alone.update((item.key, value) for item, value in zip(top, scores, strict=True))
     ranking = sorted(top, key=lambda item: alone[item.key]) + by_noise[refine:]
     return result(ranking, search(ranking, count))

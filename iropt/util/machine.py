@@ -42,6 +42,14 @@ def _package_version(name: str) -> str:
         return "absent"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 @lru_cache(maxsize=1)
 def machine_signature() -> dict[str, str | int | list[str]]:
     """The CPU model, its kernel-relevant ISA flags, the usable cores and ONNX Runtime's version."""
@@ -50,15 +58,11 @@ def machine_signature() -> dict[str, str | int | list[str]]:
     except OSError:
         fields = {}
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
     return {
         "cpu": fields.get("model name") or platform.processor() or platform.machine(),
         "arch": platform.machine(),
         "flags": sorted(flag for flag in KERNEL_FLAGS if flag in flags),
-        "cores": cores,
+        "cores": usable_cores(),
         "onnxruntime": _package_version("onnxruntime"),
     }
 

@@ -9,13 +9,14 @@ piece with BLAS on one thread.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
 
 from threadpoolctl import threadpool_limits
+
+from iropt.util.machine import usable_cores
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -30,8 +31,7 @@ def single_threaded_blas() -> Iterator[None]:
 
 def worker_count(items: int) -> int:
     """Threads for `items` independent pieces of work: one per available core, at most one per item."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(items, cores))
+    return max(1, min(items, usable_cores()))
 
 
 def thread_map(fn: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:

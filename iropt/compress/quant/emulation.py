@@ -134,8 +134,6 @@ class _FakeQuantized:
     source: gs.Tensor
     scale: gs.Constant
     zero: gs.Constant
-    dtype: np.dtype
-    shape: object
 
 
 class _Builder:
@@ -225,7 +223,7 @@ class _Builder:
             replace_in(tensor.inputs[0].outputs, tensor, source)
         scale = gs.Constant(self.name(f"{base}_scale"), values=params.scale)
         zero = gs.Constant(self.name(f"{base}_zero_point"), values=params.zero_point)
-        fake_quantized = _FakeQuantized(source, scale, zero, params.zero_point.dtype, shape)
+        fake_quantized = _FakeQuantized(source, scale, zero)
         if source is not tensor and not self._needed(item):
             assert producer_switch is not None
             for consumer in item.consumers:
@@ -254,8 +252,8 @@ class _Builder:
         self, switch: gs.Variable, on: _FakeQuantized, off: gs.Tensor, base: str, out: gs.Variable | None = None,
     ) -> gs.Variable:
         """`If(switch)`: QuantizeLinear -> DequantizeLinear of the float value, else `off`."""
-        shape = on.shape
-        quantized = gs.Variable(self.name(f"{base}_quantized"), dtype=on.dtype, shape=shape)
+        shape = on.source.shape
+        quantized = gs.Variable(self.name(f"{base}_quantized"), dtype=on.zero.values.dtype, shape=shape)
         dequantized = gs.Variable(self.name(f"{base}_dequantized"), dtype=np.float32, shape=shape)
         nodes = [
             gs.Node("QuantizeLinear", self.name(f"{base}_QuantizeLinear"),

@@ -151,7 +151,7 @@ class SensitivityRuns:
         wanted = {*self.observed, *self.outputs}
         runs: list[dict[str, np.ndarray]] | None = None
         if known is not None and len(known) == len(self.feeds):
-            runs = [{**feed, **outputs} for feed, outputs in zip(self.feeds, known, strict=True)]
+            runs = _with_feeds(self.feeds, known)
             runs = runs if all(wanted <= run.keys() for run in runs) else None
         if runs is None:
             runs = self._all_or_nothing(model, None, quantize=False)
@@ -193,12 +193,11 @@ class SensitivityRuns:
     def _all_or_nothing(self, model: Model, build: Build | None, *, quantize: bool) -> list[dict[str, np.ndarray]]:
         if self.trials is not None:
             keys = self.trials.emulation.keys if quantize else ()
-            runs = self.trials.outputs(keys, observe=True)
-            return [{**feed, **run} for feed, run in zip(self.feeds, runs, strict=True)]
+            return _with_feeds(self.feeds, self.trials.outputs(keys, observe=True))
         candidate = model.copy()
         if build is not None and quantize:
             build(candidate, None, frozenset())
-        return [{**feed, **run} for feed, run in zip(self.feeds, self._run(with_outputs(candidate, self.observed)), strict=True)]
+        return _with_feeds(self.feeds, self._run(with_outputs(candidate, self.observed)))
 
     def score(self, runs: Outputs) -> float:
         return _score(self.reference, runs, self.metric)
@@ -224,6 +223,11 @@ class SensitivityRuns:
         runner = self.runner_factory(model)
         self.real_runs += 1
         return [runner.run(feed) for feed in self.feeds]
+
+
+def _with_feeds(feeds: Sequence[Feeds], runs: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Each run's tensors together with the inputs of the feed it ran on."""
+    return [{**feed, **run} for feed, run in zip(feeds, runs, strict=True)]
 
 
 def _observing(model: Model, tensors: Sequence[str]) -> Model:
